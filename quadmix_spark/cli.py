@@ -1,0 +1,86 @@
+"""The ``quadmix`` command: one subcommand per stage, each the same function as ``jobs/<stage>.py``.
+
+Every stage command takes ``--config/-c FILE`` (repeatable, merged in order; default ``conf/default.yaml``)
+and ``--set section.key=value`` (repeatable), validates the config before any Spark work, and prints the
+resolved config instead of running with ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+import yaml
+
+from quadmix_spark.config import ConfigError, QuadmixConfig, load_config
+
+app = typer.Typer(help="QuaDMix data selection on Spark, Delta Lake and MLflow.", no_args_is_help=True, add_completion=False)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigFiles = Annotated[list[str] | None, typer.Option("--config", "-c", help="YAML config file (repeatable)")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="print the resolved config and what would run, then stop")]
+
+
+def _load(files: list[str] | None, overrides: list[str] | None) -> QuadmixConfig:
+    try:
+        return load_config(files, overrides)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _show(cfg: QuadmixConfig, fmt: str = "yaml") -> None:
+    data = cfg.resolved()
+    typer.echo(json.dumps(data, indent=2) if fmt == "json" else yaml.safe_dump(data, sort_keys=False))
+
+
+@config_app.command("show")
+def config_show(
+    config: ConfigFiles = None,
+    set_: Overrides = None,
+    fmt: Annotated[str, typer.Option("--format", help="yaml or json")] = "yaml",
+) -> None:
+    """Print the resolved configuration (defaults + files + overrides, environment expanded)."""
+    _show(_load(config, set_), fmt)
+
+
+@app.command()
+def ingest(
+    config: ConfigFiles = None,
+    set_: Overrides = None,
+    input_: Annotated[list[str] | None, typer.Option("--input", "-i", help="path or glob; replaces ingest.input")] = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Read a JSONL/Parquet/Delta corpus into the `documents` table (bad rows into `rejects`)."""
+    overrides = list(set_ or [])
+    if input_:
+        overrides.append(f"ingest.input={json.dumps(input_)}")
+    cfg = _load(config, overrides)
+    if dry_run:
+        _show(cfg)
+        typer.echo(f"# would ingest {cfg.ingest.input} into {cfg.storage.table('documents')}")
+        return
+    from quadmix_spark.inputs import IngestInputError
+    from quadmix_spark.jobs import ingest_job
+
+    try:
+        report = ingest_job(cfg)
+    except IngestInputError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(report.summary())
+    if not report.balanced:
+        raise typer.Exit(3)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (also used by ``jobs/*.py`` under spark-submit)."""
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="quadmix")
+
+
+if __name__ == "__main__":
+    main()

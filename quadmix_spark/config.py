@@ -1,0 +1,207 @@
+"""Typed configuration: pydantic models loaded from ``conf/*.yaml`` plus ``--set key=value`` overrides.
+
+Loading order: the model defaults, then each YAML file in order (deep-merged), then each override.
+Strings may use ``${VAR}`` or ``${VAR:-default}`` environment references. Unknown keys and invalid
+values raise ``ConfigError`` naming the key, the value and what is allowed, before any Spark work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_FILE = Path("conf/default.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any Spark work starts."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    """Where Delta tables live: folders under ``root`` (default) or ``catalog.schema.<table>`` names."""
+
+    root: str = Field(".quadmix", description="local (or cloud URI) root folder for tables, MLflow store, exports")
+    catalog: str | None = Field(None, description="Unity/Hive catalog; with `schema`, tables are catalog.schema.name")
+    schema_: str | None = Field(None, alias="schema", description="schema (database) for catalog tables")
+
+    @model_validator(mode="after")
+    def _catalog_pair(self) -> StorageConfig:
+        if (self.catalog is None) != (self.schema_ is None):
+            raise ValueError("set both storage.catalog and storage.schema, or neither")
+        return self
+
+    @property
+    def uses_catalog(self) -> bool:
+        return self.catalog is not None
+
+    def table(self, name: str) -> str:
+        """Identifier of table ``name``: a path under ``root/tables`` or ``catalog.schema.name``."""
+        if self.uses_catalog:
+            return f"{self.catalog}.{self.schema_}.{name}"
+        return _join(self.root, "tables", name)
+
+    def path(self, *parts: str) -> str:
+        """A location under the storage root (exports, scratch)."""
+        return _join(self.root, *parts)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<storage.root>/mlflow.db")
+    experiment: str = "quadmix"
+
+
+class SparkConfig(_Section):
+    """Used only for the embedded default session; a launcher's (spark-submit, Databricks) settings win."""
+
+    master: str = "local[*]"
+    app_name: str = "quadmix"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = Field(8, gt=0)
+    conf: dict[str, str] = Field(default_factory=dict, description="extra Spark confs for the embedded session")
+
+
+class IngestConfig(_Section):
+    input: list[str] = Field(default_factory=list, description="paths or globs (local or cloud URIs)")
+    format: Literal["auto", "jsonl", "parquet", "delta"] = "auto"
+    text_column: str = "text"
+    id_column: str | None = Field("id", description="column holding a document id; null = hash of the text")
+    metadata_columns: list[str] | None = Field(None, description="passthrough columns; null = every other column")
+    max_chars: int = Field(1_000_000, gt=0, description="longer documents are rejected as too_large")
+    invalid_utf8: Literal["reject", "replace"] = "reject"
+    json_schema: str | None = Field(None, description="DDL schema of the JSONL metadata; null = inferred")
+    tokenizer: str = Field(..., description="tokenizer.json used for token counts")
+    batch_size: int = Field(256, gt=0, description="texts per tokenizer call")
+    source_name: str | None = Field(None, description="value of the `source` column; default = input file path")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class QuadmixConfig(_Section):
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    ingest: IngestConfig = Field(
+        default_factory=lambda: IngestConfig(tokenizer="${QUADMIX_SHARED:-../shared}/data/models/tokenizers/gpt_neox_20b.json")
+    )
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        root = self.storage.root
+        if "://" in root:
+            raise ConfigError(f"tracking.uri must be set when storage.root is a URI ({root!r})")
+        return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as plain data, environment references expanded."""
+        return _expand(self.model_dump(by_alias=True))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- loading
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any) -> Any:
+    if isinstance(value, str):
+        return _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}``; the value is read as YAML (numbers, lists, null)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _describe(error: dict[str, Any], data: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc)
+    value: Any = data
+    for part in loc:
+        value = value.get(part, "<unset>") if isinstance(value, dict) else "<unset>"
+    if error["type"] == "extra_forbidden":
+        section = ".".join(loc[:-1]) or "top level"
+        fields = _fields_at(loc[:-1])
+        return f"{key}: unknown key in {section} (allowed: {', '.join(fields)})"
+    return f"{key} = {value!r}: {error['msg']}"
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = QuadmixConfig
+    for part in loc:
+        field = model.model_fields.get(part) or next((f for f in model.model_fields.values() if f.alias == part), None)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(f.alias or n for n, f in model.model_fields.items())
+
+
+def load_config(files: list[str | Path] | None = None, overrides: list[str] | None = None) -> QuadmixConfig:
+    """Build the config from YAML files (default: ``conf/default.yaml`` when present) and overrides."""
+    paths = [Path(f) for f in files] if files else ([DEFAULT_CONFIG_FILE] if DEFAULT_CONFIG_FILE.exists() else [])
+    data: dict[str, Any] = {}
+    for path in paths:
+        data = _deep_merge(data, _read_yaml(path))
+    for text in overrides or []:
+        data = _deep_merge(data, parse_override(text))
+    try:
+        cfg = QuadmixConfig.model_validate(data)
+    except ValidationError as e:
+        problems = "\n  ".join(_describe(err, data) for err in e.errors())
+        raise ConfigError(f"invalid configuration ({', '.join(map(str, paths)) or 'defaults'}):\n  {problems}") from None
+    return QuadmixConfig.model_validate(cfg.resolved())

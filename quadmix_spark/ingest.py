@@ -1,0 +1,290 @@
+"""Ingest: corpus files -> the ``documents`` Delta table, plus ``rejects`` (row, reason) for unusable rows.
+
+Contract
+- Every input record ends up in exactly one place: ``documents`` (new), ``rejects`` (with a reason), or
+  counted as a blank JSONL line. The run's report states ``input = documents + rejects + blank``.
+- ``doc_id`` is the configured id column (as a string) or, without one, the first 32 hex digits of the
+  SHA-256 of the text (128 bits: no collisions at billions of documents).
+- Idempotent and incremental: inputs are units (a file with its size and modification time, or a Delta
+  table version) logged in ``ingest_log``; a rerun skips logged units, so the same input twice changes
+  nothing and a new file adds only its new documents. The appends of one batch use Delta's
+  ``txnAppId``/``txnVersion``, so a retried batch never appends twice.
+- Duplicates: the same id with the same text is kept once (the others are rejected as ``duplicate``); the
+  same id with different texts is ambiguous, so every row of that id is rejected as ``id_conflict``.
+  Both rules also hold against documents ingested by earlier batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from quadmix_spark.config import QuadmixConfig
+from quadmix_spark.inputs import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    IngestInputError,
+    InputFile,
+    delta_inputs,
+    detect_format,
+    list_files,
+    read_jsonl,
+    read_table_input,
+)
+from quadmix_spark.storage import read_table, table_exists, write_table
+
+DOCUMENTS, REJECTS, INGEST_LOG = "documents", "rejects", "ingest_log"
+REJECT_REASONS = (
+    "invalid_utf8",
+    "malformed_json",
+    "not_an_object",
+    "missing_text",
+    "null_text",
+    "non_string_text",
+    "empty_text",
+    "too_large",
+    "missing_id",
+    "invalid_id",
+    "duplicate",
+    "id_conflict",
+)
+PREVIEW_CHARS = 1000
+
+
+@dataclass
+class IngestReport:
+    batch_id: str | None
+    format: str
+    files_new: int
+    files_skipped: int
+    input_rows: int = 0
+    blank_lines: int = 0
+    documents: int = 0
+    rejects: int = 0
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def balanced(self) -> bool:
+        return self.input_rows == self.documents + self.rejects + self.blank_lines
+
+    def summary(self) -> str:
+        if self.batch_id is None:
+            return f"ingest: nothing new ({self.files_skipped} input units already ingested)"
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.rejects_by_reason.items())) or "none"
+        return (
+            f"ingest batch {self.batch_id}: {self.files_new} new input units ({self.files_skipped} already ingested)\n"
+            f"  input rows {self.input_rows} = documents {self.documents} + rejects {self.rejects}"
+            f" + blank lines {self.blank_lines}  [{'OK' if self.balanced else 'MISMATCH'}]\n"
+            f"  rejects by reason: {reasons}"
+        )
+
+
+# ---------------------------------------------------------------- pure DataFrame transforms
+
+
+def classify_rows(rows: DataFrame, max_chars: int, id_column: str | None) -> DataFrame:
+    """Add ``reason`` (null = usable) and ``detail`` to the rows of an input reader."""
+    text, kind = F.col("text"), F.col("text_kind")
+    n_chars = F.char_length(text)
+    checks = [
+        (F.col("parse_error").isNotNull(), F.col("parse_error"), F.lit(None)),
+        (kind.isNull(), F.lit("missing_text"), F.lit("the record has no text field")),
+        (kind == "VOID", F.lit("null_text"), F.lit("text is null")),
+        (kind != "STRING", F.lit("non_string_text"), F.concat(F.lit("text is of JSON type "), kind)),
+        (text.rlike(r"^(?U)\s*$"), F.lit("empty_text"), F.lit("text is empty or whitespace only")),
+        (n_chars > max_chars, F.lit("too_large"), F.format_string(f"%d characters > ingest.max_chars={max_chars}", n_chars)),
+    ]
+    if id_column:
+        id_kind = F.col("id_kind")
+        checks += [
+            (id_kind.isNull() | (id_kind == "VOID"), F.lit("missing_id"), F.lit(f"no {id_column!r} value")),
+            (id_kind.startswith("OBJECT") | id_kind.startswith("ARRAY"), F.lit("invalid_id"), F.concat(F.lit("id is of JSON type "), id_kind)),
+            (F.length(F.trim(F.col("id"))) == 0, F.lit("missing_id"), F.lit("id is empty")),
+        ]
+    reason, detail = F.lit(None).cast("string"), F.lit(None).cast("string")
+    for cond, r, d in reversed(checks):
+        reason = F.when(cond, r).otherwise(reason)
+        detail = F.when(cond, d).otherwise(detail)
+    return rows.withColumn("reason", reason).withColumn("detail", detail)
+
+
+def assign_doc_ids(rows: DataFrame, id_column: str | None) -> DataFrame:
+    """``text_hash`` (SHA-256 hex of the text) and ``doc_id`` (given id, or the first 128 bits of the hash)."""
+    usable = F.col("reason").isNull()
+    text_hash = F.when(usable, F.sha2(F.col("text"), 256))
+    doc_id = F.col("id") if id_column else F.substring(text_hash, 1, 32)
+    return rows.withColumn("text_hash", text_hash).withColumn("doc_id", F.when(usable, doc_id))
+
+
+def mark_duplicates(rows: DataFrame, existing: DataFrame | None) -> DataFrame:
+    """Reject repeated ids among usable rows and against ``existing`` (doc_id, text_hash, source) documents.
+
+    The kept copy of an exact duplicate is the first by (source, row hash): deterministic whatever the
+    partitioning. Grouping is by ``doc_id``, so no task holds more than one id's rows.
+    """
+    usable = F.col("reason").isNull()
+    w = Window.partitionBy("doc_id")
+    ordered = w.orderBy("unit", "raw_hash", F.to_json("meta"))
+    conflict = F.min("text_hash").over(w) != F.max("text_hash").over(w)
+    first_source = F.first("unit").over(ordered.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing))
+    out = rows.withColumn("_n", F.when(usable, F.row_number().over(ordered)))
+    out = out.withColumn("_conflict", F.when(usable, conflict)).withColumn("_first", F.when(usable, first_source))
+    if existing is not None:
+        prior = existing.select(
+            "doc_id", F.col("text_hash").alias("_prior_hash"), F.col("source").alias("_prior_source")
+        )
+        out = out.join(prior, on="doc_id", how="left")
+    else:
+        out = out.withColumn("_prior_hash", F.lit(None).cast("string")).withColumn("_prior_source", F.lit(None).cast("string"))
+    rules = [
+        (usable & F.col("_conflict"), "id_conflict", F.format_string("id %s has different texts in this input", F.col("doc_id"))),
+        (usable & F.col("_prior_hash").isNotNull() & (F.col("_prior_hash") != F.col("text_hash")), "id_conflict",
+         F.format_string("id %s already ingested from %s with a different text", F.col("doc_id"), F.col("_prior_source"))),
+        (usable & F.col("_prior_hash").isNotNull(), "duplicate",
+         F.format_string("already ingested from %s", F.col("_prior_source"))),
+        (usable & (F.col("_n") > 1), "duplicate", F.format_string("same id and text as a row of %s", F.col("_first"))),
+    ]
+    reason, detail = F.col("reason"), F.col("detail")
+    for cond, r, d in reversed(rules):
+        reason = F.when(cond, F.lit(r)).otherwise(reason)
+        detail = F.when(cond, d).otherwise(detail)
+    return out.withColumn("reason", reason).withColumn("detail", detail).drop(
+        "_n", "_conflict", "_first", "_prior_hash", "_prior_source"
+    )
+
+
+def documents_frame(staged: DataFrame, batch_id: str) -> DataFrame:
+    """The ``documents`` rows of a staged batch (schema contract of the table)."""
+    return staged.where(F.col("reason").isNull()).select(
+        "doc_id",
+        "text",
+        F.char_length("text").alias("n_chars"),
+        F.col("n_tokens").cast("bigint").alias("n_tokens"),
+        "text_hash",
+        "source",
+        F.lit(batch_id).alias("ingest_batch"),
+        "meta.*",
+    )
+
+
+def rejects_frame(staged: DataFrame, batch_id: str) -> DataFrame:
+    """The ``rejects`` rows of a staged batch: where it came from, why, and a readable preview."""
+    preview = F.coalesce(F.col("raw"), F.col("text"), F.to_json("meta"))
+    return staged.where(F.col("reason").isNotNull() & (F.col("reason") != "blank_line")).select(
+        "source",
+        "reason",
+        "detail",
+        "doc_id",
+        F.substring(preview, 1, PREVIEW_CHARS).alias("preview"),
+        F.char_length(preview).alias("preview_source_chars"),
+        F.lit(batch_id).alias("ingest_batch"),
+    )
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def batch_id_of(units: list[InputFile]) -> str:
+    return hashlib.sha256("\n".join(sorted(u.key for u in units)).encode()).hexdigest()[:16]
+
+
+def _input_units(spark: SparkSession, cfg: QuadmixConfig, fmt: str) -> list[InputFile]:
+    if fmt == "jsonl":
+        return list_files(spark, cfg.ingest.input, JSONL_SUFFIXES)
+    if fmt == "parquet":
+        return list_files(spark, cfg.ingest.input, PARQUET_SUFFIXES)
+    return delta_inputs(spark, cfg.ingest.input)
+
+
+def _logged_keys(spark: SparkSession, log_table: str) -> set[str]:
+    if not table_exists(spark, log_table):
+        return set()
+    return {r.unit_key for r in read_table(spark, log_table).select("unit_key").collect()}
+
+
+def stage_batch(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: list[InputFile], batch_id: str) -> DataFrame:
+    """Read, check, de-duplicate and token-count one batch of input units; one row per input record."""
+    ic = cfg.ingest
+    if fmt == "jsonl":
+        rows = read_jsonl(spark, [u.path for u in units], ic.text_column, ic.id_column, ic.metadata_columns, ic.json_schema, ic.invalid_utf8)
+    else:
+        rows = read_table_input(spark, fmt, units, ic.text_column, ic.id_column, ic.metadata_columns)
+    rows = rows.withColumn("source", F.lit(ic.source_name) if ic.source_name else F.col("unit"))
+    rows = assign_doc_ids(classify_rows(rows, ic.max_chars, ic.id_column), ic.id_column)
+    docs_table = cfg.storage.table(DOCUMENTS)
+    existing = None
+    if table_exists(spark, docs_table):
+        existing = read_table(spark, docs_table).where(F.col("ingest_batch") != batch_id)
+    rows = mark_duplicates(rows, existing)
+
+    from quadmix_udfs.tokens import token_count_column
+
+    text_to_count = F.when(F.col("reason").isNull(), F.col("text"))
+    return rows.withColumn("n_tokens", token_count_column(text_to_count, ic.tokenizer, ic.batch_size))
+
+
+def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = None) -> IngestReport:
+    """The ingest stage: new input units -> ``documents`` + ``rejects``, logged in ``ingest_log``."""
+    if not cfg.ingest.input:
+        raise IngestInputError("no input: set ingest.input (a path or glob, or a list of them)")
+    fmt = detect_format(cfg.ingest.input, cfg.ingest.format, spark)
+    units = _input_units(spark, cfg, fmt)
+    log_table = cfg.storage.table(INGEST_LOG)
+    done = _logged_keys(spark, log_table)
+    new = [u for u in units if u.key not in done]
+    report = IngestReport(batch_id=None, format=fmt, files_new=len(new), files_skipped=len(units) - len(new))
+    if not new:
+        return report
+    batch_id = batch_id_of(new)
+    report.batch_id = batch_id
+    staged = stage_batch(spark, cfg, fmt, new, batch_id).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        counts = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
+        report.input_rows = sum(counts.values())
+        report.blank_lines = counts.pop("blank_line", 0)
+        report.documents = counts.pop(None, 0)
+        report.rejects_by_reason = counts
+        report.rejects = sum(counts.values())
+        meta = {"stage": "ingest", "batch_id": batch_id, "run_id": run_id, "config": cfg.fingerprint()}
+        txn = (f"quadmix-ingest-{batch_id}", 0)
+        write_table(documents_frame(staged, batch_id), cfg.storage.table(DOCUMENTS), metadata=meta, txn=txn, merge_schema=True)
+        write_table(rejects_frame(staged, batch_id), cfg.storage.table(REJECTS), metadata=meta, txn=txn, merge_schema=True)
+        per_file = {
+            _canonical(r["unit"]): r
+            for r in staged.groupBy("unit").agg(
+                F.count("*").alias("rows"),
+                F.sum(F.when(F.col("reason").isNull(), 1).otherwise(0)).alias("documents"),
+                F.sum(F.when(F.col("reason") == "blank_line", 1).otherwise(0)).alias("blank_lines"),
+            ).collect()
+        }
+    finally:
+        staged.unpersist()
+    log_rows = []
+    for u in new:
+        stats = per_file.get(_canonical(f"{u.path}@v{u.mtime}" if fmt == "delta" else u.path))
+        rows = stats["rows"] if stats else 0
+        docs = stats["documents"] if stats else 0
+        blank = stats["blank_lines"] if stats else 0
+        log_rows.append((batch_id, u.key, u.path, u.size, u.mtime, fmt, rows, docs, rows - docs - blank, blank))
+    log_df = spark.createDataFrame(
+        log_rows,
+        "ingest_batch string, unit_key string, path string, size bigint, mtime bigint, format string, "
+        "input_rows bigint, documents bigint, rejects bigint, blank_lines bigint",
+    )
+    write_table(log_df, log_table, metadata=meta, txn=txn)
+    return report
+
+
+def _canonical(path: str) -> str:
+    """``file:/x``, ``file:///x`` and ``/x`` name the same file."""
+    if path.startswith("file:"):
+        path = "/" + path.removeprefix("file:").lstrip("/")
+    return path
+
+
+def report_dict(report: IngestReport) -> dict:
+    return {**asdict(report), "balanced": report.balanced}

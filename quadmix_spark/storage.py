@@ -1,0 +1,65 @@
+"""Delta table access by identifier: a path (local folder or cloud URI) or a ``catalog.schema.table`` name."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+
+
+def is_path(table: str) -> bool:
+    return "/" in table or "://" in table
+
+
+def table_exists(spark: SparkSession, table: str) -> bool:
+    if is_path(table):
+        from delta.tables import DeltaTable
+
+        return DeltaTable.isDeltaTable(spark, table)
+    return spark.catalog.tableExists(table)
+
+
+def read_table(spark: SparkSession, table: str, version: int | None = None) -> DataFrame:
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    return reader.load(table) if is_path(table) else reader.table(table)
+
+
+def table_version(spark: SparkSession, table: str) -> int | None:
+    """The latest commit version, or None when the table does not exist."""
+    if not table_exists(spark, table):
+        return None
+    from delta.tables import DeltaTable
+
+    dt = DeltaTable.forPath(spark, table) if is_path(table) else DeltaTable.forName(spark, table)
+    return int(dt.history(1).select("version").first()[0])
+
+
+def write_table(
+    df: DataFrame,
+    table: str,
+    *,
+    mode: str = "append",
+    metadata: dict[str, Any] | None = None,
+    txn: tuple[str, int] | None = None,
+    merge_schema: bool = False,
+) -> None:
+    """Write ``df`` as Delta.
+
+    ``txn=(app_id, version)`` makes an append idempotent: Delta skips a write whose app id already
+    committed that version, so a retried job does not append twice. ``metadata`` lands in the commit's
+    ``userMetadata``.
+    """
+    writer = df.write.format("delta").mode(mode)
+    if metadata:
+        writer = writer.option("userMetadata", json.dumps(metadata, sort_keys=True, default=str))
+    if txn:
+        writer = writer.option("txnAppId", txn[0]).option("txnVersion", str(txn[1]))
+    if merge_schema:
+        writer = writer.option("mergeSchema", "true")
+    if is_path(table):
+        writer.save(table)
+    else:
+        writer.saveAsTable(table)

@@ -1,0 +1,186 @@
+"""Ingest: bad rows land in `rejects` with a reason, counts add up, reruns change nothing."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from pyspark.sql import functions as F
+
+from quadmix_spark.ingest import run_ingest
+from quadmix_spark.inputs import IngestInputError
+from quadmix_spark.storage import read_table, table_version
+from tests.conftest import DATA, TOKENIZER
+
+pytestmark = pytest.mark.spark
+
+
+def write_jsonl(path, records, raw_lines=()):
+    with open(path, "wb") as f:
+        for r in records:
+            f.write((json.dumps(r) + "\n").encode())
+        for line in raw_lines:
+            f.write(line + b"\n")
+    return str(path)
+
+
+def tables(spark, cfg):
+    docs = read_table(spark, cfg.storage.table("documents"))
+    rejects = read_table(spark, cfg.storage.table("rejects"))
+    return docs, rejects
+
+
+def test_bad_rows_go_to_rejects_with_reasons_and_counts_add_up(spark, cfg_factory, tmp_path):
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"id": "a", "text": "A good page about rivers.", "url": "u1"},
+            {"id": "b", "text": "Another good page.", "url": "u2"},
+            {"id": "n1", "text": None},
+            {"id": "e1", "text": ""},
+            {"id": "w1", "text": "  \n\t \u00a0 "},
+            {"id": "x1", "text": 123},
+            {"id": "m1", "url": "no text field"},
+            {"id": "big", "text": "x" * 20_000_000},
+            {"id": "d1", "text": "same text"},
+            {"id": "d1", "text": "same text"},
+            {"id": "c1", "text": "one text"},
+            {"id": "c1", "text": "another text"},
+            {"text": "a page without an id"},
+        ],
+        raw_lines=[b"not json at all {", b"[1, 2, 3]", b'{"id": "u8", "text": "bad \xff\xfe bytes"}', b"", b"   "],
+    )
+    cfg = cfg_factory(f"ingest.input=[{path}]")
+    report = run_ingest(spark, cfg)
+
+    assert report.input_rows == 18 and report.blank_lines == 2
+    assert report.documents == 3 and report.balanced
+    assert report.rejects_by_reason == {
+        "null_text": 1, "empty_text": 2, "non_string_text": 1, "missing_text": 1, "too_large": 1,
+        "duplicate": 1, "id_conflict": 2, "missing_id": 1, "malformed_json": 1, "not_an_object": 1,
+        "invalid_utf8": 1,
+    }
+    docs, rejects = tables(spark, cfg)
+    assert sorted(r.doc_id for r in docs.select("doc_id").collect()) == ["a", "b", "d1"]
+    assert rejects.count() == report.rejects
+    assert rejects.where(F.col("source").endswith("bad.jsonl")).count() == report.rejects
+    by_reason = {r.reason: r for r in rejects.collect()}
+    assert "not json at all" in by_reason["malformed_json"].preview
+    assert "bytes" in by_reason["invalid_utf8"].preview
+    assert len(by_reason["too_large"].preview) == 1000 and "20000000 characters" in by_reason["too_large"].detail
+    assert "BIGINT" in by_reason["non_string_text"].detail
+
+
+def test_missing_text_column_is_a_clear_error_naming_the_file(spark, cfg_factory, tmp_path):
+    path = write_jsonl(tmp_path / "notext.jsonl", [{"id": "1", "body": "hello"}])
+    with pytest.raises(IngestInputError, match=r"notext\.jsonl.*no field 'text'"):
+        run_ingest(spark, cfg_factory(f"ingest.input=[{path}]"))
+
+
+def test_unusable_inputs_are_clear_errors(spark, cfg_factory, tmp_path):
+    with pytest.raises(IngestInputError, match="matches no file"):
+        run_ingest(spark, cfg_factory(f"ingest.input=[{tmp_path}/nothing-*.jsonl]"))
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(b"\x1f\x8b\x08\x00garbage that is not deflate data" * 10)
+    with pytest.raises(IngestInputError, match=r"broken\.jsonl\.gz"):
+        run_ingest(spark, cfg_factory(f"ingest.input=[{broken}]"))
+    with pytest.raises(IngestInputError, match="cannot tell the format"):
+        run_ingest(spark, cfg_factory(f"ingest.input=[{tmp_path}/data.csv]"))
+
+
+def test_rerun_changes_nothing_and_a_new_file_adds_only_new_documents(spark, cfg_factory, tmp_path):
+    indir = tmp_path / "in"
+    indir.mkdir()
+    write_jsonl(indir / "part-0.jsonl", [{"id": str(i), "text": f"document number {i}"} for i in range(5)])
+    cfg = cfg_factory(f"ingest.input=[{indir}]")
+    first = run_ingest(spark, cfg)
+    assert first.documents == 5 and first.rejects == 0
+    versions = [table_version(spark, cfg.storage.table(t)) for t in ("documents", "rejects", "ingest_log")]
+
+    again = run_ingest(spark, cfg)
+    assert again.batch_id is None and again.files_skipped == 1
+    assert [table_version(spark, cfg.storage.table(t)) for t in ("documents", "rejects", "ingest_log")] == versions
+
+    write_jsonl(
+        indir / "part-1.jsonl",
+        [{"id": "0", "text": "document number 0"}, {"id": "1", "text": "changed text"}, {"id": "9", "text": "new"}],
+    )
+    second = run_ingest(spark, cfg)
+    assert (second.documents, second.rejects_by_reason) == (1, {"duplicate": 1, "id_conflict": 1})
+    docs, rejects = tables(spark, cfg)
+    assert docs.count() == 6 and docs.select("doc_id").distinct().count() == 6
+    assert {r.doc_id: r.reason for r in rejects.collect()} == {"0": "duplicate", "1": "id_conflict"}
+    log = read_table(spark, cfg.storage.table("ingest_log"))
+    assert log.agg(F.sum("input_rows"), F.sum("documents"), F.sum("rejects")).first() == (8, 6, 2)
+
+
+def test_exact_duplicates_keep_the_first_file_whatever_the_order(spark, cfg_factory, tmp_path):
+    for name in ("b.jsonl", "a.jsonl"):
+        write_jsonl(tmp_path / name, [{"id": "same", "text": "identical", "origin": name}])
+    cfg = cfg_factory(f"ingest.input=[{tmp_path}/*.jsonl]")
+    report = run_ingest(spark, cfg)
+    assert (report.documents, report.rejects_by_reason) == (1, {"duplicate": 1})
+    kept = read_table(spark, cfg.storage.table("documents")).first()
+    assert kept.origin == "a.jsonl" and kept.source.endswith("a.jsonl")
+
+
+def test_gzip_without_ids_hashes_the_text(spark, cfg_factory, tmp_path):
+    path = tmp_path / "noids.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for text in ["alpha beta", "gamma", "alpha beta"]:
+            f.write(json.dumps({"text": text, "lang": "en"}) + "\n")
+    cfg = cfg_factory(f"ingest.input=[{path}]", "ingest.id_column=null")
+    report = run_ingest(spark, cfg)
+    assert (report.documents, report.rejects_by_reason) == (2, {"duplicate": 1})
+    import hashlib
+
+    docs = {r.doc_id: r for r in read_table(spark, cfg.storage.table("documents")).collect()}
+    expected = hashlib.sha256(b"alpha beta").hexdigest()
+    assert docs[expected[:32]].text_hash == expected and docs[expected[:32]].lang == "en"
+
+
+def test_parquet_and_delta_inputs(spark, cfg_factory, tmp_path):
+    rows = [("p1", "first parquet text", 3), ("p2", None, 4), ("p3", "third", 5)]
+    df = spark.createDataFrame(rows, "id string, text string, source int")
+    df.coalesce(1).write.parquet(str(tmp_path / "pq"))
+    df.write.format("delta").save(str(tmp_path / "dl"))
+
+    cfg = cfg_factory(f"ingest.input=[{tmp_path}/pq]", "ingest.format=parquet")
+    report = run_ingest(spark, cfg)
+    assert (report.documents, report.rejects_by_reason) == (2, {"null_text": 1})
+    docs = read_table(spark, cfg.storage.table("documents"))
+    assert "input_source" in docs.columns  # an input column named like one of ours is kept, renamed
+
+    cfg = cfg_factory(f"ingest.input=[{tmp_path}/dl]", f"storage.root={tmp_path}/store-delta")
+    report = run_ingest(spark, cfg)
+    assert (report.format, report.documents) == ("delta", 2)
+    assert run_ingest(spark, cfg).batch_id is None
+    spark.createDataFrame([("p4", "fourth", 6)], "id string, text string, source int").write.format("delta").mode(
+        "append"
+    ).save(str(tmp_path / "dl"))
+    report = run_ingest(spark, cfg)  # a new table version: its existing rows are duplicates, p4 is new
+    assert (report.documents, report.rejects_by_reason) == (1, {"duplicate": 2, "null_text": 1})
+
+
+def test_non_string_text_column_is_a_schema_error(spark, cfg_factory, tmp_path):
+    spark.createDataFrame([("1", 5)], "id string, text int").write.parquet(str(tmp_path / "pq"))
+    with pytest.raises(IngestInputError, match="column 'text' is int, expected string"):
+        run_ingest(spark, cfg_factory(f"ingest.input=[{tmp_path}/pq]", "ingest.format=parquet"))
+
+
+def test_robustness_crawl_counts_add_up_and_tokens_are_real(spark, cfg_factory):
+    path = DATA / "robustness" / "cc_raw_multilingual.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        n_lines = sum(1 for _ in f)
+    cfg = cfg_factory(f"ingest.input=[{path}]")
+    report = run_ingest(spark, cfg)
+    assert report.balanced and report.input_rows == n_lines
+    docs, rejects = tables(spark, cfg)
+    assert docs.count() == report.documents and rejects.count() == report.rejects
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(TOKENIZER))
+    for row in docs.orderBy("doc_id").limit(20).collect():
+        assert row.n_tokens == len(tok.encode(row.text, add_special_tokens=False).ids)
+        assert row.n_chars == len(row.text)
