@@ -5,7 +5,8 @@ Spark with ``spark.jars.packages`` so Spark's own Ivy fetches ``DELTA_PACKAGE`` 
 keeps the jars pyspark does not already ship, and writes them with a manifest under the cache folder.
 Later sessions put those files on ``spark.jars`` and start without any resolution.
 
-Run ``python -m quadmix_spark.jars`` (``make setup`` does) to fill the cache.
+Run ``python -m quadmix_spark.jars`` (``make setup`` does) to fill the cache;
+``python -m quadmix_spark.jars --submit-jars`` prints the comma-separated list for ``spark-submit --jars``.
 """
 
 from __future__ import annotations
@@ -87,4 +88,7 @@ def resolve_delta_jars(package: str = DELTA_PACKAGE, force: bool = False) -> lis
 
 if __name__ == "__main__":
     paths = resolve_delta_jars(force="--force" in sys.argv[1:])
-    print(f"{len(paths)} Delta jars cached in {jars_dir()}")
+    if "--submit-jars" in sys.argv[1:]:  # the value for spark-submit --jars
+        print(",".join(paths))
+    else:
+        print(f"{len(paths)} Delta jars cached in {jars_dir()}")

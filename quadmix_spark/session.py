@@ -2,7 +2,8 @@
 
 Two cases:
 - a launcher already configured Spark (spark-submit, Databricks, a notebook): its master and every conf it
-  set are kept; we only add what is missing (the Delta extension/catalog and jars, Arrow);
+  set are kept; we only add what is missing (the Delta extension/catalog, Arrow). Under spark-submit the
+  Delta jars must come from the launcher (``--packages`` or ``--jars``): a running JVM cannot take them;
 - nothing did: the embedded default, ``local[*]`` with Delta, a warehouse under ``storage.root``, Arrow on,
   and ``PYSPARK_PYTHON`` pointing at this interpreter so Python workers see the same packages.
 """
@@ -13,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from pyspark import SparkConf
+from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
 from quadmix_spark.config import QuadmixConfig
@@ -67,14 +68,24 @@ def get_spark(cfg: QuadmixConfig) -> SparkSession:
     if active is not None:
         return active
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1") if not _launched_by_spark_submit() else None
-    conf = SparkConf()  # loads whatever the launcher passed (spark.master, --conf, --packages ...)
+    if not _launched_by_spark_submit():
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    if _launched_by_spark_submit():
+        # connect to the launcher's JVM first, so SparkConf() sees what it passed (master, --conf, --jars)
+        SparkContext._ensure_initialized()
+    conf = SparkConf()
     if not conf.contains("spark.master"):
         conf.setMaster(cfg.spark.master)
     for key, value in embedded_confs(cfg).items():
         if not conf.contains(key):
             conf.set(key, value)
     if not _delta_on_classpath(conf):
+        if _launched_by_spark_submit():
+            # the driver JVM is already running: jars added now never reach its class loader
+            raise RuntimeError(
+                "spark-submit started this job without Delta Lake: pass `--packages "
+                f"{DELTA_PACKAGE}` or `--jars $(python -m quadmix_spark.jars --submit-jars)`"
+            )
         jars = cached_delta_jars()
         if jars:
             existing = conf.get("spark.jars")

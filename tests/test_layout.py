@@ -1,0 +1,47 @@
+"""Packaging and layout: the wheel ships every module executors import; jobs/ and the CLI match 1:1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import typer.main
+
+from quadmix_spark.cli import app
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
+        check=True,
+    )
+    (whl,) = out.glob("quadmix_spark-*.whl")
+    return zipfile.ZipFile(whl)
+
+
+def test_wheel_ships_the_library_the_kernel_and_the_udf_adapters(wheel):
+    names = set(wheel.namelist())
+    expected = {f"quadmix_spark/{p.relative_to(REPO / 'quadmix_spark')}" for p in (REPO / "quadmix_spark").rglob("*.py")}
+    expected |= {f"quadmix_udfs/{p.relative_to(REPO / 'udfs')}" for p in (REPO / "udfs").rglob("*.py")}
+    assert expected <= names, sorted(expected - names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "quadmix = quadmix_spark.cli:main" in wheel.read(entry_points).decode()
+
+
+def test_every_job_file_is_a_cli_stage_and_back():
+    commands = {c.name for c in typer.main.get_command(app).commands.values()} - {"config"}
+    jobs = {p.stem.replace("_", "-") for p in (REPO / "jobs").glob("*.py")}
+    assert commands == jobs
+    for job in (REPO / "jobs").glob("*.py"):
+        assert f'main(["{job.stem.replace("_", "-")}", *sys.argv[1:]])' in job.read_text()
+
+
+def test_kernel_does_not_import_spark():
+    for path in Path(REPO / "quadmix_spark" / "kernel").glob("*.py"):
+        assert "pyspark" not in path.read_text(), path
