@@ -28,11 +28,20 @@ METRICS = {
 }
 
 
+def _event_files(path: Path) -> list[Path]:
+    """The files of one application's log: a plain file, or a rolling ``eventlog_v2_*`` folder."""
+    if path.is_dir():
+        parts = [f for f in path.iterdir() if f.name.startswith("events_")]
+        return sorted(parts, key=lambda f: int(f.name.split("_")[1]) if f.name.split("_")[1].isdigit() else 0)
+    return [path]
+
+
 def read_events(path: Path):
-    with path.open() as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+    for part in _event_files(path):
+        with part.open() as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
 
 
 def summarize(path: Path) -> list[dict]:
@@ -107,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=None, help="show only the N slowest stages")
     args = parser.parse_args(argv)
     p = Path(args.path)
-    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+    if p.is_dir() and not p.name.startswith("eventlog_v2_"):
+        files = sorted(f for f in p.iterdir() if not f.name.startswith(".") and (f.is_file() or f.name.startswith("eventlog_v2_")))
+    else:
+        files = [p]
     if not files:
         print(f"no event logs in {p}", file=sys.stderr)
         return 1
