@@ -15,17 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG_FILE = Path("conf/default.yaml")
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported before any Spark work starts."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from quadmix_spark.annotate_config import AnnotateConfig, ScorerConfig, TrainScorersConfig
+from quadmix_spark.config_base import ConfigError, Section as _Section
 
 
 class StorageConfig(_Section):
@@ -97,6 +93,9 @@ class QuadmixConfig(_Section):
     ingest: IngestConfig = Field(
         default_factory=lambda: IngestConfig(tokenizer="${QUADMIX_SHARED:-../shared}/data/models/tokenizers/gpt_neox_20b.json")
     )
+    scorers: dict[str, ScorerConfig] = Field(default_factory=dict, description="scorer name -> model adapter")
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    train_scorers: TrainScorersConfig = Field(default_factory=TrainScorersConfig)
 
     @property
     def tracking_uri(self) -> str:
