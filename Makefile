@@ -17,7 +17,7 @@ setup: $(STAMP) $(JARS_STAMP)
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=70" wheel
 	$(PY) -m pip install --quiet -c requirements/lock.txt -e ".[models,dev]"
 	touch $@
 
