@@ -86,6 +86,26 @@ class IngestConfig(_Section):
         return [v] if isinstance(v, str) else v
 
 
+class NormalizeConfig(_Section):
+    method: Literal["percentile", "zscore"] = Field("percentile", description="σ: flipped token-weighted percentile, or z-score")
+    n_knots: int = Field(1001, ge=2, description="knots per criterion (percentile σ)")
+
+
+class SamplingConfig(_Section):
+    """The sampler: S(r̄) per document, realized copies, the token budget, the export."""
+
+    run: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="name of the selection run (a slice of the tables)")
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1, description="seed of the copies' hash")
+    eta_mode: Literal["exponent", "multiplier"] = "exponent"
+    budget_tokens: int | None = Field(None, gt=0, description="fit the output to this many tokens; null = one realization")
+    max_epochs: int = Field(256, gt=0, description="most epochs (fresh Bernoulli draws) when under budget")
+    rank_region: float = Field(0.2, gt=0, le=1, description="exact ranks for r̄ <= max(rank_region, ω)")
+    coarse_bins: int = Field(1024, ge=16, le=65536, description="bins of the first-pass q̄ histogram per (θ, domain)")
+    export_format: Literal["parquet", "jsonl"] = "parquet"
+    export_shards: int = Field(8, gt=0)
+    baseline_fraction: float = Field(0.1, gt=0, le=1, description="token share kept by the top-k/random baselines")
+
+
 class QuadmixConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -96,6 +116,8 @@ class QuadmixConfig(_Section):
     scorers: dict[str, ScorerConfig] = Field(default_factory=dict, description="scorer name -> model adapter")
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
     train_scorers: TrainScorersConfig = Field(default_factory=TrainScorersConfig)
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
     @property
     def tracking_uri(self) -> str:

@@ -1,0 +1,386 @@
+"""Sample: annotations + θ -> the ``selection`` table, the training output fitted to a budget, an export.
+
+Tables (each run is a slice, replaced as a whole, so a rerun gives the same tables):
+- ``selection``: run, theta_id, doc_id, domain, n_tokens, rbar, rank_exact, S, copies (epoch 0, every
+  document);
+- ``training_output``: run, order_key, epoch, copy, doc_id, domain, n_tokens, text — the documents
+  repeated by their copies and fitted to ``sampling.budget_tokens`` (spec §2.6): over budget, a uniform
+  subsample of the copies; under budget, more epochs, each with fresh Bernoulli draws (seed + epoch),
+  the last one subsampled. Shuffled deterministically by ``order_key`` (a hash of doc, epoch, copy);
+- an export of the training output as Parquet or JSONL shards under ``<root>/export/<run>/`` with a
+  ``manifest.json`` (shard paths, rows, tokens).
+
+Many θ at once (``sample_many``): ``proxy_index`` (theta_id, doc_id, domain, n_tokens, S, copies; rows
+with copies > 0) and ``proxy_theta_tokens`` (theta_id, realized/unique/expected tokens) in the fixed
+passes of :mod:`quadmix_spark.ranking`, whatever the number of θ.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from quadmix_spark.config import QuadmixConfig
+from quadmix_spark.ingest import DOCUMENTS
+from quadmix_spark.kernel.sampling_fn import expected_from_rank_knots
+from quadmix_spark.kernel.theta import Theta
+from quadmix_spark.normalize import SCORE_KNOTS, criteria_of, load_knots
+from quadmix_spark.ranking import RankSettings, ThetaStack, coarse_histograms, prepare, rank_and_sample, region_bins
+from quadmix_spark.storage import is_path, read_table, table_exists, table_version, write_table
+
+ANNOTATIONS, SELECTION, TRAINING_OUTPUT = "annotations", "selection", "training_output"
+PROXY_INDEX, PROXY_THETA_TOKENS = "proxy_index", "proxy_theta_tokens"
+UNIFORM = 2.0**-53
+
+
+@dataclass
+class Inputs:
+    annotations: DataFrame
+    annotations_version: int
+    knots: list
+    domains: list[str]
+    criteria: list[str]
+
+
+def load_inputs(spark: SparkSession, cfg: QuadmixConfig) -> Inputs:
+    """The current annotations (pinned to one version) and their knots; domains are the data's."""
+    table = cfg.storage.table(ANNOTATIONS)
+    version = table_version(spark, table)
+    if version is None:
+        raise FileNotFoundError(f"no annotations table at {table}: run `quadmix annotate` first")
+    annotations = read_table(spark, table, version=version)
+    knots = load_knots(spark, cfg.storage.table(SCORE_KNOTS), annotations_version=version)
+    criteria = criteria_of(annotations)
+    by_name = {k.criterion: k for k in knots}
+    if sorted(by_name) != sorted(criteria):
+        raise ValueError(f"score knots cover {sorted(by_name)} but annotations have {criteria}: run `quadmix normalize`")
+    domains = sorted(r[0] for r in annotations.select("domain").distinct().collect() if r[0] is not None)
+    return Inputs(annotations, version, [by_name[c] for c in criteria], domains, criteria)
+
+
+def settings(cfg: QuadmixConfig) -> RankSettings:
+    sc = cfg.sampling
+    return RankSettings(seed=sc.seed, eta_mode=sc.eta_mode, coarse_bins=sc.coarse_bins, rank_region=sc.rank_region)
+
+
+def _with_domain_names(df: DataFrame, domains: list[str]) -> DataFrame:
+    names = F.array(*[F.lit(d) for d in domains])
+    return df.withColumn("domain", F.element_at(names, F.col("domain_idx") + 1)).drop("domain_idx")
+
+
+def _replace_slice(df: DataFrame, table: str, predicate: str, meta: dict) -> None:
+    """Overwrite the rows matching ``predicate`` (a run or θ slice) with ``df``: idempotent."""
+    writer = df.write.format("delta").option("userMetadata", json.dumps(meta, sort_keys=True, default=str))
+    if table_exists(df.sparkSession, table):
+        writer = writer.mode("overwrite").option("replaceWhere", predicate)
+    else:
+        writer = writer.mode("overwrite")
+    writer.save(table) if is_path(table) else writer.saveAsTable(table)
+
+
+# ---------------------------------------------------------------- budget fitting (spec §2.6)
+
+
+def _epoch_copies(S: F.Column, theta_key: int, seed: int, epoch: int) -> F.Column:
+    """⌊S⌋ + [u_e < frac S] with u_e the kernel's hash at seed + epoch (epoch 0 = the selection's copies)."""
+    u = F.shiftrightunsigned(F.xxhash64("doc_id", F.lit(theta_key).cast("bigint"), F.lit(seed + epoch).cast("bigint")), 11) * F.lit(UNIFORM)
+    base = F.floor(S)
+    return (base + F.when(u < S - base, 1).otherwise(0)).cast("int")
+
+
+def plan_epochs(selection: DataFrame, theta_key: int, seed: int, budget: int | None, max_epochs: int) -> list[tuple[int, float]]:
+    """[(epoch, keep probability)]: the epochs to emit and the share of copies kept in each.
+
+    The realized tokens of candidate epochs are summed in one aggregation over the (narrow) selection.
+    """
+    if budget is None:
+        return [(0, 1.0)]
+    expected = selection.agg(F.sum(F.col("S") * F.col("n_tokens"))).first()[0] or 0.0
+    if expected <= 0:
+        raise ValueError("θ selects nothing (expected tokens 0): no budget can be met")
+    n = int(min(max_epochs, np.ceil(budget / expected) + 2))
+    sums = selection.agg(*[F.sum(_epoch_copies(F.col("S"), theta_key, seed, e) * F.col("n_tokens")).alias(f"e{e}") for e in range(n)]).first()
+    plan, total = [], 0
+    for e in range(n):
+        tokens = int(sums[f"e{e}"] or 0)
+        if tokens == 0:
+            continue
+        if total + tokens >= budget:
+            plan.append((e, (budget - total) / tokens))
+            return plan
+        plan.append((e, 1.0))
+        total += tokens
+    raise ValueError(f"budget {budget} tokens not reached in {n} epochs ({total} tokens): raise sampling.max_epochs")
+
+
+def instances(selection: DataFrame, plan: list[tuple[int, float]], theta_key: int, seed: int) -> DataFrame:
+    """(doc_id, epoch, copy, order_key) of every emitted copy, subsampled per the plan."""
+    parts = []
+    for epoch, keep in plan:
+        c = _epoch_copies(F.col("S"), theta_key, seed, epoch)
+        copies = F.when(c > 0, F.sequence(F.lit(0), c - 1))  # sequence(0, -1) would be [0, -1]
+        rows = selection.select("doc_id", F.lit(epoch).alias("epoch"), F.explode(copies).alias("copy"))
+        key = F.xxhash64("doc_id", F.col("epoch").cast("bigint"), F.col("copy").cast("bigint"), F.lit(theta_key).cast("bigint"), F.lit(seed).cast("bigint"))
+        rows = rows.withColumn("order_key", key)
+        if keep < 1.0:
+            rows = rows.where(F.shiftrightunsigned(F.xxhash64("order_key", F.lit(-1).cast("bigint")), 11) * F.lit(UNIFORM) < F.lit(keep))
+        parts.append(rows)
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.unionByName(p)
+    return out
+
+
+def training_rows(documents: DataFrame, selection: DataFrame, inst: DataFrame) -> DataFrame:
+    """Copies joined with their text (only selected documents are read through the join)."""
+    docs = documents.select("doc_id", "text")
+    return (
+        inst.join(selection.select("doc_id", "domain", "n_tokens"), "doc_id", "inner")
+        .join(docs, "doc_id", "inner")
+        .select("order_key", "epoch", "copy", "doc_id", "domain", "n_tokens", "text")
+    )
+
+
+# ---------------------------------------------------------------- reports
+
+
+def domain_report(selection: DataFrame, output: DataFrame | None = None) -> pd.DataFrame:
+    """Per domain: input, expected (Σ S·len), realized (Σ copies·len), unique tokens, repetition, shares."""
+    agg = selection.groupBy("domain").agg(
+        F.sum("n_tokens").alias("input_tokens"),
+        F.sum(F.col("S") * F.col("n_tokens")).alias("expected_tokens"),
+        F.sum(F.col("copies") * F.col("n_tokens")).alias("realized_tokens"),
+        F.sum(F.when(F.col("copies") > 0, F.col("n_tokens")).otherwise(0)).alias("unique_tokens"),
+        F.sum(F.when(F.col("copies") > 0, 1).otherwise(0)).alias("selected_docs"),
+        F.count("*").alias("input_docs"),
+    )
+    pdf = agg.toPandas().sort_values("domain").reset_index(drop=True)
+    if output is not None:
+        out = output.groupBy("domain").agg(F.sum("n_tokens").alias("output_tokens")).toPandas()
+        pdf = pdf.merge(out, on="domain", how="left").fillna({"output_tokens": 0})
+    pdf["repetition"] = pdf["realized_tokens"] / pdf["unique_tokens"].where(pdf["unique_tokens"] > 0)
+    pdf["share_before"] = pdf["input_tokens"] / pdf["input_tokens"].sum()
+    pdf["share_after"] = pdf["realized_tokens"] / max(pdf["realized_tokens"].sum(), 1)
+    return pdf
+
+
+def plot_report(report: pd.DataFrame, path: str, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.3 * len(report) + 1.5)))
+    y = np.arange(len(report))
+    axes[0].barh(y - 0.2, report["share_before"], 0.4, label="input")
+    axes[0].barh(y + 0.2, report["share_after"], 0.4, label="selected")
+    axes[0].set_yticks(y, report["domain"])
+    axes[0].set_xlabel("token share")
+    axes[0].legend()
+    axes[1].barh(y, report["repetition"].fillna(0))
+    axes[1].set_yticks(y, [""] * len(y))
+    axes[1].set_xlabel("repetition (realized / unique tokens)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def dry_run_report(spark: SparkSession, cfg: QuadmixConfig, theta: Theta) -> pd.DataFrame:
+    """Analytic expected tokens, unique tokens and repetition per domain from the rank histogram alone.
+
+    Reads only the annotations (no text). Each coarse bin contributes its tokens times S at the bin's
+    middle rank; the exact expectation lies between the values at the bins' edges (see the kernel).
+    """
+    inp = load_inputs(spark, cfg)
+    stack = ThetaStack.of([theta], inp.domains, inp.criteria)
+    s = settings(cfg)
+    hist = coarse_histograms(prepare(inp.annotations, inp.domains, inp.criteria), stack, inp.knots, s)
+    _, _, cum = region_bins(hist, stack, s)
+    pdf = cum.toPandas()
+    pdf["rbar_mid"] = (pdf["cum"] - pdf["mass"] / 2) / pdf["total"]
+    d = pdf["domain_idx"].to_numpy()
+    args = (stack.lam[0], stack.omega[0], stack.eta[0], stack.eps[0], s.eta_mode)
+    from quadmix_spark.kernel.sampling_fn import sampling_value
+
+    S = sampling_value(pdf["rbar_mid"].to_numpy(), stack.lam[0][d], stack.omega[0][d], stack.eta[0][d], stack.eps[0][d], s.eta_mode)
+    M = len(inp.domains)
+    expected = expected_from_rank_knots(pdf["rbar_mid"], pdf["mass"], *args[:4], eta_mode=s.eta_mode, domain_idx=d, n_domains=M)
+    unique = np.bincount(d, weights=pdf["mass"].to_numpy() * np.minimum(S, 1.0), minlength=M)
+    tokens = np.bincount(d, weights=pdf["mass"].to_numpy(), minlength=M)
+    out = pd.DataFrame({"domain": inp.domains, "input_tokens": tokens, "expected_tokens": expected, "expected_unique_tokens": unique})
+    out["repetition"] = out["expected_tokens"] / out["expected_unique_tokens"].where(out["expected_unique_tokens"] > 0)
+    return out
+
+
+# ---------------------------------------------------------------- baselines (paper §4.1)
+
+
+def baseline_key(name: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little", signed=True)
+
+
+def baseline_selection(inp: Inputs, kind: str, fraction: float, seed: int) -> tuple[DataFrame, str, int]:
+    """S per document for a baseline at the same machinery: ``random`` (S = fraction for every document),
+    ``topk:<criterion>`` (S = 1 for the best ``fraction`` of tokens by that criterion: σ <= fraction) or
+    ``mix`` (the union of every criterion's top-k set). Returns (frame, baseline id, hash key)."""
+    from quadmix_spark.ranking import RANKED_SCHEMA, _sigma
+    from quadmix_spark.kernel.copies import hash_uniform_from_doc_hashes, realized_copies
+
+    if kind != "random" and kind != "mix" and not (kind.startswith("topk:") and kind[5:] in inp.criteria):
+        raise ValueError(f"unknown baseline {kind!r}: use random, mix or topk:<criterion> with one of {inp.criteria}")
+    name = f"baseline-{kind.replace(':', '-')}-{fraction:g}"
+    key = baseline_key(name)
+    knots, crit = inp.knots, inp.criteria
+
+    def assign(batches):
+        for pdf in batches:
+            n = len(pdf)
+            if kind == "random":
+                S = np.full(n, fraction)
+            else:
+                sig = _sigma(pdf, knots)
+                best = sig[:, crit.index(kind[5:])] if kind.startswith("topk:") else sig.min(axis=1)
+                S = (best <= fraction).astype(np.float64)
+            u = hash_uniform_from_doc_hashes(pdf["doc_hash"].to_numpy(np.int64), key, seed)
+            yield pd.DataFrame({
+                "theta_idx": np.int32(0), "doc_id": pdf["doc_id"], "domain_idx": pdf["domain_idx"].astype(np.int32),
+                "n_tokens": pdf["n_tokens"], "rbar": np.nan, "rank_exact": False, "S": S,
+                "copies": realized_copies(S, u).astype(np.int32),
+            })
+
+    frame = prepare(inp.annotations, inp.domains, inp.criteria).mapInPandas(assign, RANKED_SCHEMA)
+    return frame, name, key
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_output(output: DataFrame, folder: str, fmt: str, n_shards: int) -> dict:
+    """Write ``output`` (ordered by order_key) as ``n_shards`` files + ``manifest.json``; returns the manifest."""
+    spark = output.sparkSession
+    sharded = output.repartitionByRange(n_shards, "order_key").sortWithinPartitions("order_key")
+    cols = ["doc_id", "domain", "epoch", "copy", "n_tokens", "text"]
+    writer = sharded.select(*cols).write.mode("overwrite")
+    writer.json(folder, compression="gzip") if fmt == "jsonl" else writer.parquet(folder)
+    jvm = spark.sparkContext._jvm
+    path = jvm.org.apache.hadoop.fs.Path(folder)
+    fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    files = sorted(st.getPath().toString() for st in fs.listStatus(path) if st.getPath().getName().startswith("part-"))
+    shards = []
+    for f in files:
+        stats = (spark.read.json(f) if fmt == "jsonl" else spark.read.parquet(f)).agg(F.count("*"), F.sum("n_tokens")).first()
+        shards.append({"path": f, "rows": int(stats[0]), "tokens": int(stats[1] or 0)})
+    manifest = {"format": fmt, "shards": shards, "rows": sum(s["rows"] for s in shards), "tokens": sum(s["tokens"] for s in shards)}
+    out = jvm.org.apache.hadoop.fs.Path(folder + "/manifest.json")
+    stream = fs.create(out, True)
+    stream.write(bytearray(json.dumps(manifest, indent=1).encode()))
+    stream.close()
+    return manifest
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@dataclass
+class SampleResult:
+    run: str
+    theta_id: str
+    annotations_version: int
+    report: pd.DataFrame
+    output_tokens: int
+    epochs: list
+    manifest: dict
+
+    def summary(self) -> str:
+        r = self.report
+        lines = [
+            f"sample run {self.run!r} (θ {self.theta_id}, annotations v{self.annotations_version}):",
+            f"  input {int(r.input_tokens.sum()):,} tokens -> expected {r.expected_tokens.sum():,.0f}, realized "
+            f"{int(r.realized_tokens.sum()):,}, unique {int(r.unique_tokens.sum()):,}; output {self.output_tokens:,} tokens "
+            f"in {len(self.epochs)} epoch(s), {len(self.manifest.get('shards', []))} shards",
+        ]
+        return "\n".join(lines)
+
+
+def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = None, baseline: str | None = None,
+               run_id: str | None = None) -> SampleResult:
+    """One θ (or one baseline) over the full annotations: selection, training output, export, report."""
+    sc = cfg.sampling
+    inp = load_inputs(spark, cfg)
+    documents = read_table(spark, cfg.storage.table(DOCUMENTS))
+    meta = {"stage": "sample", "run": sc.run, "run_id": run_id, "annotations_version": inp.annotations_version}
+    selection_table = cfg.storage.table(SELECTION)
+    predicate = f"run = '{sc.run}'"
+
+    def write_selection(frame: DataFrame, theta_id: str) -> None:
+        sel = _with_domain_names(frame, inp.domains).select(
+            F.lit(sc.run).alias("run"), F.lit(theta_id).alias("theta_id"), "doc_id", "domain", "n_tokens", "rbar",
+            "rank_exact", "S", "copies",
+        )
+        _replace_slice(sel, selection_table, predicate, {**meta, "theta_id": theta_id})
+
+    if baseline:
+        frame, theta_id, key = baseline_selection(inp, baseline, sc.baseline_fraction, sc.seed)
+        write_selection(frame, theta_id)
+    else:
+        stack = ThetaStack.of([theta], inp.domains, inp.criteria)
+        theta_id, key = stack.ids[0], int(stack.keys[0])
+        with rank_and_sample(inp.annotations, stack, inp.knots, settings(cfg), keep_all=True) as ranked:
+            write_selection(ranked, theta_id)
+
+    selection = read_table(spark, selection_table).where(F.col("run") == sc.run)
+    plan = plan_epochs(selection, key, sc.seed, sc.budget_tokens, sc.max_epochs)
+    rows = training_rows(documents, selection.where(F.col("S") > 0), instances(selection.where(F.col("S") > 0), plan, key, sc.seed))
+    out_table = cfg.storage.table(TRAINING_OUTPUT)
+    _replace_slice(rows.select(F.lit(sc.run).alias("run"), "*"), out_table, predicate, {**meta, "theta_id": theta_id, "epochs": plan})
+    output = read_table(spark, out_table).where(F.col("run") == sc.run)
+    manifest = export_output(output, cfg.storage.path("export", sc.run), sc.export_format, sc.export_shards)
+    report = domain_report(selection, output)
+    return SampleResult(sc.run, theta_id, inp.annotations_version, report, int(manifest["tokens"]), plan, manifest)
+
+
+@dataclass
+class ManyResult:
+    theta_ids: list[str]
+    tokens: pd.DataFrame
+
+    def summary(self) -> str:
+        t = self.tokens
+        return (f"proxy index for {len(self.theta_ids)} θ: realized tokens median {t.realized_tokens.median():,.0f} "
+                f"(min {t.realized_tokens.min():,}, max {t.realized_tokens.max():,})")
+
+
+def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta], run_id: str | None = None) -> ManyResult:
+    """K θ in one job: ``proxy_index`` and ``proxy_theta_tokens`` in a fixed number of passes."""
+    inp = load_inputs(spark, cfg)
+    stack = ThetaStack.of(thetas, inp.domains, inp.criteria)
+    if len(set(stack.ids)) != len(stack.ids):
+        raise ValueError("the parameter set holds the same θ twice")
+    ids = F.array(*[F.lit(i) for i in stack.ids])
+    meta = {"stage": "sample-many", "run_id": run_id, "annotations_version": inp.annotations_version, "n_theta": stack.k}
+    predicate = "theta_id IN (" + ", ".join(f"'{i}'" for i in stack.ids) + ")"
+    index_table = cfg.storage.table(PROXY_INDEX)
+    with rank_and_sample(inp.annotations, stack, inp.knots, settings(cfg), keep_all=False) as ranked:
+        index = _with_domain_names(ranked, inp.domains).select(
+            F.element_at(ids, F.col("theta_idx") + 1).alias("theta_id"), "doc_id", "domain", "n_tokens", "S", "copies"
+        )
+        _replace_slice(index, index_table, predicate, meta)
+    index = read_table(spark, index_table).where(F.expr(predicate))
+    tokens = index.groupBy("theta_id").agg(
+        F.sum(F.col("copies") * F.col("n_tokens")).alias("realized_tokens"), F.sum("n_tokens").alias("unique_tokens"),
+        F.count("*").alias("selected_docs"),
+    ).toPandas()
+    tokens = pd.DataFrame({"theta_id": list(stack.ids)}).merge(tokens, on="theta_id", how="left").fillna(0)
+    tokens[["realized_tokens", "unique_tokens", "selected_docs"]] = tokens[["realized_tokens", "unique_tokens", "selected_docs"]].astype("int64")
+    tokens_table = cfg.storage.table(PROXY_THETA_TOKENS)
+    _replace_slice(spark.createDataFrame(tokens), tokens_table, predicate, meta)
+    return ManyResult(list(stack.ids), tokens)

@@ -1,0 +1,173 @@
+"""Normalize, rank and sample on Spark: the same numbers as the numpy kernel, for any partitioning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+
+from quadmix_spark.kernel.copies import hash_uniform, realized_copies
+from quadmix_spark.kernel.merge import merged_score
+from quadmix_spark.kernel.rank import within_domain_rank
+from quadmix_spark.kernel.sampling_fn import sampling_value
+from quadmix_spark.kernel.sigma import map_scores, percentile_knots, zscore_params
+from quadmix_spark.normalize import load_knots, percentile_knots_distributed, run_normalize, zscore_knots_distributed
+from quadmix_spark.ranking import ThetaStack, rank_and_sample
+from quadmix_spark.sample import load_inputs, run_sample, run_sample_many, settings
+from quadmix_spark.storage import read_table
+from tests.sampling_data import CRITERIA, a_theta, make_corpus
+
+pytestmark = pytest.mark.spark
+
+
+@pytest.fixture(scope="module")
+def corpus(spark, tmp_path_factory):
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path_factory.mktemp("sampling"), "sampling.coarse_bins=64")
+    data = make_corpus(spark, cfg)
+    run_normalize(spark, cfg.storage.table("annotations"), cfg.storage.table("score_knots"), "percentile", 101)
+    return cfg, data
+
+
+def kernel_selection(data, knots, theta, seed=0):
+    sigma = np.stack([map_scores(data["scores"][k.criterion], k) for k in knots], axis=1)
+    d = np.searchsorted(theta.domains, np.array(data["domains"])[data["domain_idx"]])
+    rbar = within_domain_rank(merged_score(sigma, d, theta.alpha), d, data["tokens"])
+    S = sampling_value(rbar, theta.lam[d], theta.omega[d], theta.eta[d], theta.eps[d])
+    return rbar, S, realized_copies(S, hash_uniform(data["ids"], theta.theta_key, seed))
+
+
+def test_knots_equal_the_kernel(spark, corpus):
+    cfg, data = corpus
+    ann = read_table(spark, cfg.storage.table("annotations"))
+    for n_knots in (11, 5000):
+        for got in percentile_knots_distributed(ann, CRITERIA, n_knots):
+            want = percentile_knots(data["scores"][got.criterion], data["tokens"], n_knots)
+            assert np.array_equal(got.xs, want.xs) and np.array_equal(got.ys, want.ys)
+            assert got.error_bound == pytest.approx(want.error_bound)
+    for got in zscore_knots_distributed(ann, CRITERIA):
+        mean, std = zscore_params(data["scores"][got.criterion], data["tokens"])
+        assert (got.mean, got.std) == (pytest.approx(mean, rel=1e-12), pytest.approx(std, rel=1e-9))
+
+
+def test_normalize_is_tied_to_the_annotations_version(spark, corpus):
+    cfg, _ = corpus
+    _, written = run_normalize(spark, cfg.storage.table("annotations"), cfg.storage.table("score_knots"), "percentile", 101)
+    assert written is False  # same annotations version: nothing to do
+    with pytest.raises(RuntimeError, match="run `quadmix normalize` again"):
+        load_knots(spark, cfg.storage.table("score_knots"), annotations_version=99)
+
+
+def test_spark_ranks_s_and_copies_equal_the_kernel_with_a_skewed_domain(spark, corpus):
+    cfg, data = corpus
+    inp = load_inputs(spark, cfg)
+    theta = a_theta(inp.domains, seed=5)
+    rbar, S, copies = kernel_selection(data, inp.knots, theta)
+    stack = ThetaStack.of([theta], inp.domains, inp.criteria)
+    with rank_and_sample(inp.annotations.repartition(7), stack, inp.knots, settings(cfg), keep_all=True) as ranked:
+        rows = {r.doc_id: r for r in ranked.collect()}
+    assert len(rows) == len(data["ids"])
+    got = np.array([rows[i].rbar for i in data["ids"]])
+    exact = np.array([rows[i].rank_exact for i in data["ids"]])
+    assert np.array_equal(got[exact], rbar[exact])  # exact where it is computed exactly ...
+    assert (rbar[~exact] > np.maximum(0.2, theta.omega.max()) - 1e-12).all()  # ... which covers r̄ <= 0.2 and ω
+    big = data["domain_idx"] == 0
+    assert (rbar[big & ~exact] > 0.2).all() and (big & exact).sum() > 0.2 * big.sum()
+    assert np.abs(got - rbar).max() < 0.05  # coarse interpolation elsewhere (display only)
+    assert np.allclose([rows[i].S for i in data["ids"]], S, rtol=0, atol=1e-15)
+    assert np.array_equal([rows[i].copies for i in data["ids"]], copies)
+
+
+def test_keep_everything_exactly_once(spark, corpus, tmp_path):
+    cfg, data = corpus
+    inp = load_inputs(spark, cfg)
+    theta = a_theta(inp.domains, omega=1.0, lam=1e-9, eta=0.0, eps=0.0)
+    cfg = cfg.model_copy(deep=True)
+    cfg.sampling.run = "all-once"
+    result = run_sample(spark, cfg, theta)
+    sel = read_table(spark, cfg.storage.table("selection")).where(F.col("run") == "all-once")
+    assert sel.where(F.col("copies") != 1).count() == 0 and sel.count() == len(data["ids"])
+    assert result.output_tokens == int(data["tokens"].sum())
+
+
+def test_selection_does_not_depend_on_partitioning_or_reruns(spark, corpus):
+    cfg, _ = corpus
+    inp = load_inputs(spark, cfg)
+    stack = ThetaStack.of([a_theta(inp.domains, seed=9)], inp.domains, inp.criteria)
+    results = []
+    for parts in (1, 7, 7):
+        with rank_and_sample(inp.annotations.repartition(parts), stack, inp.knots, settings(cfg), keep_all=True) as r:
+            results.append(sorted(r.select("doc_id", "rbar", "S", "copies").collect()))
+    assert results[0] == results[1] == results[2]
+
+
+def test_realized_tokens_per_domain_match_the_expectation(spark, corpus):
+    cfg, data = corpus
+    inp = load_inputs(spark, cfg)
+    theta = a_theta(inp.domains, seed=2, eps=0.3, omega=0.05)  # a heavy ε tail: many Bernoulli draws
+    rbar, S, _ = kernel_selection(data, inp.knots, theta)
+    stack = ThetaStack.of([theta], inp.domains, inp.criteria)
+    with rank_and_sample(inp.annotations, stack, inp.knots, settings(cfg), keep_all=True) as ranked:
+        per = {r.domain_idx: r for r in ranked.groupBy("domain_idx").agg(
+            F.sum(F.col("copies") * F.col("n_tokens")).alias("realized"), F.sum(F.col("S") * F.col("n_tokens")).alias("expected")
+        ).collect()}
+    for m, name in enumerate(inp.domains):
+        mask = np.array(data["domains"])[data["domain_idx"]] == name
+        frac = S[mask] - np.floor(S[mask])
+        sd = np.sqrt(np.sum(data["tokens"][mask] ** 2 * frac * (1 - frac)))
+        assert abs(per[m].realized - per[m].expected) <= 5 * sd + 1e-9
+
+
+def test_budget_fit_export_and_idempotent_rerun(spark, corpus):
+    cfg, data = corpus
+    inp = load_inputs(spark, cfg)
+    theta = a_theta(inp.domains, seed=4)
+    total = int(data["tokens"].sum())
+    for run, budget in (("under", 3 * total // 4), ("over", total // 50)):
+        c = cfg.model_copy(deep=True)
+        c.sampling.run, c.sampling.budget_tokens, c.sampling.export_shards = run, budget, 3
+        first = run_sample(spark, c, theta)
+        out = read_table(spark, c.storage.table("training_output")).where(F.col("run") == run)
+        tokens = out.agg(F.sum("n_tokens")).first()[0]
+        assert abs(tokens - budget) < 0.1 * budget + 2000, (run, tokens, budget)
+        assert first.manifest["tokens"] == tokens and len(first.manifest["shards"]) == 3
+        if run == "under":
+            assert len(first.epochs) > 1 and out.select("epoch").distinct().count() == len(first.epochs)
+        before = sorted(out.collect())
+        run_sample(spark, c, theta)
+        assert sorted(read_table(spark, c.storage.table("training_output")).where(F.col("run") == run).collect()) == before
+
+
+def test_many_thetas_equal_single_theta_selections(spark, corpus):
+    cfg, data = corpus
+    inp = load_inputs(spark, cfg)
+    thetas = [a_theta(inp.domains, seed=s) for s in (11, 12, 13)]
+    many = run_sample_many(spark, cfg, thetas)
+    index = read_table(spark, cfg.storage.table("proxy_index"))
+    for t in thetas:
+        _, _, copies = kernel_selection(data, inp.knots, t)
+        got = {r.doc_id: r.copies for r in index.where(F.col("theta_id") == t.theta_id).collect()}
+        want = {i: int(c) for i, c in zip(data["ids"], copies) if c > 0}
+        assert got == want
+        realized = many.tokens.set_index("theta_id").loc[t.theta_id, "realized_tokens"]
+        assert realized == int((copies * data["tokens"]).sum())
+
+
+def test_baselines_select_by_sigma(spark, corpus):
+    cfg, data = corpus
+    inp = load_inputs(spark, cfg)
+    for kind in ("topk:edu", "mix", "random"):
+        c = cfg.model_copy(deep=True)
+        c.sampling.run, c.sampling.baseline_fraction = kind.replace(":", "-"), 0.1
+        run_sample(spark, c, baseline=kind)
+        sel = read_table(spark, c.storage.table("selection")).where(F.col("run") == c.sampling.run)
+        picked = {r.doc_id for r in sel.where(F.col("copies") > 0).collect()}
+        sig = {k.criterion: map_scores(data["scores"][k.criterion], k) for k in inp.knots}
+        if kind == "topk:edu":
+            assert picked == {i for i, s in zip(data["ids"], sig["edu"]) if s <= 0.1}
+        elif kind == "mix":
+            best = np.minimum.reduce([sig[c] for c in CRITERIA])
+            assert picked == {i for i, s in zip(data["ids"], best) if s <= 0.1}
+        else:
+            assert 0.05 < len(picked) / len(data["ids"]) < 0.15
