@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -31,6 +32,19 @@ def _load(files: list[str] | None, overrides: list[str] | None) -> QuadmixConfig
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+
+
+@contextmanager
+def _user_errors():
+    """Problems with the user's input (files, names, tables) end the command with their message, not a traceback."""
+    from quadmix_spark.inputs import IngestInputError
+    from quadmix_spark.normalize import KnotsMissingError
+
+    try:
+        yield
+    except (IngestInputError, KnotsMissingError, FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _show(cfg: QuadmixConfig, fmt: str = "yaml") -> None:
@@ -64,17 +78,63 @@ def ingest(
         _show(cfg)
         typer.echo(f"# would ingest {cfg.ingest.input} into {cfg.storage.table('documents')}")
         return
-    from quadmix_spark.inputs import IngestInputError
     from quadmix_spark.jobs import ingest_job
 
-    try:
+    with _user_errors():
         report = ingest_job(cfg)
-    except IngestInputError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(report.summary())
     if not report.balanced:
         raise typer.Exit(3)
+
+
+@app.command()
+def normalize(config: ConfigFiles = None, set_: Overrides = None, dry_run: DryRun = False) -> None:
+    """Compute the σ knots (per-criterion token-weighted percentiles) of the current annotations."""
+    cfg = _load(config, set_)
+    if dry_run:
+        _show(cfg)
+        return
+    from quadmix_spark.jobs import normalize_job
+
+    with _user_errors():
+        knots, written = normalize_job(cfg)
+    state = "written" if written else "already current, unchanged"
+    typer.echo(f"normalize: {len(knots)} criteria ({', '.join(k.criterion for k in knots)}), knots {state}")
+
+
+@app.command()
+def sample(
+    config: ConfigFiles = None,
+    set_: Overrides = None,
+    params: Annotated[str | None, typer.Option("--params", help="θ file (YAML/JSON)")] = None,
+    params_set: Annotated[str | None, typer.Option("--params-set", help="many θ: a file, a folder or an MLflow run id")] = None,
+    baseline: Annotated[str | None, typer.Option("--baseline", help="random | mix | topk:<criterion>")] = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Sample with one θ (selection + training output + export), a baseline, or many θ (proxy index)."""
+    if sum(x is not None for x in (params, params_set, baseline)) != 1:
+        typer.echo("error: give exactly one of --params, --params-set, --baseline", err=True)
+        raise typer.Exit(2)
+    cfg = _load(config, set_)
+    from quadmix_spark import jobs
+
+    if dry_run:
+        if not params:
+            _show(cfg)
+            return
+        with _user_errors():
+            report = jobs.sample_dry_run_job(cfg, params)
+        typer.echo(report.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
+        t = report.sum(numeric_only=True)
+        typer.echo(f"total: expected {t.expected_tokens:,.0f} tokens, unique {t.expected_unique_tokens:,.0f}, "
+                   f"repetition {t.expected_tokens / max(t.expected_unique_tokens, 1):.2f}")
+        return
+    with _user_errors():
+        if params_set:
+            result = jobs.sample_many_job(cfg, params_set)
+        else:
+            result = jobs.sample_job(cfg, params=params, baseline=baseline)
+    typer.echo(result.summary())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,3 +19,88 @@ def ingest_job(cfg: QuadmixConfig) -> IngestReport:
         mlflow.log_metrics({f"rejects.{k}": v for k, v in report.rejects_by_reason.items()})
         mlflow.log_dict(report_dict(report), "ingest_report.json")
     return report
+
+
+def normalize_job(cfg: QuadmixConfig):
+    """σ knots of the current annotations (idempotent per annotations version)."""
+    import mlflow
+
+    from quadmix_spark.normalize import SCORE_KNOTS, run_normalize
+    from quadmix_spark.sample import ANNOTATIONS
+
+    spark = get_spark(cfg)
+    with stage_run(cfg, "normalize") as run:
+        knots, written = run_normalize(
+            spark, cfg.storage.table(ANNOTATIONS), cfg.storage.table(SCORE_KNOTS), cfg.normalize.method,
+            cfg.normalize.n_knots, run_id=run.info.run_id,
+        )
+        mlflow.log_params({"normalize.method": cfg.normalize.method, "normalize.n_knots": cfg.normalize.n_knots})
+        mlflow.log_dict({"knots": [k.to_dict() for k in knots]}, "score_knots.json")
+        mlflow.set_tag("quadmix.knots_written", str(written).lower())
+    return knots, written
+
+
+def sample_dry_run_job(cfg: QuadmixConfig, params: str):
+    from quadmix_spark.sample import dry_run_report, load_inputs
+    from quadmix_spark.thetas import load_one
+
+    spark = get_spark(cfg)
+    inp = load_inputs(spark, cfg)
+    return dry_run_report(spark, cfg, load_one(params, inp.domains, inp.criteria))
+
+
+def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | None = None):
+    """One θ (or a baseline): selection, training output, export; report, plot and θ logged to MLflow."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from quadmix_spark.sample import ANNOTATIONS, load_inputs, plot_report, run_sample
+    from quadmix_spark.storage import table_version
+    from quadmix_spark.thetas import load_one, theta_params
+
+    spark = get_spark(cfg)
+    theta = None
+    if params:
+        inp = load_inputs(spark, cfg)
+        theta = load_one(params, inp.domains, inp.criteria)
+    with stage_run(cfg, "sample", run_name=f"sample-{cfg.sampling.run}") as run:
+        if theta is not None:
+            mlflow.log_params(theta_params(theta))
+            mlflow.log_dict(theta.to_dict(), "theta.json")
+        result = run_sample(spark, cfg, theta=theta, baseline=baseline, run_id=run.info.run_id)
+        mlflow.set_tags({"quadmix.run": result.run, "quadmix.theta_id": result.theta_id})
+        mlflow.log_params({
+            "sampling.run": result.run, "sampling.seed": cfg.sampling.seed, "sampling.budget_tokens": cfg.sampling.budget_tokens,
+            "delta.annotations_version": result.annotations_version,
+            "delta.documents_version": table_version(spark, cfg.storage.table("documents")),
+        })
+        r = result.report
+        mlflow.log_metrics({
+            "input_tokens": float(r.input_tokens.sum()), "expected_tokens": float(r.expected_tokens.sum()),
+            "realized_tokens": float(r.realized_tokens.sum()), "unique_tokens": float(r.unique_tokens.sum()),
+            "output_tokens": float(result.output_tokens), "epochs": float(len(result.epochs)),
+        })
+        mlflow.log_table(r, "domain_report.json")
+        mlflow.log_dict(result.manifest, "export_manifest.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(plot_report(r, str(Path(tmp) / "domain_report.png"), f"run {result.run}"))
+    return result
+
+
+def sample_many_job(cfg: QuadmixConfig, params_set: str):
+    """K θ in one job: the proxy index and each θ's realized tokens."""
+    import mlflow
+
+    from quadmix_spark.sample import load_inputs, run_sample_many
+    from quadmix_spark.thetas import load_set
+
+    spark = get_spark(cfg)
+    inp = load_inputs(spark, cfg)
+    thetas = load_set(params_set, inp.domains, inp.criteria)
+    with stage_run(cfg, "sample-many") as run:
+        result = run_sample_many(spark, cfg, thetas, run_id=run.info.run_id)
+        mlflow.log_params({"n_theta": len(thetas), "params_set": params_set})
+        mlflow.log_table(result.tokens, "theta_tokens.json")
+    return result

@@ -1,0 +1,77 @@
+"""Reading θ for the sampler: one θ file, or a parameter set (a file of many θ, or an MLflow run)."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from quadmix_spark.kernel.theta import Theta, load_theta
+
+_RUN_ID = re.compile(r"^(runs:/)?([0-9a-f]{32})/?$")
+THETAS_ARTIFACT = "thetas.json"
+THETA_ARTIFACT = "theta.json"
+
+
+def load_one(path: str, domains: list[str], criteria: list[str]) -> Theta:
+    """A θ file (YAML/JSON) whose domain and criterion names must match the data's."""
+    return load_theta(path, domains=domains, criteria=criteria)
+
+
+def _from_document(doc, domains, criteria, where: str) -> list[Theta]:
+    items = doc.get("thetas") if isinstance(doc, dict) else doc
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{where}: expected a list of θ (or {{thetas: [...]}})")
+    return [Theta.from_dict(item, domains=domains, criteria=criteria) for item in items]
+
+
+def load_set(source: str, domains: list[str], criteria: list[str]) -> list[Theta]:
+    """K θ from a YAML/JSON file (a list, or ``{thetas: [...]}``), a folder of θ files, or an MLflow run.
+
+    An MLflow run is given by id (or ``runs:/<id>``): its ``thetas.json`` artifact, else the
+    ``theta.json`` of each of its child runs (a search's parent run), in start-time order.
+    """
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+        return [load_theta(p, domains=domains, criteria=criteria) for p in files]
+    if path.exists():
+        doc = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        return _from_document(doc, domains, criteria, str(path))
+    m = _RUN_ID.match(source)
+    if not m:
+        raise FileNotFoundError(f"--params-set {source!r}: no such file or folder, and not an MLflow run id")
+    return _from_mlflow(m.group(2), domains, criteria)
+
+
+def _from_mlflow(run_id: str, domains, criteria) -> list[Theta]:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    names = {a.path for a in client.list_artifacts(run_id)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if THETAS_ARTIFACT in names:
+            local = client.download_artifacts(run_id, THETAS_ARTIFACT, tmp)
+            return _from_document(json.loads(Path(local).read_text()), domains, criteria, f"run {run_id}")
+        run = client.get_run(run_id)
+        children = client.search_runs(
+            [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'", order_by=["attributes.start_time ASC"],
+            max_results=50000,
+        )
+        if not children:
+            raise ValueError(f"MLflow run {run_id} has no {THETAS_ARTIFACT} artifact and no child runs")
+        out = []
+        for child in children:
+            local = client.download_artifacts(child.info.run_id, THETA_ARTIFACT, tmp)
+            out.append(Theta.from_dict(json.loads(Path(local).read_text()), domains=domains, criteria=criteria))
+        return out
+
+
+def theta_params(theta: Theta) -> dict[str, float]:
+    """θ as flat MLflow params under stable names (``quadmix.alpha.<domain>.<criterion>``, ...)."""
+    from quadmix_spark.kernel.theta import feature_names
+
+    return dict(zip(feature_names(theta.domains, theta.criteria), (float(v) for v in theta.to_vector())))
