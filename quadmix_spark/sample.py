@@ -119,12 +119,12 @@ def plan_epochs(selection: DataFrame, theta_key: int, seed: int, budget: int | N
 
 
 def instances(selection: DataFrame, plan: list[tuple[int, float]], theta_key: int, seed: int) -> DataFrame:
-    """(doc_id, epoch, copy, order_key) of every emitted copy, subsampled per the plan."""
+    """(doc_id, domain, n_tokens, epoch, copy, order_key) of every emitted copy, subsampled per the plan."""
     parts = []
     for epoch, keep in plan:
         c = _epoch_copies(F.col("S"), theta_key, seed, epoch)
         copies = F.when(c > 0, F.sequence(F.lit(0), c - 1))  # sequence(0, -1) would be [0, -1]
-        rows = selection.select("doc_id", F.lit(epoch).alias("epoch"), F.explode(copies).alias("copy"))
+        rows = selection.select("doc_id", "domain", "n_tokens", F.lit(epoch).alias("epoch"), F.explode(copies).alias("copy"))
         key = F.xxhash64("doc_id", F.col("epoch").cast("bigint"), F.col("copy").cast("bigint"), F.lit(theta_key).cast("bigint"), F.lit(seed).cast("bigint"))
         rows = rows.withColumn("order_key", key)
         if keep < 1.0:
@@ -136,13 +136,11 @@ def instances(selection: DataFrame, plan: list[tuple[int, float]], theta_key: in
     return out
 
 
-def training_rows(documents: DataFrame, selection: DataFrame, inst: DataFrame) -> DataFrame:
-    """Copies joined with their text (only selected documents are read through the join)."""
-    docs = documents.select("doc_id", "text")
-    return (
-        inst.join(selection.select("doc_id", "domain", "n_tokens"), "doc_id", "inner")
-        .join(docs, "doc_id", "inner")
-        .select("order_key", "epoch", "copy", "doc_id", "domain", "n_tokens", "text")
+def training_rows(documents: DataFrame, inst: DataFrame) -> DataFrame:
+    """Copies joined with their text. The copies are the small side: Spark broadcasts them, or prunes the
+    documents with a runtime Bloom filter before a shuffle, so unselected text is read but not moved."""
+    return inst.join(documents.select("doc_id", "text"), "doc_id", "inner").select(
+        "order_key", "epoch", "copy", "doc_id", "domain", "n_tokens", "text"
     )
 
 
@@ -339,7 +337,7 @@ def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = No
 
     selection = read_table(spark, selection_table).where(F.col("run") == sc.run)
     plan = plan_epochs(selection, key, sc.seed, sc.budget_tokens, sc.max_epochs)
-    rows = training_rows(documents, selection.where(F.col("S") > 0), instances(selection.where(F.col("S") > 0), plan, key, sc.seed))
+    rows = training_rows(documents, instances(selection.where(F.col("S") > 0), plan, key, sc.seed))
     out_table = cfg.storage.table(TRAINING_OUTPUT)
     _replace_slice(rows.select(F.lit(sc.run).alias("run"), "*"), out_table, predicate, {**meta, "theta_id": theta_id, "epochs": plan})
     output = read_table(spark, out_table).where(F.col("run") == sc.run)
