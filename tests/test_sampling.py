@@ -91,15 +91,27 @@ def test_keep_everything_exactly_once(spark, corpus, tmp_path):
     assert result.output_tokens == int(data["tokens"].sum())
 
 
-def test_selection_does_not_depend_on_partitioning_or_reruns(spark, corpus):
+def test_selection_and_output_do_not_depend_on_partitioning_or_reruns(spark, corpus, tmp_path):
+    from quadmix_spark.storage import write_table
+
     cfg, _ = corpus
     inp = load_inputs(spark, cfg)
-    stack = ThetaStack.of([a_theta(inp.domains, seed=9)], inp.domains, inp.criteria)
+    theta = a_theta(inp.domains, seed=9)
     results = []
-    for parts in (1, 7, 7):
-        with rank_and_sample(inp.annotations.repartition(parts), stack, inp.knots, settings(cfg), keep_all=True) as r:
-            results.append(sorted(r.select("doc_id", "rbar", "S", "copies").collect()))
+    for i, parts in enumerate((1, 7, 7)):  # the same tables written as 1 and 7 files; the last run repeats the second
+        c = cfg.model_copy(deep=True)
+        c.storage.root = str(tmp_path / f"p{parts}")
+        c.sampling.budget_tokens = 50_000
+        if i < 2:
+            for name in ("documents", "annotations"):
+                write_table(read_table(spark, cfg.storage.table(name)).repartition(parts), c.storage.table(name), mode="overwrite")
+            run_normalize(spark, c.storage.table("annotations"), c.storage.table("score_knots"), "percentile", 101)
+        run_sample(spark, c, theta)
+        sel = sorted(read_table(spark, c.storage.table("selection")).drop("run").collect())
+        out = sorted(read_table(spark, c.storage.table("training_output")).drop("run").collect())
+        results.append((sel, out))
     assert results[0] == results[1] == results[2]
+    assert len(results[0][1]) > 0
 
 
 def test_realized_tokens_per_domain_match_the_expectation(spark, corpus):
