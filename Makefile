@@ -12,7 +12,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 STAMP := $(VENV)/.installed
 JARS_STAMP := $(VENV)/.delta-jars
 
-.PHONY: setup test slow bench demo ui wheel clean
+.PHONY: setup test test-cluster slow bench demo ui wheel clean
 setup: $(STAMP) $(JARS_STAMP)
 
 $(STAMP): pyproject.toml requirements/lock.txt
@@ -28,6 +28,10 @@ $(JARS_STAMP): $(STAMP) quadmix_spark/jars.py
 
 test: setup
 	$(PY) -m pytest -m "not slow and not cluster and not gpu" tests
+
+# A real standalone cluster and an MLflow server on 127.0.0.1, spark-submit, and the MLflow UI in Chromium.
+test-cluster: setup
+	$(PY) -m pytest -m cluster tests/cluster tests/test_ui.py
 
 slow: setup
 	$(PY) -m pytest -m "slow" tests
