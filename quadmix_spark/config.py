@@ -151,6 +151,16 @@ def _expand(value: Any) -> Any:
     return value
 
 
+def local_path(path: str) -> str:
+    """An absolute path for a local file named relative to the working directory (URIs unchanged).
+
+    Executors run in other working directories, so a relative model path must be made absolute on
+    the driver before it is shipped in a UDF."""
+    if "://" in path or path.startswith("/"):
+        return path
+    return str(Path(path).resolve())
+
+
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 

@@ -23,7 +23,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from quadmix_spark.config import QuadmixConfig
+from quadmix_spark.config import QuadmixConfig, local_path
 from quadmix_spark.inputs import (
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
@@ -224,7 +224,7 @@ def stage_batch(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: list[I
     from quadmix_udfs.tokens import token_count_column
 
     text_to_count = F.when(F.col("reason").isNull(), F.col("text"))
-    return rows.withColumn("n_tokens", token_count_column(text_to_count, ic.tokenizer, ic.batch_size))
+    return rows.withColumn("n_tokens", token_count_column(text_to_count, local_path(ic.tokenizer), ic.batch_size))
 
 
 def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = None) -> IngestReport:
