@@ -7,7 +7,8 @@ For K parameter sets at once, over an annotations frame (doc_id, domain, n_token
   ``coarse_bins`` bins. From it, per (θ, domain), the last bin ``b*`` at which the cumulative share
   reaches ``max(rank_region, ω)``.
 - **pass B**: documents whose q̄ falls in a bin <= b* ("the region": every document with r̄ <=
-  max(rank_region, ω), plus the rest of b*'s bin) get their EXACT r̄ from a range-partitioned sort
+  max(rank_region, ω), plus the rest of b*'s bin; a proxy index, which stores no r̄, needs only r̄ <= ω)
+  get their EXACT r̄ from a range-partitioned sort
   (:mod:`quadmix_spark.prefix`), so a domain is split over as many tasks as its size needs. Every other
   document has r̄ > ω, hence S = ε exactly; its reported r̄ is interpolated in its coarse bin (error at
   most that bin's token share, which only matters for display: S does not depend on it).
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -126,12 +127,13 @@ def coarse_histograms(prepared: DataFrame, stack: ThetaStack, knots: list[Knots]
     method, B, M = knots[0].method, s.coarse_bins, len(stack.domains)
 
     def hist(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        acc = np.zeros(stack.k * M * B, dtype=np.int64)
+        acc = np.zeros((stack.k, M * B), dtype=np.int64)
         for pdf in batches:
-            sig, d, w = _sigma(pdf, knots), pdf["domain_idx"].to_numpy(np.int64), pdf["n_tokens"].to_numpy(np.int64)
+            sig, d, w = _sigma(pdf, knots), pdf["domain_idx"].to_numpy(np.int64), pdf["n_tokens"].to_numpy(np.float64)
             for k in range(stack.k):
                 b = _bins(merged_score(sig, d, stack.alpha[k]), method, B)
-                acc += np.bincount((k * M + d) * B + b, weights=w, minlength=acc.size).astype(np.int64)
+                acc[k] += np.bincount(d * B + b, weights=w, minlength=M * B).astype(np.int64)
+        acc = acc.ravel()
         nz = np.flatnonzero(acc)
         yield pd.DataFrame({"key": nz.astype(np.int64), "mass": acc[nz]})
 
@@ -200,38 +202,40 @@ def rank_and_sample(
     bad = prepared.where(F.col("domain_idx").isNull()).select(F.col("doc_id")).limit(3).collect()
     if bad:
         raise ValueError(f"documents {[r.doc_id for r in bad]} have a domain that θ does not name (θ domains: {stack.domains})")
-    bstar, domain_total, cum = region_bins(coarse_histograms(prepared, stack, knots, s), stack, s)
+    # r̄ is stored (and must be exact up to rank_region) only in a selection; a proxy index needs the
+    # exact ranks where S depends on them, i.e. up to ω
+    region_settings = s if keep_all else replace(s, rank_region=0.0)
+    bstar, domain_total, cum = region_bins(coarse_histograms(prepared, stack, knots, s), stack, region_settings)
     before, mass, total = _coarse_lookup(cum.collect(), stack, B) if keep_all else (None, None, None)
 
     def split(batches: Iterator[pd.DataFrame], want_region: bool) -> Iterator[pd.DataFrame]:
         for pdf in batches:
             sig, d = _sigma(pdf, knots), pdf["domain_idx"].to_numpy(np.int64)
+            ids, h, w = pdf["doc_id"].to_numpy(), pdf["doc_hash"].to_numpy(np.int64), pdf["n_tokens"].to_numpy(np.int64)
+            parts: list[dict] = []
             for k in range(stack.k):
                 q = merged_score(sig, d, stack.alpha[k])
                 b = _bins(q, method, B)
                 inside = b <= bstar[k, d]
-                sel = inside if want_region else ~inside
-                if not sel.any():
+                idx = np.flatnonzero(inside if want_region else ~inside)
+                if idx.size == 0:
                     continue
-                part = pdf[sel]
+                ds = d[idx]
                 if want_region:
-                    yield pd.DataFrame({
-                        "group": k * M + d[sel], "qbar": q[sel], "n_tokens": part["n_tokens"].to_numpy(np.int64),
-                        "doc_id": part["doc_id"].to_numpy(), "doc_hash": part["doc_hash"].to_numpy(np.int64),
-                    })
+                    parts.append({"group": k * M + ds, "qbar": q[idx], "n_tokens": w[idx], "doc_id": ids[idx], "doc_hash": h[idx]})
                     continue
-                ds, bs = d[sel], b[sel]
-                rbar = np.ones(len(ds))
+                rbar = np.ones(idx.size)
                 if keep_all:
-                    frac = _unit(q[sel], method) * B - bs
-                    tot = np.maximum(total[k, ds], 1)
-                    rbar = (before[k, ds, bs] + mass[k, ds, bs] * np.clip(frac, 0, 1)) / tot
-                S, c = _copies(stack, k, ds, rbar, part["doc_hash"].to_numpy(np.int64), s)
-                out = pd.DataFrame({
-                    "theta_idx": np.int32(k), "doc_id": part["doc_id"].to_numpy(), "domain_idx": ds.astype(np.int32),
-                    "n_tokens": part["n_tokens"].to_numpy(np.int64), "rbar": rbar, "rank_exact": False, "S": S, "copies": c,
-                })
-                yield out if keep_all else out[out["copies"] > 0]
+                    frac = _unit(q[idx], method) * B - b[idx]
+                    rbar = (before[k, ds, b[idx]] + mass[k, ds, b[idx]] * np.clip(frac, 0, 1)) / np.maximum(total[k, ds], 1)
+                S, c = _copies(stack, k, ds, rbar, h[idx], s)
+                if not keep_all:  # a proxy index keeps only documents with copies (the ε tail is rare)
+                    kept = c > 0
+                    idx, ds, rbar, S, c = idx[kept], ds[kept], rbar[kept], S[kept], c[kept]
+                parts.append({"theta_idx": np.full(idx.size, k, np.int32), "doc_id": ids[idx], "domain_idx": ds.astype(np.int32),
+                              "n_tokens": w[idx], "rbar": rbar, "rank_exact": np.zeros(idx.size, bool), "S": S, "copies": c})
+            if parts:
+                yield pd.DataFrame({key: np.concatenate([p[key] for p in parts]) for key in parts[0]})
 
     region = prepared.mapInPandas(lambda it: split(it, True), "group long, qbar double, n_tokens long, doc_id string, doc_hash long")
     rest = prepared.mapInPandas(lambda it: split(it, False), RANKED_SCHEMA)
@@ -255,3 +259,15 @@ def rank_and_sample(
 
     with within_group_cumulative(region, "group", "qbar", "n_tokens", s.n_partitions) as ranked:
         yield ranked.mapInPandas(finish, RANKED_SCHEMA).unionByName(rest)
+
+
+@contextmanager
+def narrow_batches(spark, rows: int = 20000) -> Iterator[None]:
+    """Larger Arrow batches while the UDFs read annotations only (no text): fewer per-batch costs."""
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    old = spark.conf.get(key)
+    spark.conf.set(key, str(rows))
+    try:
+        yield
+    finally:
+        spark.conf.set(key, old)

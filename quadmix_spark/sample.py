@@ -30,7 +30,15 @@ from quadmix_spark.ingest import DOCUMENTS
 from quadmix_spark.kernel.sampling_fn import expected_from_rank_knots
 from quadmix_spark.kernel.theta import Theta
 from quadmix_spark.normalize import SCORE_KNOTS, criteria_of, load_knots
-from quadmix_spark.ranking import RankSettings, ThetaStack, coarse_histograms, prepare, rank_and_sample, region_bins
+from quadmix_spark.ranking import (
+    RankSettings,
+    ThetaStack,
+    coarse_histograms,
+    narrow_batches,
+    prepare,
+    rank_and_sample,
+    region_bins,
+)
 from quadmix_spark.storage import is_path, read_table, table_exists, table_version, write_table
 
 ANNOTATIONS, SELECTION, TRAINING_OUTPUT = "annotations", "selection", "training_output"
@@ -328,11 +336,12 @@ def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = No
 
     if baseline:
         frame, theta_id, key = baseline_selection(inp, baseline, sc.baseline_fraction, sc.seed)
-        write_selection(frame, theta_id)
+        with narrow_batches(spark):
+            write_selection(frame, theta_id)
     else:
         stack = ThetaStack.of([theta], inp.domains, inp.criteria)
         theta_id, key = stack.ids[0], int(stack.keys[0])
-        with rank_and_sample(inp.annotations, stack, inp.knots, settings(cfg), keep_all=True) as ranked:
+        with narrow_batches(spark), rank_and_sample(inp.annotations, stack, inp.knots, settings(cfg), keep_all=True) as ranked:
             write_selection(ranked, theta_id)
 
     selection = read_table(spark, selection_table).where(F.col("run") == sc.run)
@@ -367,7 +376,7 @@ def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta]
     meta = {"stage": "sample-many", "run_id": run_id, "annotations_version": inp.annotations_version, "n_theta": stack.k}
     predicate = "theta_id IN (" + ", ".join(f"'{i}'" for i in stack.ids) + ")"
     index_table = cfg.storage.table(PROXY_INDEX)
-    with rank_and_sample(inp.annotations, stack, inp.knots, settings(cfg), keep_all=False) as ranked:
+    with narrow_batches(spark), rank_and_sample(inp.annotations, stack, inp.knots, settings(cfg), keep_all=False) as ranked:
         index = _with_domain_names(ranked, inp.domains).select(
             F.element_at(ids, F.col("theta_idx") + 1).alias("theta_id"), "doc_id", "domain", "n_tokens", "S", "copies"
         )
