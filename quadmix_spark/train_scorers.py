@@ -1,0 +1,462 @@
+"""Train scorers from labeled text: DCLM-style quality classifiers and domain classifiers.
+
+For each enabled entry of ``train_scorers.models``:
+- task=quality: positives are reference texts (``train_scorers.reference`` sets, label ``hq``), negatives
+  documents sampled from the ``documents`` table (label ``cc``); metric: held-out ROC AUC of P(hq);
+- task=domain: the documents' ``label_column`` (e.g. the shared corpus's 24 ``topic`` labels), labels
+  slugged (``Science & Technology`` -> ``science_and_technology``); metric: held-out top-1 accuracy.
+Models: ``fasttext`` (supervised fastText, trained in a fresh process so it is deterministic), ``tfidf``
+(scikit-learn TF-IDF + logistic regression exported with skl2onnx, scored by ``onnx_text``), ``embedding``
+(a logistic head on mean-pooled embeddings of an ONNX encoder, e.g. the shared MiniLM; scored by
+``onnx_transformer`` with ``head: embedding``; the embeddings are computed on the executors).
+
+Held-out metrics are computed with the same adapters annotate uses, on the saved files.
+
+Driver memory: training collects a bounded sample to the driver: at most ``max_docs`` domain examples,
+``negatives`` documents, and each reference set's ``max_docs`` documents (texts, or for ``embedding``
+models one float32 vector per example). Nothing else of the corpus leaves the executors.
+
+Versions: a model's version is a hash of its settings, the seed, the held-out fraction, the encoder files
+and the exact examples (with their split). It is written to ``<models_dir>/<name>/<version>/`` (files plus
+``meta.json`` with metrics) and copied to ``<models_dir>/<name>/current/``, the path scorer configs
+use. A version already on disk is not trained again (reruns are no-ops); its stored metrics are reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from quadmix_spark.annotate_config import ReferenceSetConfig, TrainModelConfig
+from quadmix_spark.config import ConfigError, QuadmixConfig
+from quadmix_spark.storage import read_table, table_exists
+from quadmix_udfs.fasttext_scorer import FastTextScorer, prepare_lines
+from quadmix_udfs.onnx_text import OnnxTextScorer
+from quadmix_udfs.onnx_transformer import Encoder, OnnxTransformerScorer
+
+DOCUMENTS = "documents"
+HQ, CC = "hq", "cc"
+FORMAT = 2  # bump when the training code changes what a given config produces
+
+
+class TrainDataError(ConfigError):
+    """Training data that is missing or unusable (names the source and the problem)."""
+
+
+# ---------------------------------------------------------------- examples
+
+
+@dataclass
+class Examples:
+    """A bounded, driver-side training set: texts, labels, a stable key each, and the held-out flag."""
+
+    texts: list[str]
+    labels: list[str]
+    keys: list[str]
+    holdout: np.ndarray
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for key, label, text, hold in sorted(zip(self.keys, self.labels, self.texts, self.holdout.tolist())):
+            h.update(f"{key}\t{label}\t{int(hold)}\t{hashlib.sha1(text.encode()).hexdigest()}\n".encode())
+        return h.hexdigest()
+
+    def part(self, held_out: bool) -> tuple[list[str], list[str]]:
+        idx = np.flatnonzero(self.holdout == held_out)
+        return [self.texts[i] for i in idx], [self.labels[i] for i in idx]
+
+    def counts(self) -> dict[str, int]:
+        return {"n_train": int((~self.holdout).sum()), "n_holdout": int(self.holdout.sum())}
+
+
+def slug(label: str) -> str:
+    """A label usable in fastText, column values and MLflow keys: ``Science & Technology`` -> ``science_and_technology``."""
+    s = re.sub(r"[^0-9a-z]+", "_", label.lower().replace("&", " and ")).strip("_")
+    return s or "unknown"
+
+
+def chunk_text(text: str, chunk_chars: int, min_chars: int = 100) -> list[str]:
+    """Split at blank lines into chunks of about ``chunk_chars`` characters (short leftovers dropped)."""
+    chunks, cur = [], ""
+    for para in text.split("\n\n"):
+        cur = f"{cur}\n\n{para}" if cur else para
+        if len(cur) >= chunk_chars:
+            chunks.append(cur)
+            cur = ""
+    if len(cur) >= min_chars:
+        chunks.append(cur)
+    return chunks
+
+
+def holdout_flags(keys: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Deterministic split: a key is held out when a hash of (seed, key) falls under ``fraction``."""
+    out = np.empty(len(keys), dtype=bool)
+    for i, key in enumerate(keys):
+        out[i] = int(hashlib.sha256(f"{seed}/{key}".encode()).hexdigest()[:8], 16) / 2**32 < fraction
+    return out
+
+
+def _ordered_sample(df: DataFrame, key: str, n: int | None, seed: int) -> DataFrame:
+    ordered = df.orderBy(F.xxhash64(F.col(key), F.lit(seed)), F.col(key))
+    return ordered.limit(n) if n else ordered
+
+
+def read_reference(spark: SparkSession, name: str, ref: ReferenceSetConfig, seed: int) -> list[str]:
+    """The texts of a reference set (at most ``max_docs`` documents, deterministic), chunked if asked."""
+    if not os.path.exists(ref.path):
+        raise TrainDataError(f"reference set {name!r}: {ref.path} does not exist")
+    df = spark.read.json(ref.path)
+    if ref.text_field not in df.columns:
+        raise TrainDataError(f"reference set {name!r} ({ref.path}): no field {ref.text_field!r} (fields: {', '.join(df.columns)})")
+    texts = df.select(F.col(ref.text_field).cast("string").alias("text")).where(F.length(F.trim("text")) > 0)
+    rows = _ordered_sample(texts, "text", ref.max_docs, seed).collect()
+    out = [r["text"] for r in rows]
+    if ref.chunk_chars:
+        out = [c for t in out for c in chunk_text(t, ref.chunk_chars)]
+    if not out:
+        raise TrainDataError(f"reference set {name!r} ({ref.path}): no non-empty {ref.text_field!r} values")
+    return out
+
+
+def _documents(spark: SparkSession, cfg: QuadmixConfig) -> DataFrame:
+    table = cfg.storage.table(DOCUMENTS)
+    if not table_exists(spark, table):
+        raise TrainDataError(f"no documents table at {table}: run `quadmix ingest` first")
+    return read_table(spark, table)
+
+
+def quality_examples(spark: SparkSession, cfg: QuadmixConfig, m: TrainModelConfig) -> Examples:
+    """Positives (reference sets, ``hq``) and sampled documents (``cc``), at most ``max_docs`` in all."""
+    ts = cfg.train_scorers
+    pos = [t for name in m.positives for t in read_reference(spark, name, ts.reference[name], ts.seed)]
+    pos_keys = [hashlib.sha1(t.encode()).hexdigest() for t in pos]
+    if len(pos) > m.max_docs // 2:  # keep a deterministic half of the budget for positives
+        keep = sorted(range(len(pos)), key=lambda i: hashlib.sha1(f"{ts.seed}/{pos_keys[i]}".encode()).hexdigest())[: m.max_docs // 2]
+        pos, pos_keys = [pos[i] for i in sorted(keep)], [pos_keys[i] for i in sorted(keep)]
+    n_neg = min(m.negatives, m.max_docs - len(pos))
+    docs = _documents(spark, cfg).select("doc_id", "text")
+    neg_rows = _ordered_sample(docs, "doc_id", n_neg, ts.seed).collect()
+    texts = pos + [r["text"] for r in neg_rows]
+    keys = [f"ref:{k}" for k in pos_keys] + [f"doc:{r['doc_id']}" for r in neg_rows]
+    labels = [HQ] * len(pos) + [CC] * len(neg_rows)
+    ex = Examples(texts, labels, keys, holdout_flags(keys, ts.holdout_fraction, ts.seed))
+    for flag, part in ((False, "training"), (True, "held-out")):
+        present = {lab for lab, h in zip(labels, ex.holdout) if h == flag}
+        if present != {HQ, CC}:
+            raise TrainDataError(f"quality model: the {part} split lacks {sorted({HQ, CC} - present)} examples (too few documents?)")
+    return ex
+
+
+def domain_examples(spark: SparkSession, cfg: QuadmixConfig, m: TrainModelConfig) -> Examples:
+    """Documents with a non-empty ``label_column`` (at most ``max_docs``), labels slugged; rare labels dropped."""
+    ts = cfg.train_scorers
+    docs = _documents(spark, cfg)
+    if m.label_column not in docs.columns:
+        raise TrainDataError(f"documents has no column {m.label_column!r} to learn domains from (columns: {', '.join(docs.columns)})")
+    labeled = docs.select("doc_id", "text", F.col(m.label_column).cast("string").alias("label")).where(
+        F.length(F.trim("label")) > 0
+    )
+    rows = _ordered_sample(labeled, "doc_id", m.max_docs, ts.seed).collect()
+    labels = [slug(r["label"]) for r in rows]
+    counts = {lab: labels.count(lab) for lab in set(labels)}
+    keep = [i for i, lab in enumerate(labels) if counts[lab] >= m.min_class_docs]
+    if len({labels[i] for i in keep}) < 2:
+        raise TrainDataError(f"domain model: fewer than 2 labels of {m.label_column!r} with >= {m.min_class_docs} documents")
+    keys = [f"doc:{rows[i]['doc_id']}" for i in keep]
+    return Examples([rows[i]["text"] for i in keep], [labels[i] for i in keep], keys, holdout_flags(keys, ts.holdout_fraction, ts.seed))
+
+
+# ---------------------------------------------------------------- models
+
+
+def _metrics(task: str, y_true: list[str], scores: np.ndarray, predicted: np.ndarray | None) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    if task == "quality":
+        y = np.array([lab == HQ for lab in y_true])
+        return {"auc": float(roc_auc_score(y, scores)), "accuracy": float(((scores >= 0.5) == y).mean()),
+                "holdout_hq": int(y.sum()), "holdout_cc": int((~y).sum())}
+    return {"accuracy": float(accuracy_score(y_true, predicted)), "macro_f1": float(f1_score(y_true, predicted, average="macro")),
+            "holdout_classes": len(set(y_true))}
+
+
+def train_fasttext(ex: Examples, m: TrainModelConfig, task: str, folder: Path, seed: int) -> tuple[dict, dict, dict]:
+    """(files, metrics, scorer config) of a fastText classifier trained on the training split."""
+    from quadmix_spark.fasttext_train import train_in_subprocess
+
+    texts, labels = ex.part(False)
+    # fastText reads the file in order with a decaying learning rate: shuffle (deterministically), or the
+    # class written last pulls every score its way
+    order = np.random.default_rng(seed).permutation(len(texts))
+    lines = prepare_lines([texts[i] for i in order], m.max_chars)
+    train_file = folder / "train.txt"
+    with open(train_file, "w", encoding="utf-8") as f:
+        for line, i in zip(lines, order):
+            f.write(f"__label__{labels[i]} {line}")
+    name = "model.ftz" if m.quantize else "model.bin"
+    params = {"dim": m.dim, "epoch": m.epoch, "lr": m.lr, "wordNgrams": m.word_ngrams, "minCount": m.min_count,
+              "bucket": m.bucket, "loss": "softmax", "seed": seed}
+    train_in_subprocess(str(train_file), str(folder / name), params, m.quantize)
+    train_file.unlink()
+    test_texts, test_labels = ex.part(True)
+    if task == "quality":
+        scores, _ = FastTextScorer(str(folder / name), "score", HQ, m.max_chars).score(test_texts)
+        metrics, scorer = _metrics(task, test_labels, scores, None), {"type": "fasttext", "label": HQ}
+    else:
+        conf, pred = FastTextScorer(str(folder / name), "label", None, m.max_chars).score(test_texts)
+        metrics, scorer = _metrics(task, test_labels, conf, pred), {"type": "fasttext", "output": "label"}
+    return {"model": name}, metrics, {**scorer, "model": name, "max_chars": m.max_chars}
+
+
+def train_tfidf(ex: Examples, m: TrainModelConfig, task: str, folder: Path, seed: int) -> tuple[dict, dict, dict]:
+    """TF-IDF + logistic regression, exported with skl2onnx (string input), checked against scikit-learn."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import StringTensorType
+
+    texts, labels = ex.part(False)
+    cut = [t[: m.max_chars] for t in texts]
+    tfidf = TfidfVectorizer(lowercase=True, token_pattern=r"(?u)\b\w\w+\b", max_features=m.max_features, dtype=np.float32)  # sublinear_tf does not export exactly
+    clf = LogisticRegression(C=m.c, max_iter=2000, random_state=seed)
+    pipe = Pipeline([("tfidf", tfidf), ("logreg", clf)]).fit(cut, labels)
+    onx = convert_sklearn(
+        pipe,
+        initial_types=[("text", StringTensorType([None, 1]))],
+        options={id(clf): {"zipmap": False}, id(tfidf): {"tokenexp": r"[\pL\pN_]{2,}", "locale": "C.UTF-8"}},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    classes = [str(c) for c in clf.classes_]
+    meta = onx.metadata_props.add()
+    meta.key, meta.value = "labels", json.dumps(classes)
+    (folder / "model.onnx").write_bytes(onx.SerializeToString())
+    test_texts, test_labels = ex.part(True)
+    path = str(folder / "model.onnx")
+    if task == "quality":
+        scores, _ = OnnxTextScorer(path, "score", HQ, max_chars=m.max_chars).score(test_texts)
+        metrics = _metrics(task, test_labels, scores, None)
+        ref = pipe.predict_proba([t[: m.max_chars] for t in test_texts])[:, classes.index(HQ)]
+        scorer = {"type": "onnx_text", "label": HQ}
+    else:
+        scores, pred = OnnxTextScorer(path, "label", max_chars=m.max_chars).score(test_texts)
+        metrics = _metrics(task, test_labels, scores, pred)
+        ref = pipe.predict_proba([t[: m.max_chars] for t in test_texts]).max(axis=1)
+        scorer = {"type": "onnx_text", "output": "label"}
+    metrics["onnx_parity_max_abs_diff"] = float(np.abs(ref - scores).max()) if len(ref) else 0.0
+    return {"model": "model.onnx"}, metrics, {**scorer, "model": "model.onnx", "max_chars": m.max_chars}
+
+
+def compute_embeddings(spark: SparkSession, encoder: Encoder, texts: list[str]) -> np.ndarray:
+    """Mean-pooled embeddings of ``texts`` computed on the executors (``mapInPandas``), in input order."""
+    import functools
+
+    import pandas as pd
+
+    from quadmix_udfs.onnx_transformer import embed_partitions
+
+    parts = max(1, min(spark.sparkContext.defaultParallelism * 2, len(texts) // 16 or 1))
+    df = spark.createDataFrame(pd.DataFrame({"i": np.arange(len(texts), dtype=np.int64), "text": texts}))
+    emb = df.repartition(parts).mapInPandas(functools.partial(embed_partitions, encoder), "i long, embedding array<float>")
+    rows = emb.collect()
+    out = np.zeros((len(texts), len(rows[0]["embedding"]) if rows else 0), dtype=np.float32)
+    for r in rows:
+        out[r["i"]] = r["embedding"]
+    return out
+
+
+def train_embedding_head(
+    spark: SparkSession, ex: Examples, m: TrainModelConfig, task: str, folder: Path, seed: int
+) -> tuple[dict, dict, dict]:
+    """A logistic head on L2-normalised mean-pooled encoder embeddings, saved as ``head.npz``."""
+    from sklearn.linear_model import LogisticRegression
+
+    encoder = Encoder(model=m.encoder or "", tokenizer=m.tokenizer or "", max_chars=m.max_chars,
+                      max_length=m.max_length, batch_size=m.batch_size, device="cpu")
+    encoder.embed(["probe"], encoder.session(None))  # unusable encoder or tokenizer: fails here, not in a task
+    emb = compute_embeddings(spark, encoder, ex.texts)
+    x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    y = np.array(ex.labels)
+    train = ~ex.holdout
+    clf = LogisticRegression(C=m.c, max_iter=3000, random_state=seed).fit(x[train], y[train])
+    classes = [str(c) for c in clf.classes_]
+    if len(classes) == 2:  # binary: a 2-class softmax whose logit difference is the fitted one
+        weight = np.stack([np.zeros_like(clf.coef_[0]), clf.coef_[0]], axis=1)
+        bias = np.array([0.0, clf.intercept_[0]])
+    else:
+        weight, bias = clf.coef_.T, clf.intercept_
+    np.savez(folder / "head.npz", weight=weight.astype(np.float32), bias=bias.astype(np.float32),
+             labels=np.array(classes), kind=np.array("logistic"), normalize=np.array(True))
+    head_path = str(folder / "head.npz")
+    output, label = ("score", HQ) if task == "quality" else ("label", None)
+    scorer_obj = OnnxTransformerScorer(encoder, "embedding", output, label, None, head_path)
+    scores, pred = scorer_obj.score_embeddings(emb[ex.holdout])
+    metrics = _metrics(task, [lab for lab, h in zip(ex.labels, ex.holdout) if h], scores, pred)
+    scorer = {"type": "onnx_transformer", "model": m.encoder, "tokenizer": m.tokenizer, "head": "embedding",
+              "head_file": "head.npz", "max_chars": m.max_chars, "max_length": m.max_length, "batch_size": m.batch_size}
+    scorer.update({"label": HQ} if task == "quality" else {"output": "label"})
+    return {"head_file": "head.npz"}, metrics, scorer
+
+
+# ---------------------------------------------------------------- versions, folders, the stage
+
+
+@dataclass
+class TrainedModel:
+    name: str
+    task: str
+    model: str
+    version: str
+    folder: str
+    current: str
+    metrics: dict[str, float]
+    n_train: int
+    n_holdout: int
+    labels: list[str]
+    scorer: dict  # a `scorers.<name>` entry that loads this model from current/
+    skipped: bool = False
+
+    def line(self) -> str:
+        keys = ("auc", "accuracy") if self.task == "quality" else ("accuracy", "macro_f1", "n_classes")
+        shown = ", ".join(f"{k}={self.metrics[k]:.4g}" for k in keys if k in self.metrics)
+        state = "up to date" if self.skipped else "trained"
+        return (f"  {self.name:<16} {self.task}/{self.model} v{self.version} {state}: held-out {shown} "
+                f"(train {self.n_train}, held-out {self.n_holdout}) -> {self.current}")
+
+
+@dataclass
+class TrainReport:
+    models: list[TrainedModel] = field(default_factory=list)
+    models_dir: str = ""
+
+    def summary(self) -> str:
+        if not self.models:
+            return "train-scorers: no models enabled (train_scorers.models)"
+        return f"train-scorers: {len(self.models)} models in {self.models_dir}\n" + "\n".join(m.line() for m in self.models)
+
+
+def models_dir(cfg: QuadmixConfig) -> Path:
+    d = cfg.train_scorers.models_dir or cfg.storage.path("models")
+    if "://" in d:
+        raise ConfigError(f"train_scorers.models_dir must be a local folder (got {d!r}); set it explicitly")
+    return Path(d).resolve()
+
+
+def model_version(m: TrainModelConfig, cfg: QuadmixConfig, ex: Examples) -> str:
+    from quadmix_spark.scorers import file_digest
+
+    ts = cfg.train_scorers
+    params = m.model_dump(exclude={"enabled", "positives", "encoder", "tokenizer"})
+    files = {k: file_digest(v) for k, v in (("encoder", m.encoder), ("tokenizer", m.tokenizer)) if v}
+    blob = json.dumps({"format": FORMAT, "params": params, "files": files, "seed": ts.seed,
+                       "holdout": ts.holdout_fraction, "data": ex.fingerprint()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _publish(version_dir: Path, current: Path) -> None:
+    """Copy a version's files into ``current/`` (fresh modification times, so workers reload them)."""
+    staging = Path(tempfile.mkdtemp(prefix=".current-", dir=current.parent))
+    for f in version_dir.iterdir():
+        shutil.copyfile(f, staging / f.name)
+    if current.exists():
+        shutil.rmtree(current)
+    os.replace(staging, current)
+
+
+def train_model(spark: SparkSession, cfg: QuadmixConfig, name: str, m: TrainModelConfig, root: Path) -> TrainedModel:
+    """Train (or find already trained) model ``name``; write its version folder and ``current/``."""
+    ts = cfg.train_scorers
+    ex = quality_examples(spark, cfg, m) if m.task == "quality" else domain_examples(spark, cfg, m)
+    version = model_version(m, cfg, ex)
+    base = root / name
+    base.mkdir(parents=True, exist_ok=True)
+    folder, current = base / version, base / "current"
+    meta_file = folder / "meta.json"
+    skipped = meta_file.exists()
+    if not skipped:
+        work = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))
+        try:
+            if m.model == "fasttext":
+                files, metrics, scorer = train_fasttext(ex, m, m.task, work, ts.seed)
+            elif m.model == "tfidf":
+                files, metrics, scorer = train_tfidf(ex, m, m.task, work, ts.seed)
+            else:
+                files, metrics, scorer = train_embedding_head(spark, ex, m, m.task, work, ts.seed)
+            if m.task == "domain":
+                metrics["n_classes"] = len(set(ex.labels))
+            meta = {"name": name, "task": m.task, "model": m.model, "version": version, "files": files,
+                    "metrics": metrics, **ex.counts(), "labels": sorted(set(ex.labels)), "scorer": scorer,
+                    "params": m.model_dump(), "seed": ts.seed, "holdout_fraction": ts.holdout_fraction}
+            (work / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if folder.exists():  # an unfinished earlier attempt (no meta.json)
+                shutil.rmtree(folder)
+            os.replace(work, folder)
+        finally:
+            if work.exists():
+                shutil.rmtree(work)
+    meta = json.loads(meta_file.read_text())
+    current_meta = current / "meta.json"
+    if not current_meta.exists() or json.loads(current_meta.read_text()).get("version") != version:
+        _publish(folder, current)
+    scorer = dict(meta["scorer"])
+    for key, file_name in meta["files"].items():  # files of the model folder, as published in current/
+        scorer[key] = str(current / file_name)
+    scorer["version"] = version
+    return TrainedModel(name, m.task, m.model, version, str(folder), str(current), meta["metrics"], meta["n_train"],
+                        meta["n_holdout"], meta["labels"], scorer, skipped)
+
+
+def run_train_scorers(spark: SparkSession, cfg: QuadmixConfig, log=None) -> TrainReport:
+    """Train every enabled model of ``train_scorers.models``; ``log(trained)`` is called after each one."""
+    root = models_dir(cfg)
+    report = TrainReport(models_dir=str(root))
+    for name, m in cfg.train_scorers.models.items():
+        if not m.enabled:
+            continue
+        trained = train_model(spark, cfg, name, m, root)
+        report.models.append(trained)
+        if log:
+            log(trained)
+    return report
+
+
+def train_scorers_job(cfg: QuadmixConfig) -> TrainReport:
+    """Runner for ``quadmix train-scorers`` / ``jobs/train_scorers.py``: Spark, an MLflow run, the stage.
+
+    Each model gets a nested MLflow run (params: version, task, model, settings; metrics: held-out AUC or
+    accuracy; artifacts: its folder, i.e. the model files and ``meta.json``); the parent run carries
+    ``<name>.<metric>`` for all of them and the report.
+    """
+    import mlflow
+
+    from quadmix_spark.session import get_spark
+    from quadmix_spark.tracking import stage_run
+
+    spark = get_spark(cfg)
+
+    def log(t: TrainedModel) -> None:
+        with mlflow.start_run(run_name=f"train:{t.name}", nested=True, tags={"quadmix.stage": "train-scorers", "quadmix.model": t.name}):
+            params = {"version": t.version, "task": t.task, "model": t.model, "skipped": t.skipped, "n_train": t.n_train,
+                      "n_holdout": t.n_holdout}
+            params.update({f"param.{k}": v for k, v in cfg.train_scorers.models[t.name].model_dump().items() if v is not None})
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.log_metrics({k: float(v) for k, v in t.metrics.items()})
+            mlflow.log_artifacts(t.folder, artifact_path=f"models/{t.name}")
+        mlflow.log_metrics({f"{t.name}.{k}": float(v) for k, v in t.metrics.items()})
+        mlflow.log_param(f"{t.name}.version", t.version)
+
+    with stage_run(cfg, "train-scorers"):
+        report = run_train_scorers(spark, cfg, log)
+        mlflow.log_text(report.summary(), "train_scorers/summary.txt")
+        mlflow.log_dict({t.name: asdict(t) for t in report.models}, "train_scorers/models.json")
+    return report
