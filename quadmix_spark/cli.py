@@ -87,6 +87,39 @@ def ingest(
         raise typer.Exit(3)
 
 
+@app.command("train-scorers")
+def train_scorers(config: ConfigFiles = None, set_: Overrides = None, dry_run: DryRun = False) -> None:
+    """Train the configured quality and domain scorers (fastText, TF-IDF/ONNX, MiniLM + head) with held-out metrics."""
+    cfg = _load(config, set_)
+    if dry_run:
+        _show(cfg)
+        return
+    from quadmix_spark.train_scorers import train_scorers_job
+
+    with _user_errors():
+        report = train_scorers_job(cfg)
+    typer.echo(report.summary())
+
+
+@app.command()
+def annotate(
+    config: ConfigFiles = None,
+    set_: Overrides = None,
+    rescore: Annotated[list[str] | None, typer.Option("--rescore", help="scorer to recompute for its new version (repeatable)")] = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Score new documents with every configured scorer into the `annotations` table (Delta MERGE)."""
+    cfg = _load(config, set_)
+    if dry_run:
+        _show(cfg)
+        return
+    from quadmix_spark.annotate import annotate_job
+
+    with _user_errors():
+        report = annotate_job(cfg, rescore=rescore)
+    typer.echo(report.summary())
+
+
 @app.command()
 def normalize(config: ConfigFiles = None, set_: Overrides = None, dry_run: DryRun = False) -> None:
     """Compute the σ knots (per-criterion token-weighted percentiles) of the current annotations."""
@@ -109,11 +142,12 @@ def sample(
     params: Annotated[str | None, typer.Option("--params", help="θ file (YAML/JSON)")] = None,
     params_set: Annotated[str | None, typer.Option("--params-set", help="many θ: a file, a folder or an MLflow run id")] = None,
     baseline: Annotated[str | None, typer.Option("--baseline", help="random | mix | topk:<criterion>")] = None,
+    random_theta: Annotated[int | None, typer.Option("--random-theta", help="a θ drawn by Algorithm 1 with this seed")] = None,
     dry_run: DryRun = False,
 ) -> None:
     """Sample with one θ (selection + training output + export), a baseline, or many θ (proxy index)."""
-    if sum(x is not None for x in (params, params_set, baseline)) != 1:
-        typer.echo("error: give exactly one of --params, --params-set, --baseline", err=True)
+    if sum(x is not None for x in (params, params_set, baseline, random_theta)) != 1:
+        typer.echo("error: give exactly one of --params, --params-set, --baseline, --random-theta", err=True)
         raise typer.Exit(2)
     cfg = _load(config, set_)
     from quadmix_spark import jobs
@@ -133,7 +167,7 @@ def sample(
         if params_set:
             result = jobs.sample_many_job(cfg, params_set)
         else:
-            result = jobs.sample_job(cfg, params=params, baseline=baseline)
+            result = jobs.sample_job(cfg, params=params, baseline=baseline, random_seed=random_theta)
     typer.echo(result.summary())
 
 

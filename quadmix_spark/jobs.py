@@ -49,7 +49,7 @@ def sample_dry_run_job(cfg: QuadmixConfig, params: str):
     return dry_run_report(spark, cfg, load_one(params, inp.domains, inp.criteria))
 
 
-def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | None = None):
+def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | None = None, random_seed: int | None = None):
     """One θ (or a baseline): selection, training output, export; report, plot and θ logged to MLflow."""
     import tempfile
     from pathlib import Path
@@ -62,9 +62,14 @@ def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | No
 
     spark = get_spark(cfg)
     theta = None
-    if params:
+    if params or random_seed is not None:
         inp = load_inputs(spark, cfg)
-        theta = load_one(params, inp.domains, inp.criteria)
+        if params:
+            theta = load_one(params, inp.domains, inp.criteria)
+        else:
+            from quadmix_spark.kernel.theta import sample_thetas
+
+            theta = sample_thetas(inp.domains, inp.criteria, 1, random_seed)[0]
     with stage_run(cfg, "sample", run_name=f"sample-{cfg.sampling.run}") as run:
         if theta is not None:
             mlflow.log_params(theta_params(theta))

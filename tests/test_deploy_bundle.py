@@ -27,7 +27,7 @@ SPARK_SUBMIT = REPO / "deploy" / "spark-submit"
 # The stage commands the deployment files may call. A stage that is not yet a `quadmix` command must be
 # listed here; when it lands, remove it (test_planned_stages_are_not_built_yet says so) and its tasks'
 # options and --set keys are then checked against the real command and config.
-PLANNED_STAGES = {"annotate", "propose", "proxy", "search"}
+PLANNED_STAGES = {"propose", "proxy", "search"}
 # Stages that run on the GPU job cluster / with the GPU settings of submit.sh.
 GPU_STAGES = {"annotate", "proxy"}
 CURATION = ["ingest", "annotate", "normalize", "sample"]
