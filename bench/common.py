@@ -145,6 +145,19 @@ def _java_version() -> str | None:
     return lines[0] if lines else None
 
 
+def git_commit() -> str | None:
+    """The repository's HEAD commit (read only), with ``+dirty`` when quadmix_spark/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "quadmix_spark"], cwd=REPO, capture_output=True,
+                               text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info() -> dict[str, Any]:
     """Where the numbers come from: host, CPUs, memory, Python, PySpark and Java versions."""
     try:
@@ -264,15 +277,20 @@ def write_result(
     *,
     machine: dict[str, Any] | None = None,
     results_dir: Path | None = None,
+    ratio: float | None = None,
 ) -> dict[str, Any]:
-    """Write ``bench/results/<name>.json`` (fixed keys first, then ``details`` = ``extra``) and return it."""
+    """Write ``bench/results/<name>.json`` (fixed keys first, then ``details`` = ``extra``) and return it.
+
+    ``ratio`` is ``value / baseline`` unless given: a benchmark whose value is itself a same-run ratio (a
+    speed-up) and whose baseline is in other units passes ``ratio=value``.
+    """
     result: dict[str, Any] = {
         "name": name,
         "machine": machine if machine is not None else machine_info(),
         "metric": metric,
         "value": value,
         "baseline": baseline,
-        "ratio": value / baseline if baseline else None,
+        "ratio": ratio if ratio is not None else (value / baseline if baseline else None),
         "n_docs": n_docs,
         "when": utc_now(),
     }

@@ -19,6 +19,8 @@ from bench.common import log, setup_env, stop_spark
 # short name -> module; a new benchmark is one more line here
 BENCHMARKS = {
     "ingest": "bench.bench_ingest",
+    "sample": "bench.bench_sample",
+    "many_theta": "bench.bench_many_theta",
 }
 
 
