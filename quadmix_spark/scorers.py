@@ -143,6 +143,15 @@ class Scorer:
         return ScorerRun(self.name, self.adapter, self.config.output, columns)
 
 
+def _absolute_paths(c: ScorerConfig) -> ScorerConfig:
+    """The config with local model files made absolute: the adapter is shipped to executors, which run in
+    other working directories (URIs are left as they are)."""
+    from quadmix_spark.config import local_path
+
+    update = {k: local_path(v) for k in ("model", "tokenizer", "head_file") if isinstance(v := getattr(c, k, None), str) and v}
+    return c.model_copy(update=update)
+
+
 def build_scorer(name: str, c: ScorerConfig, validate: bool = True) -> Scorer:
     """The adapter of scorer ``name``; with ``validate`` its files are loaded and probed (clear errors here)."""
     if not _SCORER_NAME.match(name):
@@ -152,7 +161,7 @@ def build_scorer(name: str, c: ScorerConfig, validate: bool = True) -> Scorer:
     for key, path in scorer_files(c).items():
         if not os.path.isfile(path):
             raise ScorerError(f"scorer {name!r}: {key} file {path!r} does not exist")
-    adapter = ADAPTERS[c.type](c)
+    adapter = ADAPTERS[c.type](_absolute_paths(c))
     if validate:
         try:
             adapter.validate()

@@ -258,3 +258,13 @@ def test_mismatched_tokenizer_labels_and_head_are_clear_errors(tmp_path, head_fi
         build_scorer("d", minilm(str(wide)))
     with pytest.raises(ScorerError, match="needs `label`"):
         build_scorer("d", minilm(head_file, output="score"))
+
+
+def test_relative_model_paths_are_made_absolute_for_executors(tmp_path, monkeypatch):
+    shutil.copy(LID, tmp_path / "lid.ftz")
+    monkeypatch.chdir(tmp_path)
+    relative = ScorerConfig(type="fasttext", model="lid.ftz", output="score", label="__label__en")
+    scorer = build_scorer("lang", relative, validate=False)
+    assert scorer.adapter.model == str(tmp_path / "lid.ftz")
+    absolute = ScorerConfig(type="fasttext", model=str(tmp_path / "lid.ftz"), output="score", label="__label__en")
+    assert build_scorer("lang", absolute, validate=False).version == scorer.version  # same files, same version
