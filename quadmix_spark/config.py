@@ -104,6 +104,7 @@ class SamplingConfig(_Section):
     export_format: Literal["parquet", "jsonl"] = "parquet"
     export_shards: int = Field(8, gt=0)
     baseline_fraction: float = Field(0.1, gt=0, le=1, description="token share kept by the top-k/random baselines")
+    broadcast_copies_rows: int = Field(2_000_000, ge=0, description="broadcast up to this many copies in the join with text")
 
 
 class QuadmixConfig(_Section):

@@ -144,10 +144,15 @@ def instances(selection: DataFrame, plan: list[tuple[int, float]], theta_key: in
     return out
 
 
-def training_rows(documents: DataFrame, inst: DataFrame) -> DataFrame:
-    """Copies joined with their text. The copies are the small side: Spark broadcasts them, or prunes the
-    documents with a runtime Bloom filter before a shuffle, so unselected text is read but not moved."""
-    return inst.join(documents.select("doc_id", "text"), "doc_id", "inner").select(
+def training_rows(documents: DataFrame, inst: DataFrame, broadcast_rows: int) -> DataFrame:
+    """Copies joined with their text.
+
+    The copies are narrow and usually few (about a tenth of the documents): up to ``broadcast_rows`` of
+    them are broadcast, so the documents table is scanned but never shuffled (a sort-merge join would move
+    all of its text to keep a small part). Above that, Spark's own join choice applies."""
+    n = inst.count()
+    copies = F.broadcast(inst) if n <= broadcast_rows else inst
+    return documents.select("doc_id", "text").join(copies, "doc_id", "inner").select(
         "order_key", "epoch", "copy", "doc_id", "domain", "n_tokens", "text"
     )
 
@@ -346,7 +351,7 @@ def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = No
 
     selection = read_table(spark, selection_table).where(F.col("run") == sc.run)
     plan = plan_epochs(selection, key, sc.seed, sc.budget_tokens, sc.max_epochs)
-    rows = training_rows(documents, instances(selection.where(F.col("S") > 0), plan, key, sc.seed))
+    rows = training_rows(documents, instances(selection.where(F.col("S") > 0), plan, key, sc.seed), sc.broadcast_copies_rows)
     out_table = cfg.storage.table(TRAINING_OUTPUT)
     _replace_slice(rows.select(F.lit(sc.run).alias("run"), "*"), out_table, predicate, {**meta, "theta_id": theta_id, "epochs": plan})
     output = read_table(spark, out_table).where(F.col("run") == sc.run)
