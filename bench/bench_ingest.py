@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    standalone_main,
     add_option,
     bench_config,
     bench_spark,
@@ -256,10 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_ingest", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    run(parser.parse_args(argv))
-    return 0
+    return standalone_main("bench_ingest", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

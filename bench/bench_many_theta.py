@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    standalone_main,
     add_option,
     bench_config,
     git_commit,
@@ -199,10 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_many_theta", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    run(parser.parse_args(argv))
-    return 0
+    return standalone_main("bench_many_theta", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import (
+    standalone_main,
     add_option,
     bench_config,
     git_commit,
@@ -200,10 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_sample", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    run(parser.parse_args(argv))
-    return 0
+    return standalone_main("bench_sample", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -385,3 +385,13 @@ def add_option(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> N
     if any(f in parser._option_string_actions for f in flags):  # noqa: SLF001 - argparse has no public lookup
         return
     parser.add_argument(*flags, **kwargs)
+
+
+def standalone_main(module: str, doc: str, add_arguments, run, argv: list[str] | None = None) -> int:
+    """``python -m bench.<module>``: one benchmark's own options, then its ``run``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=doc.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
