@@ -18,7 +18,7 @@ setup: $(STAMP) $(JARS_STAMP)
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=70" wheel
-	$(PY) -m pip install --quiet -c requirements/lock.txt -e ".[models,dev]"
+	$(PY) -m pip install --quiet -c requirements/lock.txt -e ".[models,proxy,dev]"
 	touch $@
 
 # Resolves io.delta:delta-spark through Spark's Ivy from Maven Central once; later sessions use the cache.
