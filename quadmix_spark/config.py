@@ -22,6 +22,7 @@ DEFAULT_CONFIG_FILE = Path("conf/default.yaml")
 
 from quadmix_spark.annotate_config import AnnotateConfig, ScorerConfig, TrainScorersConfig
 from quadmix_spark.config_base import ConfigError, Section as _Section
+from quadmix_spark.search_config import EvaluateConfig, ProxyConfig, SearchConfig
 
 
 class StorageConfig(_Section):
@@ -119,6 +120,9 @@ class QuadmixConfig(_Section):
     train_scorers: TrainScorersConfig = Field(default_factory=TrainScorersConfig)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @property
     def tracking_uri(self) -> str:

@@ -1,0 +1,119 @@
+"""Config sections of the search half of the pipeline: ``search`` (propose, LightGBM search),
+``proxy`` (pool, proxy model shape, training, target set, task resources) and ``evaluate``.
+
+Defaults follow spec §3 and §6 (RegMix's tinyllama_1M shape and LightGBM settings); the demo and
+tests override the sizes with tiny values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from quadmix_spark.config_base import Section
+
+REGMIX_LIGHTGBM: dict[str, Any] = {
+    "boosting_type": "gbdt",
+    "objective": "regression",
+    "learning_rate": 0.01,
+    "n_estimators": 1000,
+    "num_leaves": 31,
+    "min_child_samples": 20,
+    "random_state": 42,
+    "verbosity": -1,
+}
+
+
+class SearchConfig(Section):
+    """One search = one MLflow parent run named by ``name``; its θ are drawn with Algorithm 1."""
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="search name (MLflow tag quadmix.search)")
+    n_proposals: int = Field(64, gt=0, description="K θ proposed by `quadmix propose` (its -n overrides)")
+    seed: int = Field(42, ge=0, description="seed of Algorithm 1 for the proposals (θ i uses (seed, i))")
+    lambda_mode: Literal["log", "linear"] = Field("log", description="λ̃ = 10^{3u} (log) or 1000u (linear), spec §5-A2")
+    criteria: list[str] | None = Field(None, description="criteria with non-zero weight (ablations); null = all")
+    metric: str = Field("target_loss", description="the child-run metric the regression fits")
+    min_runs: int = Field(32, ge=2, description="fewest finished proxy runs a fit accepts")
+    val_fraction: float = Field(200 / 3000, gt=0, lt=1, description="share of runs held out for MAE/Spearman")
+    early_stopping_rounds: int = Field(3, ge=1)
+    lightgbm: dict[str, Any] = Field(default_factory=lambda: dict(REGMIX_LIGHTGBM), description="LGBMRegressor params")
+    n_candidates: int = Field(100_000, gt=0, description="θ drawn from Algorithm 1 and scored by the regressor")
+    top_k: int = Field(10, gt=0, description="θ* = element-wise mean of the k best candidates")
+    candidate_seed: int = Field(4242, ge=0)
+
+    @field_validator("lightgbm")
+    @classmethod
+    def _merge_defaults(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return {**REGMIX_LIGHTGBM, **v}
+
+
+class PoolConfig(Section):
+    """The proxy pool: a fixed hash-chosen share of the corpus, tokenized once into packed shards."""
+
+    fraction: float = Field(1.0, gt=0, le=1, description="share of documents in the pool (by a hash of doc_id)")
+    seed: int = Field(0, description="seed of the pool's doc_id hash")
+    shards: int = Field(16, gt=0, description="token shard files (one Spark task each)")
+    tokenizer: str | None = Field(None, description="tokenizer.json; null = ingest.tokenizer")
+    batch_size: int = Field(256, gt=0, description="texts per tokenizer call")
+
+
+class ModelShapeConfig(Section):
+    """Proxy LM shape (LLaMA-style: RMSNorm, RoPE, SwiGLU). Defaults: RegMix tinyllama_1M."""
+
+    vocab_size: int = Field(50432, gt=1, description="below the tokenizer's vocab, ids are compacted by pool frequency")
+    n_layer: int = Field(2, gt=0)
+    n_head: int = Field(8, gt=0)
+    d_model: int = Field(256, gt=0)
+    ffn: int = Field(512, gt=0)
+    seq_len: int = Field(2048, gt=1)
+    rope_base: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+
+
+class ProxyTrainConfig(Section):
+    tokens: int = Field(1_000_000_000, gt=0, description="training tokens per proxy (spec: 1B)")
+    batch_size: int = Field(512, gt=0, description="sequences per optimizer step")
+    micro_batch_size: int = Field(16, gt=0, description="sequences per forward pass")
+    lr: float = Field(4e-4, gt=0)
+    min_lr: float = Field(4e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = Field(0, description="model init and data order")
+    log_every: int = Field(50, gt=0, description="steps between train-loss metrics")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="autocast dtype on GPU (CPU always fp32)")
+
+
+class TargetConfig(Section):
+    """The proxy's target set: `bmk` (shared target validation tasks) or `oh` (reference assistant text)."""
+
+    kind: Literal["bmk", "oh"] = "bmk"
+    bmk_path: str = "${QUADMIX_SHARED:-../shared}/data/target/target_val_texts.jsonl.gz"
+    oh_path: str = "${QUADMIX_SHARED:-../shared}/data/reference/alpaca_eval_outputs.jsonl.gz"
+    tasks: list[str] | None = Field(None, description="bmk tasks used; null = all")
+    task_weights: dict[str, float] | None = Field(None, description="bmk weights; null = equal-weight mean")
+    max_examples_per_task: int = Field(1000, gt=0, description="examples per task (oh: in total)")
+    seed: int = Field(0, description="which examples are drawn")
+    max_len: int | None = Field(None, gt=1, description="tokens per example; null = model seq_len")
+
+
+class ProxyConfig(Section):
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+    model: ModelShapeConfig = Field(default_factory=ModelShapeConfig)
+    train: ProxyTrainConfig = Field(default_factory=ProxyTrainConfig)
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    mode: Literal["spark", "local"] = Field("spark", description="one Spark task per θ, or in the driver process")
+    gpus_per_task: float = Field(0.0, ge=0, description="GPUs requested per proxy task (fractions pack several)")
+    cpus_per_task: int = Field(1, gt=0, description="CPU cores per proxy task (torch threads)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the task's GPU if any, else CPU")
+    fail_theta_ids: list[str] = Field(default_factory=list, description="fault injection for tests: these θ crash")
+    fail_at_step: int = Field(1, ge=0, description="step at which fail_theta_ids crash")
+
+
+class EvaluateConfig(Section):
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="proxy seeds per arm")
+    baselines: list[str] = Field(default_factory=lambda: ["random", "topk:*", "mix"],
+                                 description="random | topk:<criterion> | topk:* (each criterion) | mix")
