@@ -55,13 +55,18 @@ class Inputs:
     criteria: list[str]
 
 
-def load_inputs(spark: SparkSession, cfg: QuadmixConfig) -> Inputs:
-    """The current annotations (pinned to one version) and their knots; domains are the data's."""
+def load_inputs(spark: SparkSession, cfg: QuadmixConfig, where: F.Column | None = None) -> Inputs:
+    """The current annotations (pinned to one version) and their knots; domains are the data's.
+
+    ``where`` restricts the documents (the proxy pool); ranks are then computed inside that subset,
+    while σ stays the corpus-wide normalization."""
     table = cfg.storage.table(ANNOTATIONS)
     version = table_version(spark, table)
     if version is None:
         raise FileNotFoundError(f"no annotations table at {table}: run `quadmix annotate` first")
     annotations = read_table(spark, table, version=version)
+    if where is not None:
+        annotations = annotations.where(where)
     knots = load_knots(spark, cfg.storage.table(SCORE_KNOTS), annotations_version=version)
     criteria = criteria_of(annotations)
     by_name = {k.criterion: k for k in knots}
@@ -371,9 +376,12 @@ class ManyResult:
                 f"(min {t.realized_tokens.min():,}, max {t.realized_tokens.max():,})")
 
 
-def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta], run_id: str | None = None) -> ManyResult:
-    """K θ in one job: ``proxy_index`` and ``proxy_theta_tokens`` in a fixed number of passes."""
-    inp = load_inputs(spark, cfg)
+def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta], run_id: str | None = None,
+                    where: F.Column | None = None) -> ManyResult:
+    """K θ in one job: ``proxy_index`` and ``proxy_theta_tokens`` in a fixed number of passes.
+
+    ``where`` restricts the documents to the proxy pool (see :func:`load_inputs`)."""
+    inp = load_inputs(spark, cfg, where)
     stack = ThetaStack.of(thetas, inp.domains, inp.criteria)
     if len(set(stack.ids)) != len(stack.ids):
         raise ValueError("the parameter set holds the same θ twice")
@@ -396,3 +404,23 @@ def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta]
     tokens_table = cfg.storage.table(PROXY_THETA_TOKENS)
     _replace_slice(spark.createDataFrame(tokens), tokens_table, predicate, meta)
     return ManyResult(list(stack.ids), tokens)
+
+
+def run_baseline_index(spark: SparkSession, cfg: QuadmixConfig, kinds: list[str], where: F.Column | None = None,
+                       run_id: str | None = None) -> dict[str, tuple[str, int]]:
+    """Baselines (``random``, ``topk:<criterion>``, ``mix``) written to ``proxy_index`` like θ, so proxies
+    train on them through the same path. Returns {kind: (baseline id, hash key)}."""
+    inp = load_inputs(spark, cfg, where)
+    sc = cfg.sampling
+    out = {}
+    index_table = cfg.storage.table(PROXY_INDEX)
+    for kind in kinds:
+        frame, name, key = baseline_selection(inp, kind, sc.baseline_fraction, sc.seed)
+        index = _with_domain_names(frame.where(F.col("copies") > 0), inp.domains).select(
+            F.lit(name).alias("theta_id"), "doc_id", "domain", "n_tokens", "S", "copies"
+        )
+        meta = {"stage": "baseline-index", "run_id": run_id, "annotations_version": inp.annotations_version, "baseline": kind}
+        with narrow_batches(spark):
+            _replace_slice(index, index_table, f"theta_id = '{name}'", meta)
+        out[kind] = (name, key)
+    return out
