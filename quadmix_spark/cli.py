@@ -171,6 +171,94 @@ def sample(
     typer.echo(result.summary())
 
 
+SearchName = Annotated[str | None, typer.Option("--search", help="search name (sets search.name)")]
+
+
+def _with_search(set_: list[str] | None, search: str | None) -> list[str]:
+    return [*(set_ or []), *([f"search.name={search}"] if search else [])]
+
+
+@app.command()
+def propose(
+    config: ConfigFiles = None,
+    set_: Overrides = None,
+    n: Annotated[int | None, typer.Option("-n", help="number of θ (default search.n_proposals)")] = None,
+    search: SearchName = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Draw K θ with Algorithm 1 into a search: an MLflow parent run and one child run per θ."""
+    cfg = _load(config, _with_search(set_, search))
+    if dry_run:
+        _show(cfg)
+        return
+    from quadmix_spark.jobs import propose_job
+
+    with _tracking_errors(), _user_errors():
+        result = propose_job(cfg, n)
+    typer.echo(result.summary())
+
+
+@app.command()
+def proxy(config: ConfigFiles = None, set_: Overrides = None, search: SearchName = None, dry_run: DryRun = False) -> None:
+    """Train the search's unfinished proxy models (one Spark task per θ), logging target loss to each θ's run."""
+    cfg = _load(config, _with_search(set_, search))
+    if dry_run:
+        _show(cfg)
+        return
+    from quadmix_spark.jobs import proxy_job
+
+    with _tracking_errors(), _user_errors():
+        report = proxy_job(cfg)
+    typer.echo(report.summary())
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def search(
+    config: ConfigFiles = None,
+    set_: Overrides = None,
+    search: Annotated[list[str] | None, typer.Option("--search", help="search name (repeatable: one fit over several)")] = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Fit LightGBM from θ to target loss over finished proxies, and average the best candidates into θ*."""
+    cfg = _load(config, _with_search(set_, search[0] if search else None))
+    if dry_run:
+        _show(cfg)
+        return
+    from quadmix_spark.jobs import search_job
+
+    with _tracking_errors(), _user_errors():
+        outcome = search_job(cfg, search)
+    typer.echo(outcome.summary())
+
+
+@app.command()
+def evaluate(config: ConfigFiles = None, set_: Overrides = None, search: SearchName = None, dry_run: DryRun = False) -> None:
+    """Train fresh proxies on θ* and on the baselines (several seeds) and report target loss mean ± std."""
+    cfg = _load(config, _with_search(set_, search))
+    if dry_run:
+        _show(cfg)
+        return
+    from quadmix_spark.jobs import evaluate_job
+
+    with _tracking_errors(), _user_errors():
+        result = evaluate_job(cfg)
+    typer.echo(result.summary())
+
+
+@contextmanager
+def _tracking_errors():
+    from quadmix_spark.propose import SearchNotFound
+    from quadmix_spark.tracking import TrackingUnreachable
+
+    try:
+        yield
+    except (TrackingUnreachable, SearchNotFound, LookupError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (also used by ``jobs/*.py`` under spark-submit)."""
     app(args=argv if argv is not None else sys.argv[1:], prog_name="quadmix")

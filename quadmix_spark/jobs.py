@@ -60,6 +60,9 @@ def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | No
     from quadmix_spark.storage import table_version
     from quadmix_spark.thetas import load_one, theta_params
 
+    from quadmix_spark.tracking import configure_mlflow
+
+    configure_mlflow(cfg)  # --params may name an MLflow run (a search fit's θ*)
     spark = get_spark(cfg)
     theta = None
     if params or random_seed is not None:
@@ -109,3 +112,57 @@ def sample_many_job(cfg: QuadmixConfig, params_set: str):
         mlflow.log_params({"n_theta": len(thetas), "params_set": params_set})
         mlflow.log_table(result.tokens, "theta_tokens.json")
     return result
+
+
+def propose_job(cfg: QuadmixConfig, n: int | None = None):
+    """K θ of search ``search.name`` from Algorithm 1, as MLflow child runs (names from the annotations)."""
+    from quadmix_spark.propose import propose
+    from quadmix_spark.proxy_pool import pool_predicate
+    from quadmix_spark.sample import load_inputs
+    from quadmix_spark.tracking import check_tracking
+
+    check_tracking(cfg)
+    spark = get_spark(cfg)
+    inp = load_inputs(spark, cfg, pool_predicate(cfg))
+    return propose(cfg, inp.domains, inp.criteria, n or cfg.search.n_proposals)
+
+
+def proxy_job(cfg: QuadmixConfig):
+    """Train the unfinished proxies of search ``search.name`` (one Spark task per θ)."""
+    import mlflow
+
+    from quadmix_spark.proxy import outcomes_frame, run_search_proxies
+    from quadmix_spark.tracking import check_tracking
+
+    check_tracking(cfg)
+    spark = get_spark(cfg)
+    with stage_run(cfg, "proxy", run_name=f"proxy-{cfg.search.name}") as run:
+        mlflow.set_tag("quadmix.search", cfg.search.name)
+        report = run_search_proxies(spark, cfg, run_id=run.info.run_id)
+        mlflow.log_metrics({"trained": float(len(report.outcomes) - len(report.failed)), "failed": float(len(report.failed)),
+                            "skipped": float(report.skipped), "pool_docs": float(report.pool.get("n_docs", 0)),
+                            "pool_tokens": float(report.pool.get("n_tokens", 0))})
+        if report.outcomes:
+            mlflow.log_table(outcomes_frame(report.outcomes), "proxy_outcomes.json")
+    return report
+
+
+def search_job(cfg: QuadmixConfig, names: list[str] | None = None):
+    """Fit LightGBM on the finished proxies of one or more searches and derive θ*."""
+    from quadmix_spark.search import run_search
+    from quadmix_spark.tracking import check_tracking, configure_mlflow
+
+    check_tracking(cfg)
+    configure_mlflow(cfg)
+    return run_search(cfg, names or [cfg.search.name])
+
+
+def evaluate_job(cfg: QuadmixConfig):
+    """θ* against the baselines: fresh proxies, several seeds each, at the same token budget."""
+    from quadmix_spark.evaluate import run_evaluate
+    from quadmix_spark.tracking import check_tracking, configure_mlflow
+
+    check_tracking(cfg)
+    configure_mlflow(cfg)
+    spark = get_spark(cfg)
+    return run_evaluate(spark, cfg)

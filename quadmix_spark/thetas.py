@@ -16,9 +16,26 @@ THETAS_ARTIFACT = "thetas.json"
 THETA_ARTIFACT = "theta.json"
 
 
+THETA_STAR_ARTIFACT = "theta_star.json"
+
+
 def load_one(path: str, domains: list[str], criteria: list[str]) -> Theta:
-    """A θ file (YAML/JSON) whose domain and criterion names must match the data's."""
-    return load_theta(path, domains=domains, criteria=criteria)
+    """A θ file (YAML/JSON), or an MLflow run (id or ``runs:/<id>``) holding ``theta_star.json`` (a search
+    fit) or ``theta.json`` (a proposal); domain and criterion names must match the data's."""
+    m = _RUN_ID.match(path)
+    if Path(path).exists() or not m:
+        return load_theta(path, domains=domains, criteria=criteria)
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = m.group(2)
+    names = {a.path for a in client.list_artifacts(run_id)}
+    artifact = next((a for a in (THETA_STAR_ARTIFACT, THETA_ARTIFACT) if a in names), None)
+    if artifact is None:
+        raise FileNotFoundError(f"MLflow run {run_id} has no {THETA_STAR_ARTIFACT} or {THETA_ARTIFACT} artifact")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, artifact, tmp)
+        return Theta.from_dict(json.loads(Path(local).read_text()), domains=domains, criteria=criteria)
 
 
 def _from_document(doc, domains, criteria, where: str) -> list[Theta]:

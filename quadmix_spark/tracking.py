@@ -37,3 +37,34 @@ def stage_run(cfg: QuadmixConfig, stage: str, run_name: str | None = None) -> It
         mlflow.log_dict(cfg.resolved(), "config.yaml")
         mlflow.set_tag("quadmix.config_fingerprint", cfg.fingerprint())
         yield run
+
+
+class TrackingUnreachable(RuntimeError):
+    """The MLflow tracking server does not answer."""
+
+
+def check_tracking(cfg: QuadmixConfig, timeout_s: float = 10.0) -> str:
+    """Fail fast, before any Spark work, when an HTTP tracking server cannot be reached.
+
+    Stages that log from executors (proxies) or depend on runs (search) call this first: a typo in the
+    URI must not surface as a failed task after the pool has been tokenized."""
+    uri = cfg.tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search"
+    req = urllib.request.Request(url, data=b'{"max_results": 1}', headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            resp.read(1)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):  # reachable, credentials are MLflow's business
+            return uri
+        raise TrackingUnreachable(f"MLflow tracking URI {uri} answered HTTP {e.code} at {url}: check tracking.uri") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingUnreachable(f"MLflow tracking URI {uri} is unreachable ({reason}): check tracking.uri "
+                                  "or start the server (`mlflow server --host 127.0.0.1 --port 5000`)") from None
+    return uri

@@ -1,0 +1,156 @@
+"""Propose θ for a search (spec §3.1): one MLflow parent run per search, one child run per θ.
+
+MLflow contract (what ``quadmix proxy`` writes and ``quadmix search`` reads; users' own trainers may
+fill it in instead, see README "Bring your own trainer"):
+
+- parent run: tags ``quadmix.search=<name>``, ``quadmix.role=search``; params ``search.seed``,
+  ``search.lambda_mode``, ``search.criteria``; artifact ``thetas.json`` (every proposed θ, so that
+  ``quadmix sample --params-set <parent run id>`` reads the set).
+- child run per θ: tags ``mlflow.parentRunId``, ``quadmix.search``, ``quadmix.role=proxy``,
+  ``quadmix.theta_id``, ``quadmix.proposal_index``, ``quadmix.domains`` / ``quadmix.criteria`` (JSON
+  lists) and ``quadmix.proxy.status`` (pending | running | finished | failed); θ as flat params
+  (``quadmix.alpha.<domain>.<criterion>``, ``quadmix.lambda.<domain>``, ``quadmix.omega.<domain>``,
+  ``quadmix.eta.<domain>``, ``quadmix.epsilon.<domain>``) and ``theta.json``; once trained, metric
+  ``target_loss`` (and ``target_loss.<task>``) and run status FINISHED.
+
+θ number i of a search is drawn with Algorithm 1 from ``default_rng([seed, i])``, so proposing more
+θ later extends a search without changing the ones it has; proposing again is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from quadmix_spark.config import QuadmixConfig
+from quadmix_spark.kernel.theta import Theta, sample_theta_matrix
+from quadmix_spark.thetas import THETA_ARTIFACT, THETAS_ARTIFACT, theta_params
+
+ROLE_SEARCH, ROLE_PROXY = "search", "proxy"
+STATUS_TAG = "quadmix.proxy.status"
+PENDING, RUNNING, FINISHED, FAILED = "pending", "running", "finished", "failed"
+
+
+class SearchNotFound(LookupError):
+    """No search of that name in the experiment."""
+
+
+def draw_theta(domains: list[str], criteria: list[str], seed: int, index: int, lambda_mode: str,
+               active: list[str] | None = None) -> Theta:
+    mask = None if active is None else [c in active for c in criteria]
+    b = sample_theta_matrix(1, len(domains), len(criteria), np.random.default_rng([seed, index]), lambda_mode, mask)
+    return Theta(tuple(domains), tuple(criteria), b.alpha[0], b.lam[0], b.omega[0], b.eta[0], b.eps[0])
+
+
+def experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        raise SearchNotFound(f"MLflow experiment {name!r} does not exist: run `quadmix propose` first")
+    return exp.experiment_id
+
+
+def find_search(client, exp_id: str, name: str):
+    """The parent run of search ``name`` (the oldest if several), or None."""
+    runs = client.search_runs([exp_id], filter_string=f"tags.`quadmix.search` = '{name}' and tags.`quadmix.role` = '{ROLE_SEARCH}'",
+                              order_by=["attributes.start_time ASC"], max_results=10)
+    return runs[0] if runs else None
+
+
+def require_search(client, exp_id: str, name: str):
+    run = find_search(client, exp_id, name)
+    if run is None:
+        known = sorted({r.data.tags.get("quadmix.search") for r in client.search_runs(
+            [exp_id], filter_string=f"tags.`quadmix.role` = '{ROLE_SEARCH}'", max_results=1000)} - {None})
+        raise SearchNotFound(f"no search named {name!r} (searches in this experiment: {known or 'none'}): "
+                             f"run `quadmix propose --search {name}`")
+    return run
+
+
+def child_runs(client, exp_id: str, parent_id: str) -> list:
+    """Every child run of a search, in proposal order (paged: any number of θ)."""
+    out, token = [], None
+    while True:
+        page = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                  max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            break
+    return sorted(out, key=lambda r: int(r.data.tags.get("quadmix.proposal_index", 0)))
+
+
+@dataclass
+class ProposeResult:
+    search: str
+    parent_run_id: str
+    thetas: list[Theta]
+    created: int
+
+    def summary(self) -> str:
+        return (f"search {self.search!r} (MLflow run {self.parent_run_id}): {len(self.thetas)} θ, "
+                f"{self.created} new; next: quadmix proxy --search {self.search}")
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, repr(v) if isinstance(v, float) else str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int) -> ProposeResult:
+    """Make sure search ``cfg.search.name`` has θ number 0..n-1 (creating what is missing)."""
+    import mlflow
+
+    from quadmix_spark.tracking import configure_mlflow
+
+    sc = cfg.search
+    if sc.criteria is not None:
+        unknown = sorted(set(sc.criteria) - set(criteria))
+        if unknown:
+            raise ValueError(f"search.criteria names {unknown}, not criteria of the annotations {criteria}")
+    configure_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    recorded = {"search.seed": str(sc.seed), "search.lambda_mode": sc.lambda_mode,
+                "search.criteria": json.dumps(sc.criteria), "search.domains": json.dumps(domains),
+                "search.all_criteria": json.dumps(criteria)}
+    parent = find_search(client, exp_id, sc.name)
+    if parent is None:
+        parent = client.create_run(exp_id, run_name=f"search-{sc.name}",
+                                   tags={"quadmix.search": sc.name, "quadmix.role": ROLE_SEARCH, "quadmix.stage": "propose"})
+        _log_params(client, parent.info.run_id, recorded)
+        client.log_dict(parent.info.run_id, cfg.resolved(), "config.yaml")
+    else:
+        have = parent.data.params
+        differ = {k: (have.get(k), v) for k, v in recorded.items() if have.get(k) != v}
+        if differ:
+            raise ValueError(f"search {sc.name!r} exists with other settings {differ} (recorded, now): "
+                             "use another search.name or the recorded settings")
+    parent_id = parent.info.run_id
+    existing = {int(r.data.tags["quadmix.proposal_index"]) for r in child_runs(client, exp_id, parent_id)
+                if "quadmix.proposal_index" in r.data.tags}
+    thetas, created = [], 0
+    tags_common = {"mlflow.parentRunId": parent_id, "quadmix.search": sc.name, "quadmix.role": ROLE_PROXY,
+                   "quadmix.domains": json.dumps(domains), "quadmix.criteria": json.dumps(criteria)}
+    for i in range(n):
+        theta = draw_theta(domains, criteria, sc.seed, i, sc.lambda_mode, sc.criteria)
+        thetas.append(theta)
+        if i in existing:
+            continue
+        child = client.create_run(exp_id, run_name=f"theta-{i:04d}", tags={
+            **tags_common, "quadmix.theta_id": theta.theta_id, "quadmix.proposal_index": str(i), STATUS_TAG: PENDING})
+        _log_params(client, child.info.run_id, theta_params(theta))
+        client.log_dict(child.info.run_id, theta.to_dict(), THETA_ARTIFACT)
+        client.update_run(child.info.run_id, status="SCHEDULED")
+        created += 1
+    n_all = max([n, *(i + 1 for i in existing)])
+    all_thetas = thetas + [draw_theta(domains, criteria, sc.seed, i, sc.lambda_mode, sc.criteria) for i in range(n, n_all)]
+    client.log_dict(parent_id, {"thetas": [t.to_dict() for t in all_thetas]}, THETAS_ARTIFACT)
+    client.set_tag(parent_id, "quadmix.n_proposals", str(n_all))
+    if parent.info.status == "RUNNING":
+        client.set_terminated(parent_id, "FINISHED")
+    return ProposeResult(sc.name, parent_id, all_thetas, created)

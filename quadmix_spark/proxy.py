@@ -1,0 +1,347 @@
+"""Proxy runs (spec §3.2): train one tiny LM per θ on the pool through its index, as Spark tasks.
+
+Flow of ``quadmix proxy``: the search's unfinished child runs → the pool (tokenized once) → the proxy
+index of those θ (one many-θ sampler job) → one plan file per θ (doc hash, S, shard, offset, length:
+numbers only, no text) → one Spark task per θ that trains, evaluates on the target set and logs to the
+θ's own MLflow run from the executor. Tasks request ``proxy.cpus_per_task`` CPUs and
+``proxy.gpus_per_task`` GPUs (fractions pack several proxies on one GPU) through stage-level scheduling
+where the cluster supports it; ``proxy.mode: local`` trains in the driver process instead.
+
+Resumable: a θ whose run is FINISHED with the metric is skipped; a failed or interrupted one is
+trained again from the start on the next run (its run is reopened, the metric is logged once, at the
+end, so nothing is counted twice). A failure is recorded on its run (status FAILED, tag
+``quadmix.proxy.error``) and does not stop the other θ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from quadmix_spark.config import QuadmixConfig, local_path
+from quadmix_spark.propose import FAILED, FINISHED, PENDING, RUNNING, STATUS_TAG
+from quadmix_spark.proxy_pool import Pool
+from quadmix_spark.sample import PROXY_INDEX
+from quadmix_spark.storage import read_table
+
+ERROR_TAG = "quadmix.proxy.error"
+
+
+@dataclass(frozen=True)
+class ProxyTask:
+    """One proxy to train: the θ (or baseline) id and key, the MLflow run it reports to, its seed."""
+
+    theta_id: str
+    theta_key: int
+    run_id: str
+    seed: int
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class TaskEnv:
+    """Everything an executor needs, as plain data (nothing model-related is pickled)."""
+
+    tracking_uri: str
+    pool_dir: str
+    plans_dir: str
+    eval_path: str
+    shape: dict
+    train: dict
+    sample_seed: int
+    device: str
+    cpus: int
+    metric: str
+    task_weights: dict | None = None
+    fail_theta_ids: tuple = ()
+    fail_at_step: int = 1
+
+
+@dataclass
+class ProxyOutcome:
+    theta_id: str
+    run_id: str
+    status: str
+    target_loss: float = float("nan")
+    tokens: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    error: str = ""
+    label: str = ""
+    seed: int = 0
+    task_losses: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the executor side
+
+
+def _device(pref: str) -> str:
+    import torch
+
+    if pref == "cpu":
+        return "cpu"
+    from quadmix_udfs.onnx_transformer import task_gpu
+
+    gpu = task_gpu()
+    if gpu is not None and torch.cuda.is_available():
+        return f"cuda:{gpu}" if os.environ.get("CUDA_VISIBLE_DEVICES") is None else "cuda:0"
+    if pref == "cuda" or torch.cuda.is_available():
+        if not torch.cuda.is_available():
+            raise RuntimeError("proxy.device is cuda but torch sees no GPU on this executor")
+        return "cuda:0"
+    return "cpu"
+
+
+def read_plan(plans_dir: str, theta_id: str) -> pd.DataFrame:
+    """The θ's plan in a canonical order (the trainer's shuffles then do not depend on file order).
+
+    Tail documents (S < 1) were drawn once into the index; they keep that single copy in every epoch
+    (S = 1), while kept documents (S >= 1) redraw their fractional copy each epoch (spec §2.6)."""
+    import pyarrow.parquet as pq
+
+    path = Path(plans_dir) / f"theta_id={theta_id}"
+    if not path.exists():
+        raise FileNotFoundError(f"no plan for θ {theta_id} under {plans_dir}")
+    plan = pq.read_table(path).to_pandas()
+    plan = plan.sort_values(["doc_hash", "shard", "offset"], kind="stable").reset_index(drop=True)
+    plan["S"] = np.where(plan["S"].to_numpy() < 1.0, 1.0, plan["S"].to_numpy())
+    return plan
+
+
+def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
+    """Train and evaluate one proxy, reporting to its MLflow run; never raises (failures are recorded)."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(tracking_uri=env.tracking_uri)
+    out = ProxyOutcome(task.theta_id, task.run_id, FAILED, label=task.label, seed=task.seed)
+    try:
+        client.update_run(task.run_id, status="RUNNING")
+        client.set_tag(task.run_id, STATUS_TAG, RUNNING)
+        import torch
+
+        from quadmix_spark.proxy_model import ModelShape
+        from quadmix_spark.proxy_train import EvalSet, TrainSettings, train_proxy
+        from quadmix_spark.token_store import TokenStore
+
+        torch.set_num_threads(max(1, env.cpus))
+        device = _device(env.device)
+        client.set_tag(task.run_id, "quadmix.proxy.device", device)
+        settings = TrainSettings(**{**env.train, "seed": task.seed})
+
+        def log_metrics(values: dict, step: int) -> None:
+            now = int(time.time() * 1000)
+            client.log_batch(task.run_id, metrics=[Metric(f"train.{k}", float(v), now, step) for k, v in values.items()])
+
+        def on_step(step: int) -> None:
+            if task.theta_id in env.fail_theta_ids and step >= env.fail_at_step:
+                raise RuntimeError(f"injected failure at step {step} (proxy.fail_theta_ids)")
+
+        result = train_proxy(read_plan(env.plans_dir, task.theta_id), TokenStore.open(env.pool_dir), EvalSet.load(env.eval_path),
+                             ModelShape(**env.shape), settings, task.theta_key, env.sample_seed, device=device,
+                             on_metrics=log_metrics, on_step=on_step, task_weights=env.task_weights)
+        now = int(time.time() * 1000)
+        metrics = {env.metric: result.target_loss, "tokens": result.tokens, "steps": result.steps, "epochs": result.epochs,
+                   "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "final_train_loss": result.final_train_loss,
+                   "params_non_embedding": result.params_non_embedding, "params_total": result.params_total,
+                   **{f"{env.metric}.{k}": v for k, v in result.task_losses.items()}}
+        client.log_batch(task.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        client.set_tag(task.run_id, STATUS_TAG, FINISHED)
+        client.set_terminated(task.run_id, "FINISHED")
+        out.status, out.target_loss, out.tokens = FINISHED, result.target_loss, result.tokens
+        out.seconds, out.tokens_per_s, out.task_losses = result.seconds, result.tokens_per_s, dict(result.task_losses)
+    except Exception as e:  # recorded on the run; the rerun retries it
+        out.error = f"{type(e).__name__}: {e}"
+        try:
+            client.set_tag(task.run_id, ERROR_TAG, (out.error + "\n" + traceback.format_exc())[-4000:])
+            client.set_tag(task.run_id, STATUS_TAG, FAILED)
+            client.set_terminated(task.run_id, "FAILED")
+        except Exception:  # the tracking server itself is gone: the driver still sees the outcome
+            pass
+    return out
+
+
+def _train_partition(env: TaskEnv, rows):
+    for task in rows:
+        yield asdict(train_one(task, env))
+
+
+# ---------------------------------------------------------------- the driver side
+
+
+def write_plans(spark: SparkSession, cfg: QuadmixConfig, pool: Pool, theta_ids: list[str]) -> str:
+    """One plan per θ (doc_hash, S, shard, offset, length) from its proxy index, as Parquet under the pool."""
+    plans_dir = f"{pool.folder}/plans"
+    index = read_table(spark, cfg.storage.table(PROXY_INDEX)).where(F.col("theta_id").isin(theta_ids))
+    offsets = read_table(spark, pool.offsets_table).select("doc_id", "doc_hash", "shard", "offset", "length")
+    plan = index.select("theta_id", "doc_id", "S").join(offsets, "doc_id", "inner").drop("doc_id")
+    n = max(1, min(len(theta_ids), spark.sparkContext.defaultParallelism * 2))
+    (plan.repartition(n, "theta_id").write.mode("overwrite").option("partitionOverwriteMode", "dynamic")
+     .partitionBy("theta_id").parquet(plans_dir))
+    missing = [t for t in theta_ids if not (Path(plans_dir) / f"theta_id={t}").exists()]
+    if missing:
+        raise ValueError(f"θ {missing} select no document of the proxy pool (empty plan): nothing to train on")
+    return plans_dir
+
+
+def task_env(cfg: QuadmixConfig, pool: Pool, plans_dir: str, eval_path: str) -> TaskEnv:
+    pc = cfg.proxy
+    return TaskEnv(
+        tracking_uri=cfg.tracking_uri, pool_dir=pool.folder, plans_dir=plans_dir, eval_path=eval_path,
+        shape=pc.model.model_dump(), train=pc.train.model_dump(), sample_seed=cfg.sampling.seed, device=pc.device,
+        cpus=pc.cpus_per_task, metric=cfg.search.metric, task_weights=pc.target.task_weights,
+        fail_theta_ids=tuple(pc.fail_theta_ids), fail_at_step=pc.fail_at_step,
+    )
+
+
+def task_profile(spark: SparkSession, cfg: QuadmixConfig):
+    """(profile | None, why): per-task CPUs and GPUs through stage-level scheduling where it can apply."""
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+    pc = cfg.proxy
+    master = spark.sparkContext.master
+    if master.startswith("local"):
+        return None, f"{master}: tasks use the session's slots"
+    reqs = TaskResourceRequests().cpus(pc.cpus_per_task)
+    if pc.gpus_per_task > 0:
+        if not spark.sparkContext.getConf().get("spark.executor.resource.gpu.amount"):
+            return None, "executors declare no GPUs (spark.executor.resource.gpu.amount): proxies run on CPU"
+        reqs = reqs.resource("gpu", pc.gpus_per_task)
+    elif pc.cpus_per_task == int(spark.sparkContext.getConf().get("spark.task.cpus", "1")):
+        return None, "default task resources"
+    return ResourceProfileBuilder().require(reqs).build, f"{pc.cpus_per_task} CPU + {pc.gpus_per_task} GPU per task"
+
+
+def execute(spark: SparkSession, cfg: QuadmixConfig, tasks: list[ProxyTask], env: TaskEnv) -> list[ProxyOutcome]:
+    """Train every task: one Spark task each (one partition per task), or in this process."""
+    if not tasks:
+        return []
+    if cfg.proxy.mode == "local":
+        return [train_one(t, env) for t in tasks]
+    rdd = spark.sparkContext.parallelize(tasks, len(tasks))
+    profile, _why = task_profile(spark, cfg)
+    if profile is not None:
+        rdd = rdd.withResources(profile)
+    spark.sparkContext.setJobDescription(f"quadmix proxy: {len(tasks)} proxies")
+    rows = rdd.mapPartitions(lambda it: _train_partition(env, it)).collect()
+    return [ProxyOutcome(**r) for r in rows]
+
+
+def ensure_eval_set(cfg: QuadmixConfig, pool: Pool) -> str:
+    """The tokenized target set (small, built once on the driver), beside the pool."""
+    from quadmix_spark.proxy_train import build_eval_set
+
+    t = cfg.proxy.target
+    max_len = t.max_len or cfg.proxy.model.seq_len
+    ident = json.dumps({"kind": t.kind, "tasks": t.tasks, "n": t.max_examples_per_task, "seed": t.seed, "max_len": max_len,
+                        "path": t.bmk_path if t.kind == "bmk" else t.oh_path}, sort_keys=True)
+    import hashlib
+
+    path = Path(pool.folder) / "eval" / f"{t.kind}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        src = local_path(t.bmk_path if t.kind == "bmk" else t.oh_path)
+        build_eval_set(t.kind, src, pool.meta["tokenizer"], str(path), t.max_examples_per_task, t.seed, max_len, t.tasks)
+    return str(path)
+
+
+def outcomes_frame(outcomes: list[ProxyOutcome]) -> pd.DataFrame:
+    return pd.DataFrame([{k: v for k, v in asdict(o).items() if k != "task_losses"} for o in outcomes])
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@dataclass
+class ProxyReport:
+    search: str
+    skipped: int
+    outcomes: list[ProxyOutcome]
+    pool: dict
+
+    @property
+    def failed(self) -> list[ProxyOutcome]:
+        return [o for o in self.outcomes if o.status != FINISHED]
+
+    def summary(self) -> str:
+        done = [o for o in self.outcomes if o.status == FINISHED]
+        lines = [f"proxy, search {self.search!r}: {len(done)} trained, {len(self.failed)} failed, {self.skipped} already finished "
+                 f"(pool {self.pool.get('n_docs', 0):,} docs, {self.pool.get('n_tokens', 0):,} tokens)"]
+        if done:
+            losses = np.array([o.target_loss for o in done])
+            speed = np.median([o.tokens_per_s for o in done])
+            lines.append(f"  target loss min {losses.min():.4f} median {np.median(losses):.4f} max {losses.max():.4f}; "
+                         f"median {speed:,.0f} tokens/s per proxy")
+        for o in self.failed:
+            lines.append(f"  FAILED {o.label or o.theta_id}: {o.error} (rerun `quadmix proxy` to retry)")
+        return "\n".join(lines)
+
+
+def theta_of_run(run) -> "Theta":
+    """The θ of a proposal run, rebuilt from its params by name (exact: params hold repr(float))."""
+    from quadmix_spark.kernel.theta import Theta, feature_names
+
+    tags = run.data.tags
+    domains, criteria = json.loads(tags["quadmix.domains"]), json.loads(tags["quadmix.criteria"])
+    names = feature_names(domains, criteria)
+    missing = [n for n in names if n not in run.data.params]
+    if missing:
+        raise ValueError(f"run {run.info.run_id} lacks θ params {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    theta = Theta.from_vector([float(run.data.params[n]) for n in names], domains, criteria)
+    if tags.get("quadmix.theta_id") and tags["quadmix.theta_id"] != theta.theta_id:
+        raise ValueError(f"run {run.info.run_id}: params give θ {theta.theta_id}, tag says {tags['quadmix.theta_id']}")
+    return theta
+
+
+def is_finished(run, metric: str) -> bool:
+    return run.info.status == "FINISHED" and metric in run.data.metrics
+
+
+def prepare_pool(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = None):
+    """(pool inputs, pool): the annotations restricted to the pool, and the tokenized pool."""
+    from quadmix_spark.proxy_pool import build_pool, pool_predicate
+    from quadmix_spark.sample import load_inputs
+
+    inp = load_inputs(spark, cfg, pool_predicate(cfg))
+    return inp, build_pool(spark, cfg, inp.annotations.select("doc_id", "domain"), run_id=run_id)
+
+
+def run_search_proxies(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = None) -> ProxyReport:
+    """Train the proxies of search ``cfg.search.name`` that have not finished."""
+    import mlflow
+
+    from quadmix_spark.propose import child_runs, experiment_id, require_search
+    from quadmix_spark.proxy_pool import pool_predicate
+    from quadmix_spark.sample import run_sample_many
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    parent = require_search(client, exp_id, cfg.search.name)
+    children = child_runs(client, exp_id, parent.info.run_id)
+    todo = [c for c in children if not is_finished(c, cfg.search.metric)]
+    skipped = len(children) - len(todo)
+    inp, pool = prepare_pool(spark, cfg, run_id)
+    if not todo:
+        return ProxyReport(cfg.search.name, skipped, [], pool.meta)
+    thetas = [theta_of_run(c) for c in todo]
+    for c in todo:
+        client.set_tag(c.info.run_id, STATUS_TAG, PENDING)
+    run_sample_many(spark, cfg, thetas, run_id=run_id, where=pool_predicate(cfg))
+    ids = [t.theta_id for t in thetas]
+    plans_dir = write_plans(spark, cfg, pool, ids)
+    env = task_env(cfg, pool, plans_dir, ensure_eval_set(cfg, pool))
+    tasks = [ProxyTask(t.theta_id, t.theta_key, c.info.run_id, cfg.proxy.train.seed, c.info.run_name) for t, c in zip(thetas, todo)]
+    outcomes = execute(spark, cfg, tasks, env)
+    done = sum(o.status == FINISHED for o in outcomes)
+    client.log_metric(parent.info.run_id, "proxies_finished", float(done + skipped))
+    client.log_metric(parent.info.run_id, "proxies_failed", float(len(outcomes) - done))
+    return ProxyReport(cfg.search.name, skipped, outcomes, pool.meta)

@@ -1,0 +1,177 @@
+"""The proxy pool (spec §2.6, §8): a fixed, hash-chosen share of the corpus, tokenized once.
+
+Every proxy of a search reads the same pool through its θ's index, so the text is tokenized once and
+never copied per θ. Layout of ``<storage.root>/proxy/pools/<pool key>/``::
+
+    shards/shard-00000.bin   packed uint16 token ids, documents concatenated (one Spark task each)
+    counts/shard-00000.npy   token frequencies of the shard (summed into token_counts.npy)
+    offsets/                 Delta table: doc_id, doc_hash, domain, shard, offset, length
+    token_counts.npy         frequency of every token id over the pool (vocab compaction)
+    pool.json                written last: the pool is complete when it exists
+
+A shard holds the documents whose ``pmod(xxhash64(doc_id), shards)`` is its number, sorted by
+doc_id, so its bytes do not depend on the input's partitioning; a retried task rewrites the same file
+atomically. The pool key covers the documents version, the pool settings and the tokenizer, so a
+rebuild is a no-op and a changed corpus gets a new pool.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from quadmix_spark.config import QuadmixConfig, local_path
+from quadmix_spark.ingest import DOCUMENTS
+from quadmix_spark.storage import read_table, table_version, write_table
+
+FORMAT = "quadmix-token-pool/1"
+UNIFORM = 2.0**-53
+OFFSETS_SCHEMA = T.StructType([
+    T.StructField("doc_id", T.StringType()), T.StructField("doc_hash", T.LongType()),
+    T.StructField("domain", T.StringType()), T.StructField("shard", T.IntegerType()),
+    T.StructField("offset", T.LongType()), T.StructField("length", T.IntegerType()),
+])
+
+
+def pool_predicate(cfg: QuadmixConfig) -> Column | None:
+    """Membership of a document in the pool: a uniform hash of (doc_id, pool seed) below the fraction."""
+    pc = cfg.proxy.pool
+    if pc.fraction >= 1.0:
+        return None
+    u = F.shiftrightunsigned(F.xxhash64("doc_id", F.lit(pc.seed).cast("bigint")), 11) * F.lit(UNIFORM)
+    return u < F.lit(pc.fraction)
+
+
+def tokenizer_path(cfg: QuadmixConfig) -> str:
+    return local_path(cfg.proxy.pool.tokenizer or cfg.ingest.tokenizer)
+
+
+@dataclass(frozen=True)
+class Pool:
+    folder: str
+    key: str
+    meta: dict
+
+    @property
+    def offsets_table(self) -> str:
+        return f"{self.folder}/offsets"
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.meta["n_docs"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.meta["n_tokens"])
+
+
+def pool_key(cfg: QuadmixConfig, documents_version: int) -> str:
+    pc, tok = cfg.proxy.pool, tokenizer_path(cfg)
+    size = os.path.getsize(tok) if os.path.exists(tok) else -1
+    ident = {"documents_version": documents_version, "fraction": pc.fraction, "seed": pc.seed, "shards": pc.shards,
+             "tokenizer": [os.path.basename(tok), size], "documents": cfg.storage.table(DOCUMENTS)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _eos_id(tok) -> int:
+    for name in ("<|endoftext|>", "</s>", "[SEP]", "<eos>"):
+        i = tok.token_to_id(name)
+        if i is not None:
+            return int(i)
+    raise ValueError("the pool tokenizer has no end-of-text token (<|endoftext|>, </s>, [SEP] or <eos>)")
+
+
+def _write_shards(folder: str, tok_path: str, batch_size: int, vocab: int, batches):
+    """mapInPandas body: tokenize the documents of each shard in this partition and write the shard."""
+    from quadmix_spark.token_store import count_tokens, write_shard
+    from quadmix_udfs.tokens import load_tokenizer
+
+    tok = load_tokenizer(tok_path)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    frames = [pdf for pdf in batches if len(pdf)]
+    if not frames:
+        return
+    pdf = pd.concat(frames, ignore_index=True).sort_values(["shard", "doc_id"], kind="stable")
+    for shard, part in pdf.groupby("shard", sort=True):
+        texts = part["text"].tolist()
+        arrays = []
+        for start in range(0, len(texts), batch_size):
+            arrays.extend(np.asarray(e.ids, dtype=np.uint32) for e in encode(texts[start:start + batch_size], add_special_tokens=False))
+        name = f"shard-{int(shard):05d}"
+        offsets, lengths = write_shard(f"{folder}/shards/{name}.bin", arrays)
+        counts = count_tokens(arrays, vocab)
+        tmp = f"{folder}/counts/.{name}.{os.getpid()}.npy"
+        np.save(tmp, counts)
+        os.replace(tmp, f"{folder}/counts/{name}.npy")
+        yield pd.DataFrame({
+            "doc_id": part["doc_id"].to_numpy(), "doc_hash": part["doc_hash"].to_numpy(np.int64),
+            "domain": part["domain"].to_numpy(), "shard": np.int32(shard), "offset": offsets.astype(np.int64),
+            "length": lengths.astype(np.int32),
+        })
+
+
+def _sum_counts(spark: SparkSession, folder: str, shards: int, vocab: int) -> np.ndarray:
+    """Token frequencies summed over the shards on the executors (a tree reduce: one vector reaches the driver)."""
+    def load(i: int) -> np.ndarray:
+        p = Path(f"{folder}/counts/shard-{i:05d}.npy")
+        return np.load(p) if p.exists() else np.zeros(vocab, dtype=np.int64)
+
+    n = max(1, min(shards, spark.sparkContext.defaultParallelism * 4))
+    return spark.sparkContext.parallelize(range(shards), n).map(load).treeReduce(np.add)
+
+
+def build_pool(spark: SparkSession, cfg: QuadmixConfig, domains: DataFrame, run_id: str | None = None) -> Pool:
+    """Tokenize the pool once into packed shards (a no-op when this pool already exists).
+
+    ``domains`` is a (doc_id, domain) frame (the annotations); documents without one are left out."""
+    docs_table = cfg.storage.table(DOCUMENTS)
+    version = table_version(spark, docs_table)
+    if version is None:
+        raise FileNotFoundError(f"no documents table at {docs_table}: run `quadmix ingest` first")
+    key = pool_key(cfg, version)
+    folder = local_path(cfg.storage.path("proxy", "pools", key))
+    meta_path = Path(folder) / "pool.json"
+    if meta_path.exists():
+        return Pool(folder, key, json.loads(meta_path.read_text()))
+    if "://" in folder:
+        raise ValueError(f"the proxy pool needs a folder every executor can open as a file (got {folder})")
+    for sub in ("shards", "counts"):
+        Path(folder, sub).mkdir(parents=True, exist_ok=True)
+
+    pc, tok_path = cfg.proxy.pool, tokenizer_path(cfg)
+    from quadmix_udfs.tokens import load_tokenizer
+
+    tok = load_tokenizer(tok_path)
+    vocab, eos = tok.get_vocab_size(with_added_tokens=True), _eos_id(tok)
+    docs = read_table(spark, docs_table, version=version).select("doc_id", "text")
+    where = pool_predicate(cfg)
+    if where is not None:
+        docs = docs.where(where)
+    docs = docs.join(domains.select("doc_id", "domain"), "doc_id", "inner")
+    docs = docs.withColumn("doc_hash", F.xxhash64("doc_id")).withColumn("shard", F.pmod(F.col("doc_hash"), F.lit(pc.shards)).cast("int"))
+    body = functools.partial(_write_shards, folder, tok_path, pc.batch_size, vocab)
+    offsets = docs.repartition(pc.shards, "shard").mapInPandas(body, OFFSETS_SCHEMA)
+    write_table(offsets, f"{folder}/offsets", mode="overwrite", metadata={"stage": "proxy-pool", "run_id": run_id, "pool": key})
+
+    counts = _sum_counts(spark, folder, pc.shards, vocab)
+    np.save(Path(folder) / "token_counts.npy", counts)
+    stats = read_table(spark, f"{folder}/offsets").agg(F.count("*").alias("docs"), F.sum("length").alias("tokens")).first()
+    meta = {
+        "format": FORMAT, "dtype": "uint16" if vocab < 65536 else "uint32", "eos_id": eos, "tokenizer_vocab": vocab,
+        "tokenizer": tok_path, "shards": [f"shard-{i:05d}.bin" for i in range(pc.shards)], "n_docs": int(stats["docs"]),
+        "n_tokens": int(stats["tokens"] or 0), "documents_version": version, "fraction": pc.fraction, "seed": pc.seed,
+    }
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)
+    return Pool(folder, key, meta)
