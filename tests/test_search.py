@@ -1,0 +1,236 @@
+"""The search stage on a real (SQLite) MLflow store with synthetic proxy runs: no Spark, no proxies.
+
+The proxies' ``target_loss`` is a known function of θ: it rises with ω̃ of domain ``d0`` and falls with
+α[d1][q_a], plus small noise; the fit must find that, and θ* must move the right way.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from quadmix_spark import search as S
+from quadmix_spark.kernel.theta import Theta, feature_names, load_theta, sample_theta_matrix
+from tests.conftest import make_config
+
+DOMAINS = ["d0", "d1", "d2", "d3"]
+CRITERIA = ["q_a", "q_b", "q_c"]
+EXPERIMENT = "quadmix-test-search"
+N_MAIN = 80
+FAST_LGB = {"learning_rate": 0.1, "n_estimators": 200, "min_child_samples": 5}
+
+
+def true_loss(theta: Theta) -> float:
+    return 3.0 + 1.0 * theta.omega[0] / 0.1 - 0.5 * theta.alpha[1, 0]
+
+
+def _thetas(n, seed, domains=DOMAINS, criteria=CRITERIA):
+    b = sample_theta_matrix(n, len(domains), len(criteria), seed)
+    return [Theta(tuple(domains), tuple(criteria), b.alpha[i], b.lam[i], b.omega[i], b.eta[i], b.eps[i]) for i in range(n)]
+
+
+def add_search(client, exp_id, name, thetas, *, loss=true_loss, status="FINISHED", noise_seed=0, drop_param=None,
+               parent=True, log_metric=True):
+    """A parent run and one child per θ, following the contract of quadmix_spark.search."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    parent_id = None
+    if parent:
+        parent_id = client.create_run(exp_id, run_name=name, tags={S.TAG_SEARCH: name, S.TAG_ROLE: S.ROLE_SEARCH}).info.run_id
+    noise = np.random.default_rng(noise_seed).normal(0, 0.01, len(thetas))
+    statuses = [status] * len(thetas) if isinstance(status, str) else status
+    ids = []
+    for i, th in enumerate(thetas):
+        tags = {S.TAG_SEARCH: name, S.TAG_ROLE: S.ROLE_PROXY, S.TAG_THETA_ID: th.theta_id,
+                S.TAG_DOMAINS: json.dumps(list(th.domains)), S.TAG_CRITERIA: json.dumps(list(th.criteria))}
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        run_id = client.create_run(exp_id, run_name=f"{name}-{i}", tags=tags).info.run_id
+        params = [Param(k, repr(float(v))) for k, v in zip(feature_names(th.domains, th.criteria), th.to_vector())
+                  if not (drop_param and i == 0 and k == drop_param)]
+        metrics = [Metric("target_loss", loss(th) + noise[i], 0, 0)] if log_metric else []
+        client.log_batch(run_id, metrics=metrics, params=params, tags=[RunTag("k", "v")])
+        if statuses[i] != "RUNNING":
+            client.set_terminated(run_id, statuses[i])
+        ids.append(run_id)
+    if parent_id:
+        client.set_terminated(parent_id, "FINISHED")
+    return ids
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store: search ``main`` (80 finished + 3 failed + 2 running + 1 without the metric),
+    ``other`` (another domain set), ``few`` (5 runs), ``gap`` (one run lacks a param)."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("search")
+    uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    main_thetas = _thetas(N_MAIN + 6, seed=1)
+    add_search(client, exp_id, "main", main_thetas[:N_MAIN])
+    # the same search's leftovers: failed / killed / running / no metric — all ignored
+    parent = client.search_runs([exp_id], f"tags.`{S.TAG_SEARCH}` = 'main' AND tags.`{S.TAG_ROLE}` = 'search'")[0]
+    for th, st in zip(main_thetas[N_MAIN:N_MAIN + 5], ["FAILED", "FAILED", "KILLED", "RUNNING", "RUNNING"]):
+        ids = add_search(client, exp_id, "main", [th], status=st, parent=False, loss=lambda t: 0.0)
+        client.set_tag(ids[0], "mlflow.parentRunId", parent.info.run_id)
+    add_search(client, exp_id, "main", [main_thetas[-1]], parent=False, log_metric=False)
+    add_search(client, exp_id, "other", _thetas(10, seed=2, domains=["d0", "d1", "x9"]))
+    add_search(client, exp_id, "few", _thetas(5, seed=3))
+    add_search(client, exp_id, "gap", _thetas(10, seed=4), drop_param="quadmix.omega.d2")
+    return {"root": root, "uri": uri, "client": client, "exp_id": exp_id, "thetas": main_thetas[:N_MAIN]}
+
+
+def _cfg(store, *overrides):
+    return make_config(
+        store["root"] / "store",
+        f"tracking.uri={store['uri']}",
+        f"tracking.experiment={EXPERIMENT}",
+        "search.name=main",
+        "search.min_runs=40",
+        "search.val_fraction=0.25",
+        "search.n_candidates=5000",
+        f"search.lightgbm={json.dumps(FAST_LGB)}",
+        *overrides,
+    )
+
+
+def _fit_and_search(table, seed=0):
+    fit = S.fit_regressor(table.X, table.y, {**S_REGMIX(), **FAST_LGB}, 0.25, 3, seed)
+    cands = S.search_candidates(fit.model, table.domains, table.criteria, 5000, 10, seed=7)
+    return fit, cands
+
+
+def S_REGMIX():
+    from quadmix_spark.search_config import REGMIX_LIGHTGBM
+
+    return dict(REGMIX_LIGHTGBM)
+
+
+@pytest.fixture(scope="module")
+def main_table(store):
+    return S.collect_runs(store["client"], store["exp_id"], ["main"], "target_loss")
+
+
+# ----------------------------------------------------------------------------------- collect
+def test_collect_keeps_only_finished_runs_with_the_metric(main_table, store):
+    t = main_table
+    assert len(t) == N_MAIN
+    assert list(t.X.columns) == feature_names(DOMAINS, CRITERIA)
+    assert t.domains == tuple(DOMAINS) and t.criteria == tuple(CRITERIA)
+    assert t.skipped["main"] == {"status:FAILED": 2, "status:KILLED": 1, "status:RUNNING": 2, "no_metric": 1}
+    by_id = {th.theta_id: th for th in store["thetas"]}
+    i = 17
+    np.testing.assert_allclose(t.X.iloc[i].to_numpy(), by_id[t.theta_ids[i]].to_vector())
+    assert t.theta_ids == sorted(t.theta_ids)  # rows in a store-independent order
+
+
+def test_collect_pages_through_the_store(store, main_table, monkeypatch):
+    monkeypatch.setattr(S, "PAGE_SIZE", 7)
+    t = S.collect_runs(store["client"], store["exp_id"], ["main"], "target_loss")
+    assert t.run_ids == main_table.run_ids
+
+
+def test_collect_refuses_searches_over_different_domains(store):
+    with pytest.raises(S.SearchInputError) as e:
+        S.collect_runs(store["client"], store["exp_id"], ["main", "other"], "target_loss")
+    msg = str(e.value)
+    assert "'main'" in msg and "'other'" in msg and "x9" in msg and "d2" in msg
+
+
+def test_collect_names_the_missing_param(store):
+    with pytest.raises(S.SearchInputError, match=r"quadmix\.omega\.d2"):
+        S.collect_runs(store["client"], store["exp_id"], ["gap"], "target_loss")
+
+
+def test_unknown_search_lists_the_known_ones(store):
+    with pytest.raises(S.SearchInputError) as e:
+        S.collect_runs(store["client"], store["exp_id"], ["nope"], "target_loss")
+    for name in ("nope", "main", "other", "few", "gap"):
+        assert name in str(e.value)
+
+
+def test_too_few_runs_is_a_clear_error(store):
+    with pytest.raises(S.SearchInputError, match=r"search few has only 5 finished proxy runs, need 40 .*quadmix proxy"):
+        S.run_search(_cfg(store), ["few"])
+
+
+# ----------------------------------------------------------------------------------- fit + search
+def test_fit_ranks_validation_runs(main_table):
+    fit = S.fit_regressor(main_table.X, main_table.y, {**S_REGMIX(), **FAST_LGB}, 0.25, 3, seed=0)
+    assert (fit.n_train, fit.n_val) == (60, 20)
+    assert fit.val_spearman > 0.5
+    assert fit.importance().index[0] == "quadmix.omega.d0"
+
+
+def test_search_is_deterministic_and_moves_theta_the_right_way(main_table):
+    fit, cands = _fit_and_search(main_table)
+    fit2, cands2 = _fit_and_search(main_table)
+    assert cands.theta_star == cands2.theta_star
+    np.testing.assert_array_equal(fit.val_pred, fit2.val_pred)
+    ts = cands.theta_star
+    omega0 = np.median(cands.sample_features[:, feature_names(DOMAINS, CRITERIA).index("quadmix.omega.d0")])
+    assert ts.omega[0] < omega0
+    np.testing.assert_allclose(ts.alpha.sum(axis=1), 1.0, atol=1e-9)
+    assert cands.top_pred[0] == cands.pred_quantiles[0.0]
+    assert np.all(np.diff(cands.top_pred) >= 0)
+
+
+def test_batched_candidates_keep_the_global_top_k(main_table):
+    fit, _ = _fit_and_search(main_table)
+    one = S.search_candidates(fit.model, DOMAINS, CRITERIA, 3000, 10, seed=5, batch=3000)
+    # a single batch vs. the same draws scored in one predict call
+    rng = np.random.default_rng(5)
+    b = sample_theta_matrix(3000, 4, 3, rng)
+    x = np.concatenate([b.alpha.reshape(3000, -1), b.lam, b.omega, b.eta, b.eps], axis=1)
+    best = np.argsort(fit.model.predict(pd.DataFrame(x, columns=fit.feature_names)), kind="stable")[:10]
+    np.testing.assert_array_equal(one.top_features, x[best])
+    many = S.search_candidates(fit.model, DOMAINS, CRITERIA, 3000, 10, seed=5, batch=700)
+    assert many.top_features.shape == (10, 28) and np.all(np.diff(many.top_pred) >= 0)
+
+
+def test_batch_top_matches_a_stable_sort():
+    s = np.array([3.0, 1.0, 2.0, 1.0, 1.0, 0.5, 2.0])
+    for k in range(1, 8):
+        np.testing.assert_array_equal(S._batch_top(s, k), np.argsort(s, kind="stable")[:k])
+
+
+def test_active_criteria_zero_a_criterion(main_table):
+    fit, _ = _fit_and_search(main_table)
+    mask = S.active_mask(CRITERIA, ["q_a", "q_c"])
+    c = S.search_candidates(fit.model, DOMAINS, CRITERIA, 2000, 5, seed=1, active_criteria=mask)
+    assert np.all(c.theta_star.alpha[:, 1] == 0)
+    with pytest.raises(S.SearchInputError, match="q_zz"):
+        S.active_mask(CRITERIA, ["q_zz"])
+
+
+# ----------------------------------------------------------------------------------- the stage
+def test_run_search_logs_one_run_with_theta_star(store, tmp_path):
+    import mlflow
+
+    out = tmp_path / "theta_star.yaml"
+    outcome = S.run_search(_cfg(store), out_path=out)
+    client = store["client"]
+    run = client.get_run(outcome.run_id)
+    assert run.data.tags[S.TAG_ROLE] == "search-fit" and run.data.tags[S.TAG_SEARCH] == "main"
+    assert run.info.run_name == "search-fit-main"
+    assert run.data.params["n_runs"] == str(N_MAIN)
+    assert run.data.metrics["val_spearman"] > 0.5 and "best_iteration" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"theta_star.json", "validation_predictions.csv", "plots", "config.yaml"} <= arts
+    assert {a.path for a in client.list_artifacts(outcome.run_id, "plots")} == {
+        "plots/pred_vs_actual.png", "plots/feature_importance.png", "plots/theta_star.png"}
+    local = mlflow.artifacts.download_artifacts(run_id=outcome.run_id, artifact_path="theta_star.json", dst_path=str(tmp_path))
+    back = load_theta(local, domains=DOMAINS[::-1], criteria=CRITERIA)  # names, not positions
+    assert back.theta_id == outcome.theta_star.theta_id
+    assert load_theta(out) == outcome.theta_star
+    assert float(run.data.params["theta_star.quadmix.omega.d0"]) == outcome.theta_star.omega[0]
+    assert "main: 80 finished proxy runs" in outcome.summary()
+    model = mlflow.lightgbm.load_model(f"runs:/{outcome.run_id}/model")
+    x = outcome.runs.X.iloc[:3]
+    np.testing.assert_allclose(model.predict(x), outcome.fit.model.predict(x))
