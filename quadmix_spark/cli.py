@@ -139,7 +139,7 @@ def normalize(config: ConfigFiles = None, set_: Overrides = None, dry_run: DryRu
 def sample(
     config: ConfigFiles = None,
     set_: Overrides = None,
-    params: Annotated[str | None, typer.Option("--params", help="θ file (YAML/JSON)")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="θ: a YAML/JSON file, an MLflow run id, or search:<name> (its newest θ*)")] = None,
     params_set: Annotated[str | None, typer.Option("--params-set", help="many θ: a file, a folder or an MLflow run id")] = None,
     baseline: Annotated[str | None, typer.Option("--baseline", help="random | mix | topk:<criterion>")] = None,
     random_theta: Annotated[int | None, typer.Option("--random-theta", help="a θ drawn by Algorithm 1 with this seed")] = None,

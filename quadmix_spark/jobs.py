@@ -43,7 +43,9 @@ def normalize_job(cfg: QuadmixConfig):
 def sample_dry_run_job(cfg: QuadmixConfig, params: str):
     from quadmix_spark.sample import dry_run_report, load_inputs
     from quadmix_spark.thetas import load_one
+    from quadmix_spark.tracking import configure_mlflow
 
+    configure_mlflow(cfg)
     spark = get_spark(cfg)
     inp = load_inputs(spark, cfg)
     return dry_run_report(spark, cfg, load_one(params, inp.domains, inp.criteria))

@@ -20,15 +20,16 @@ THETA_STAR_ARTIFACT = "theta_star.json"
 
 
 def load_one(path: str, domains: list[str], criteria: list[str]) -> Theta:
-    """A θ file (YAML/JSON), or an MLflow run (id or ``runs:/<id>``) holding ``theta_star.json`` (a search
-    fit) or ``theta.json`` (a proposal); domain and criterion names must match the data's."""
+    """A θ file (YAML/JSON), an MLflow run (id or ``runs:/<id>``) holding ``theta_star.json`` (a search
+    fit) or ``theta.json`` (a proposal), or ``search:<name>``: the newest θ* of that search. Domain and
+    criterion names must match the data's."""
     m = _RUN_ID.match(path)
-    if Path(path).exists() or not m:
+    if Path(path).exists() or not (m or path.startswith("search:")):
         return load_theta(path, domains=domains, criteria=criteria)
     import mlflow
 
     client = mlflow.MlflowClient()
-    run_id = m.group(2)
+    run_id = latest_search_fit(client, path.removeprefix("search:")) if path.startswith("search:") else m.group(2)
     names = {a.path for a in client.list_artifacts(run_id)}
     artifact = next((a for a in (THETA_STAR_ARTIFACT, THETA_ARTIFACT) if a in names), None)
     if artifact is None:
@@ -43,6 +44,17 @@ def _from_document(doc, domains, criteria, where: str) -> list[Theta]:
     if not isinstance(items, list) or not items:
         raise ValueError(f"{where}: expected a list of θ (or {{thetas: [...]}})")
     return [Theta.from_dict(item, domains=domains, criteria=criteria) for item in items]
+
+
+def latest_search_fit(client, search: str) -> str:
+    """Run id of the newest search fit (``quadmix search``) of ``search`` in the active experiment."""
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    runs = client.search_runs([_get_experiment_id()], order_by=["attributes.start_time DESC"], max_results=1,
+                              filter_string=f"tags.`quadmix.role` = 'search-fit' and tags.`quadmix.search` = '{search}'")
+    if not runs:
+        raise FileNotFoundError(f"--params search:{search}: search {search!r} has no fitted θ* (run `quadmix search --search {search}`)")
+    return runs[0].info.run_id
 
 
 def load_set(source: str, domains: list[str], criteria: list[str]) -> list[Theta]:
