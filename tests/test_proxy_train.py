@@ -221,6 +221,22 @@ def test_zero_selection_raises(tmp_path):
         train_proxy(plan, store, _tiny_eval_set(2000), TINY, TrainSettings(tokens=100), 1, 2)
 
 
+def test_stream_reads_documents_lazily(tmp_path):
+    from quadmix_spark.proxy_train import WindowStream
+
+    store, plan = make_store(tmp_path, marker_docs(200, 10), vocab=2000)
+    vm = VocabMap.build(store.token_counts(), 4000, EOS)
+    calls = []
+    real_doc = store.doc
+    store.doc = lambda *a: (calls.append(a), real_doc(*a))[1]
+    stream = WindowStream(plan, store, vm, 15, 1, 2, 3, chunk_tokens=64)
+    next(stream)
+    # the first window needs 16 tokens: one chunk of ~64 tokens (7 docs of 11), not the epoch's 200 docs
+    assert 2 <= len(calls) <= 8
+    _take(stream, 20)
+    assert len(calls) <= 40
+
+
 def test_stream_skips_empty_epochs(tmp_path):
     store, plan = make_store(tmp_path, marker_docs(3), vocab=2000)
     vm = VocabMap.build(store.token_counts(), 4000, EOS)
