@@ -39,16 +39,20 @@ slow: setup
 bench: setup
 	$(PY) -m bench.run
 
-DEMO_CONF := -c conf/default.yaml -c conf/scorers.yaml
+DEMO_CONF := -c conf/default.yaml -c conf/scorers.yaml -c conf/search-demo.yaml
 
 demo: setup
 	$(VENV)/bin/quadmix ingest $(DEMO_CONF)
 	$(VENV)/bin/quadmix train-scorers $(DEMO_CONF)
 	$(VENV)/bin/quadmix annotate $(DEMO_CONF)
 	$(VENV)/bin/quadmix normalize $(DEMO_CONF)
-	$(VENV)/bin/quadmix sample $(DEMO_CONF) --set sampling.run=demo-theta --random-theta 7 --set sampling.budget_tokens=2000000
-	$(VENV)/bin/quadmix sample $(DEMO_CONF) --set sampling.run=demo-mix --baseline mix --set sampling.budget_tokens=2000000
-	@echo "Tables under .quadmix/tables, exports under .quadmix/export. MLflow UI: make ui (http://127.0.0.1:5000)"
+	$(VENV)/bin/quadmix sample $(DEMO_CONF) --params conf/theta-demo.yaml --set sampling.run=demo-theta --set sampling.budget_tokens=2000000
+	$(VENV)/bin/quadmix propose $(DEMO_CONF)
+	$(VENV)/bin/quadmix proxy $(DEMO_CONF)
+	$(VENV)/bin/quadmix search $(DEMO_CONF)
+	$(VENV)/bin/quadmix sample $(DEMO_CONF) --params search:demo --set sampling.run=demo-star --set sampling.budget_tokens=2000000
+	$(VENV)/bin/quadmix evaluate $(DEMO_CONF)
+	$(PY) -m quadmix_spark.summary $(DEMO_CONF)
 
 ui: setup
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///$(abspath .quadmix)/mlflow.db

@@ -21,6 +21,8 @@ BENCHMARKS = {
     "ingest": "bench.bench_ingest",
     "sample": "bench.bench_sample",
     "many_theta": "bench.bench_many_theta",
+    "search": "bench.bench_search",
+    "proxy": "bench.bench_proxy",
 }
 
 

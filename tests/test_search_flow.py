@@ -1,0 +1,126 @@
+"""propose → proxy → search → sample θ* → evaluate through the CLI, on generated annotations and tiny proxies.
+
+Real Spark tasks train real (tiny) torch models and log to a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from typer.testing import CliRunner
+
+from quadmix_spark.cli import app
+from tests.conftest import DEFAULT_CONF, make_config
+from tests.sampling_data import make_corpus
+
+pytestmark = pytest.mark.spark
+
+TINY = [
+    "proxy.pool.shards=2",
+    "proxy.model={vocab_size: 128, n_layer: 1, n_head: 2, d_model: 16, ffn: 32, seq_len: 32}",
+    "proxy.train={tokens: 2048, batch_size: 4, micro_batch_size: 4, warmup_steps: 2, log_every: 4}",
+    "proxy.target={kind: bmk, max_examples_per_task: 2, tasks: [arc_easy, hellaswag]}",
+    "search.min_runs=4",
+    "search.val_fraction=0.34",
+    "search.lightgbm={min_child_samples: 1, num_leaves: 3, n_estimators: 20}",
+    "search.n_candidates=2000",
+    "search.top_k=5",
+    "sampling.coarse_bins=64",
+]
+
+
+def invoke(*args, code: int = 0) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == code, result.output + repr(result.exception)
+    return result.output
+
+
+def runs_of(cfg, role: str) -> list:
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`quadmix.role` = '{role}'", max_results=1000)
+
+
+@pytest.fixture
+def search_env(spark, tmp_path):
+    root = tmp_path / "store"
+    sets = [f"storage.root={root}", *TINY]
+    cfg = make_config(root, *TINY)
+    make_corpus(spark, cfg, n=300, n_domains=3, big_share=0.6)
+    base = ["-c", str(DEFAULT_CONF), *[x for s in sets for x in ("--set", s)]]
+    invoke("normalize", *base)
+    return cfg, base
+
+
+def test_search_pipeline_end_to_end(search_env, tmp_path):
+    cfg, base = search_env
+    out = invoke("propose", *base, "-n", "6", "--search", "t1")
+    assert "6 θ, 6 new" in out
+    assert "6 θ, 0 new" in invoke("propose", *base, "-n", "6", "--search", "t1")  # idempotent
+    children = runs_of(cfg, "proxy")
+    assert len(children) == 6 and all(r.info.status == "SCHEDULED" for r in children)
+    theta_ids = sorted(r.data.tags["quadmix.theta_id"] for r in children)
+    assert len(set(theta_ids)) == 6
+    assert any(k.startswith("quadmix.alpha.dom0.") for k in children[0].data.params)
+
+    # one θ crashes mid-training: recorded as failed, the others finish, the command says so
+    crash = theta_ids[0]
+    out = invoke("proxy", *base, "--search", "t1", "--set", f"proxy.fail_theta_ids=[{crash}]", "--set", "proxy.fail_at_step=2", code=1)
+    assert "5 trained, 1 failed" in out and "injected failure" in out
+    by_theta = {r.data.tags["quadmix.theta_id"]: r for r in runs_of(cfg, "proxy")}
+    assert by_theta[crash].info.status == "FAILED" and by_theta[crash].data.tags["quadmix.proxy.status"] == "failed"
+    assert "target_loss" not in by_theta[crash].data.metrics
+    finished = [r for t, r in by_theta.items() if t != crash]
+    assert all(r.info.status == "FINISHED" and r.data.metrics["target_loss"] > 0 for r in finished)
+
+    # the rerun trains only the failed one; every θ ends with exactly one target_loss
+    out = invoke("proxy", *base, "--search", "t1")
+    assert "1 trained, 0 failed, 5 already finished" in out
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    for r in runs_of(cfg, "proxy"):
+        assert r.info.status == "FINISHED"
+        assert len(client.get_metric_history(r.info.run_id, "target_loss")) == 1
+    assert "0 trained, 0 failed, 6 already finished" in invoke("proxy", *base, "--search", "t1")
+
+    # search: LightGBM over the 6 runs, θ* readable by `sample --params <run id>`
+    out = invoke("search", *base, "--search", "t1")
+    fits = runs_of(cfg, "search-fit")
+    assert len(fits) == 1
+    fit = fits[0]
+    arts = {a.path for a in client.list_artifacts(fit.info.run_id)}
+    assert "theta_star.json" in arts and "plots" in arts
+    models = mlflow.search_logged_models(experiment_ids=[fit.info.experiment_id], output_format="list")
+    assert any(m.source_run_id == fit.info.run_id for m in models)  # the LightGBM model (MLflow 3 logged model)
+    assert {"val_mae", "val_spearman"} <= set(fit.data.metrics)
+    out = invoke("sample", *base, "--set", "sampling.run=star", "--params", fit.info.run_id)
+    assert "sample run 'star'" in out
+
+    # evaluate: θ* and two baselines, one seed each
+    out = invoke("evaluate", *base, "--search", "t1", "--set", "evaluate.seeds=[0]", "--set", "evaluate.baselines=[random, mix]")
+    for arm in ("theta_star", "random", "mix"):
+        assert arm in out
+    local = client.download_artifacts(runs_of(cfg, "evaluate")[0].info.run_id, "evaluate_table.json", str(tmp_path))
+    table = json.loads(Path(local).read_text())
+    assert len(table["data"]) == 3
+    # rerun reuses the finished proxies
+    assert "theta_star" in invoke("evaluate", *base, "--search", "t1", "--set", "evaluate.seeds=[0]",
+                                  "--set", "evaluate.baselines=[random, mix]")
+    assert len(runs_of(cfg, "evaluate-proxy")) == 3
+
+
+def test_search_refuses_too_few_runs_and_unknown_search(search_env):
+    cfg, base = search_env
+    invoke("propose", *base, "-n", "2", "--search", "few")
+    err = invoke("search", *base, "--search", "few", code=1)
+    assert "few" in err and "need" in err
+    err = invoke("proxy", *base, "--search", "nosuch", code=1)
+    assert "no search named 'nosuch'" in err
+
+
+def test_unreachable_tracking_uri_fails_before_spark(tmp_path):
+    out = invoke("propose", "-c", str(DEFAULT_CONF), "--set", f"storage.root={tmp_path}", "--set",
+                 "tracking.uri=http://127.0.0.1:9", "-n", "2", code=1)
+    assert "unreachable" in out and "127.0.0.1:9" in out
+    assert not (tmp_path / "tables").exists()
