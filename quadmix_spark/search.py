@@ -348,14 +348,34 @@ class FitResult:
         return pd.Series(imp, index=self.feature_names, dtype=np.float64).sort_values(ascending=False, kind="stable")
 
 
-def predict(model, x: np.ndarray) -> np.ndarray:
-    """Predictions for a float matrix in feature order: through the LightGBM booster (best iteration)
-    for an ``LGBMRegressor`` (no per-call column-name checks), else ``model.predict``."""
+# LightGBM's thread settings. When lgb_params name none, the fit runs on ONE thread: with a few thousand
+# rows each boosting round is a few ms of work, OpenMP's fork/join per histogram costs more than it saves,
+# and on a shared machine a descheduled thread stalls every barrier (measured, 2800 x 182, 1,000 rounds on
+# a loaded 2-core box: 18 s on one thread, 109-275 s on two).  Prediction of the candidates (millions of
+# rows, split in large chunks) keeps every core the process may use.
+THREAD_KEYS = {"n_jobs", "num_threads", "num_thread", "nthread", "nthreads"}
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def predict(model, x: np.ndarray, num_threads: int | None = None) -> np.ndarray:
+    """Predictions for a float matrix in feature order: through the LightGBM booster (best iteration) for
+    an ``LGBMRegressor`` (no per-call column-name checks; ``num_threads`` default: every usable core),
+    else ``model.predict``."""
     booster = getattr(model, "booster_", None)
-    if booster is not None:
-        best = getattr(model, "best_iteration_", None) or None
-        return np.asarray(booster.predict(x, num_iteration=best), dtype=np.float64)
-    return np.asarray(model.predict(x), dtype=np.float64)
+    if booster is None:
+        return np.asarray(model.predict(x), dtype=np.float64)
+    best = getattr(model, "best_iteration_", None) or None
+    if num_threads is None:
+        num_threads = _cores()
+    return np.asarray(booster.predict(x, num_iteration=best, num_threads=num_threads), dtype=np.float64)
 
 
 _LGB_FORBIDDEN = set('[]{}":,')
@@ -390,7 +410,8 @@ def fit_regressor(
 ) -> FitResult:
     """RegMix's regression (spec §6.3): ``LGBMRegressor(**lgb_params)`` on a seeded train/validation split,
     early stopping (``stopping_rounds=early_stopping_rounds``, L2) on the validation runs; reports MAE and
-    Spearman ρ of the predictions on those runs."""
+    Spearman ρ of the predictions on those runs.  Unless ``lgb_params`` name a thread setting, the fit runs
+    on one thread (see :data:`THREAD_KEYS`)."""
     import lightgbm as lgb
     from scipy.stats import spearmanr
 
@@ -404,7 +425,10 @@ def fit_regressor(
     if x.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"X must be (n, F) with one y per row; got X {x.shape}, y {y.shape}")
     tr, va = split_indices(len(y), val_fraction, seed)
-    model = lgb.LGBMRegressor(**dict(lgb_params))
+    params = dict(lgb_params)
+    if not THREAD_KEYS & set(params):
+        params["n_jobs"] = 1  # see THREAD_KEYS: threads do not pay on a few thousand rows
+    model = lgb.LGBMRegressor(**params)
     model.fit(
         x[tr],
         y[tr],
@@ -464,12 +488,14 @@ def search_candidates(
     lambda_mode: str = "log",
     active_criteria: Sequence[bool] | None = None,
     batch: int = 100_000,
+    num_threads: int | None = None,
 ) -> CandidateResult:
     """Draw ``n_candidates`` θ with Algorithm 1 (one Generator from ``seed``, ``batch`` rows at a time, so
     memory stays bounded for millions), predict each with ``model``, keep a running top-k and return θ* =
     :func:`~quadmix_spark.kernel.theta.average_top_k` of the ``top_k`` lowest predicted losses.
 
-    The candidates depend on (``seed``, ``batch``, ``lambda_mode``, ``active_criteria``)."""
+    The candidates depend on (``seed``, ``batch``, ``lambda_mode``, ``active_criteria``); ``num_threads``
+    (LightGBM prediction threads) defaults to every core the process may use."""
     domains, criteria = tuple(domains), tuple(criteria)
     m, nc = len(domains), len(criteria)
     if not 1 <= top_k <= n_candidates:
@@ -487,7 +513,7 @@ def search_candidates(
         b = min(batch, n_candidates - done)
         cand = sample_theta_matrix(b, m, nc, rng, lambda_mode, active_criteria)
         x = np.concatenate([cand.alpha.reshape(b, -1), cand.lam, cand.omega, cand.eta, cand.eps], axis=1)
-        s = predict(model, x)
+        s = predict(model, x, num_threads)
         preds[done : done + b] = s
         if sample_x is None:
             sample_x = x[: min(PLOT_SAMPLE, b)].copy()
@@ -680,8 +706,10 @@ def run_search(cfg, search_names: Sequence[str] | None = None, out_path: str | P
     check_enough({n: counts.get(n, 0) for n in names}, sc.min_runs, names)
     active = active_mask(table.criteria, sc.criteria)
     fit = fit_regressor(table.X, table.y, sc.lightgbm, sc.val_fraction, sc.early_stopping_rounds, sc.seed)
+    threads = next((sc.lightgbm[k] for k in THREAD_KEYS if k in sc.lightgbm), None)
     cands = search_candidates(
-        fit.model, table.domains, table.criteria, sc.n_candidates, sc.top_k, sc.candidate_seed, sc.lambda_mode, active
+        fit.model, table.domains, table.criteria, sc.n_candidates, sc.top_k, sc.candidate_seed, sc.lambda_mode, active,
+        num_threads=threads,
     )
     theta = cands.theta_star
     metrics = {
