@@ -86,7 +86,15 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def local_reference(tmp_path_factory, spark, corpus) -> tuple[Context, str]:
+def scorer_models(tmp_path_factory) -> Path:
+    """Where the pipeline's ``train-scorers`` stage writes and every annotate run reads the scorer models."""
+    path = tmp_path_factory.mktemp("models")
+    os.environ["QUADMIX_TEST_MODELS"] = str(path)  # read by tests/cluster/pipeline.yaml, here and in spark-submit
+    return path
+
+
+@pytest.fixture(scope="session")
+def local_reference(tmp_path_factory, spark, corpus, scorer_models) -> tuple[Context, str]:
     """The whole ``PIPELINE`` run in-process on the local session: the expected output of the cluster runs."""
     ctx = Context(corpus=corpus, root=tmp_path_factory.mktemp("local-root"))
     uri = f"sqlite:///{ctx.root / 'mlflow.db'}"

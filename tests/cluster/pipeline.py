@@ -1,16 +1,12 @@
 """The stages the cluster tests run, and how to run them: spark-submit on the cluster, or in-process locally.
 
-To add a stage to the cluster tests, append a ``StageRun`` to ``PIPELINE`` (in order: each stage reads what
-the earlier ones wrote under the same storage root). For example, once they land:
+Every stage in ``PIPELINE`` runs through ``deploy/spark-submit/submit.sh`` against the standalone master with
+tracking to the MLflow server, and in-process on the local session with the same arguments; its tables must be
+equal, and its MLflow run must be on the server with the listed metrics equal to the local run's. A stage with
+``cluster=False`` (training the scorers: fastText training is multi-threaded, hence not bit-reproducible) runs
+once, locally, and both pipelines read what it wrote (``$QUADMIX_TEST_MODELS``).
 
-    StageRun("annotate", tables=("annotations",), submit=("--no-gpu",)),  # the CPU fallback on the loopback cluster
-    StageRun("normalize", tables=("normalized",)),
-    StageRun("sample", args=lambda ctx: ["--set", "sample.theta=latest"], tables=("selection",)),
-    # and a tiny search: propose -> proxy -> search, with small --set sizes
-
-Every stage then runs through ``deploy/spark-submit/submit.sh`` against the standalone master with tracking
-to the MLflow server, and in-process on the local session with the same arguments; its tables must be
-equal, and its MLflow run must be on the server with the listed metrics equal to the local run's.
+All stages read ``conf/default.yaml`` plus ``tests/cluster/pipeline.yaml`` (small real scorers, a tiny search).
 """
 
 from __future__ import annotations
@@ -23,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+CONFIG = ["-c", str(REPO / "conf" / "default.yaml"), "-c", str(REPO / "tests" / "cluster" / "pipeline.yaml")]
 SUBMIT = REPO / "deploy" / "spark-submit" / "submit.sh"
 EXPERIMENT = "quadmix-cluster-test"
 
@@ -42,6 +39,7 @@ class StageRun:
     tables: tuple[str, ...] = ()                             # tables it writes: cluster == local
     metrics: tuple[str, ...] = ()                            # MLflow metrics: cluster run == local run
     submit: tuple[str, ...] = ()                             # extra submit.sh options (e.g. --no-gpu)
+    cluster: bool = True                                     # False: run once, locally, before the cluster runs
 
 
 PIPELINE: list[StageRun] = [
@@ -51,6 +49,16 @@ PIPELINE: list[StageRun] = [
         tables=("documents", "rejects", "ingest_log"),
         metrics=("input_rows", "documents", "rejects", "blank_lines", "files_new"),
     ),
+    StageRun("train-scorers", cluster=False),
+    StageRun("annotate", tables=("annotations",), submit=("--no-gpu",)),  # the CPU path on the loopback cluster
+    StageRun("normalize", tables=("score_knots",)),
+    StageRun("sample", args=lambda ctx: ["--random-theta", "7", "--set", "sampling.run=cluster-test"],
+             tables=("selection", "training_output"),
+             metrics=("input_tokens", "expected_tokens", "realized_tokens", "output_tokens", "epochs")),
+    StageRun("propose"),
+    StageRun("proxy", tables=("proxy_index", "proxy_theta_tokens"), submit=("--no-gpu",),
+             metrics=("trained", "failed", "pool_docs", "pool_tokens")),
+    StageRun("search"),
 ]
 
 # Columns that legitimately differ between two runs of the same input (none so far; e.g. timestamps).
@@ -90,7 +98,7 @@ def submit_stage(run: StageRun, ctx: Context, master: str, tracking_uri: str, lo
     cmd = [str(SUBMIT), run.stage, "--master", master, "--python-env", python_env, *SMALL, *run.submit]
     for k, v in (confs or {}).items():
         cmd += ["--conf", f"{k}={v}"]
-    cmd += ["--", *run.args(ctx), *common_overrides(ctx.root, tracking_uri)]
+    cmd += ["--", *CONFIG, *run.args(ctx), *common_overrides(ctx.root, tracking_uri)]
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{run.stage}.log"
     env = {**os.environ, "QUADMIX_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
@@ -125,7 +133,7 @@ def run_in_process(run: StageRun, ctx: Context, tracking_uri: str) -> None:
     """The same stage through the ``quadmix`` CLI in this process (the active local session is used)."""
     from quadmix_spark.cli import main
 
-    argv = [run.stage, *run.args(ctx), *common_overrides(ctx.root, tracking_uri)]
+    argv = [run.stage, *CONFIG, *run.args(ctx), *common_overrides(ctx.root, tracking_uri)]
     try:
         main(argv)
     except SystemExit as e:

@@ -65,22 +65,53 @@ def assert_tracked_like_local(run: StageRun, server_uri: str, cluster_root: Path
         assert r.data.metrics[key] == l.data.metrics[key], f"{run.stage}: {key} {r.data.metrics[key]} != local {l.data.metrics[key]}"
 
 
+def search_results(tracking_uri: str, root: Path) -> tuple[dict[str, float], str]:
+    """({θ id: target_loss} of the search's proxies, θ* id) in the store of ``root``."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    parents = stage_runs(tracking_uri, "propose", root)
+    assert len(parents) == 1, f"one search parent run expected for {root}, got {len(parents)}"
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    losses = {r.data.tags["quadmix.theta_id"]: r.data.metrics.get("target_loss") for r in children}
+    fits = client.search_runs([exp.experiment_id],
+                              filter_string="tags.`quadmix.role` = 'search-fit' and tags.`quadmix.search` = 'cluster'")
+    assert len(fits) == 1, f"one search fit expected at {tracking_uri}, got {len(fits)}"
+    with tempfile.TemporaryDirectory() as d:
+        star = json.loads(Path(client.download_artifacts(fits[0].info.run_id, "theta_star.json", d)).read_text())
+    return losses, star["theta_id"]
+
+
 def test_pipeline_on_cluster_equals_local(cluster, mlflow_server, local_reference, spark, tmp_path):
     local_ctx, local_uri = local_reference
     ctx = Context(corpus=local_ctx.corpus, root=tmp_path / "cluster-root")
-    for run in PIPELINE:
+    on_cluster = [run for run in PIPELINE if run.cluster]
+    for run in on_cluster:
         sub = submit_stage(run, ctx, cluster.url, mlflow_server.url, tmp_path / "logs")
         finish(sub, SUBMIT_TIMEOUT)
     # the applications ran on the cluster's two workers and finished
     apps = cluster.master_state()["completedapps"]
-    assert {f"quadmix-{run.stage}" for run in PIPELINE} <= {a["name"] for a in apps}
-    for run in PIPELINE:
+    assert {f"quadmix-{run.stage}" for run in on_cluster} <= {a["name"] for a in apps}
+    for run in on_cluster:
         assert_same_tables(spark, run, ctx.root, local_ctx.root)
-        assert_tracked_like_local(run, mlflow_server.url, ctx.root, local_uri, local_ctx.root)
+        if run.metrics:
+            assert_tracked_like_local(run, mlflow_server.url, ctx.root, local_uri, local_ctx.root)
     # the ingest report's bookkeeping holds on the cluster run
     docs = read_table(spark, ctx.root, "documents").count()
     rejects = read_table(spark, ctx.root, "rejects").count()
     assert docs >= 390 and rejects >= 10
+    # the proxies trained on the executors logged to the server the same losses as the local run, and the
+    # search derived the same θ*
+    got_losses, got_star = search_results(mlflow_server.url, ctx.root)
+    want_losses, want_star = search_results(local_uri, local_ctx.root)
+    assert len(want_losses) == 4 and all(v is not None for v in want_losses.values())
+    assert got_losses.keys() == want_losses.keys()
+    for theta_id, loss in want_losses.items():
+        assert got_losses[theta_id] == pytest.approx(loss, rel=1e-6), theta_id
+    assert got_star and got_star == want_star
 
 
 # ---------------------------------------------------------------- a worker dies mid-job
