@@ -757,7 +757,7 @@ def run_search(cfg, search_names: Sequence[str] | None = None, out_path: str | P
     ) as run:
         tmp = Path(tmp)
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
-        mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
+        mlflow.log_metrics(metrics)  # NaN (ρ of constant predictions) is stored as NaN: the key is always there
         mlflow.log_dict(cfg.resolved(), "config.yaml")
         save_theta(theta, tmp / THETA_STAR_ARTIFACT)
         mlflow.log_artifact(str(tmp / THETA_STAR_ARTIFACT))

@@ -234,3 +234,13 @@ def test_run_search_logs_one_run_with_theta_star(store, tmp_path):
     model = mlflow.lightgbm.load_model(f"runs:/{outcome.run_id}/model")
     x = outcome.runs.X.iloc[:3]
     np.testing.assert_allclose(model.predict(x), outcome.fit.model.predict(x))
+
+
+def test_tiny_fit_still_reports_spearman(store):
+    """A handful of runs and stumps: ρ may be undefined (constant predictions) but is always logged."""
+    outcome = S.run_search(_cfg(store, "search.min_runs=5", "search.val_fraction=0.34", "search.n_candidates=500",
+                                "search.top_k=3", 'search.lightgbm={"n_estimators": 5, "min_child_samples": 1, "num_leaves": 3}'),
+                           ["few"])
+    run = store["client"].get_run(outcome.run_id)
+    assert {"val_mae", "val_spearman", "best_iteration", "top_pred_mean"} <= set(run.data.metrics)
+    assert outcome.fit.n_val == 2 and outcome.theta_star.n_domains == len(DOMAINS)
