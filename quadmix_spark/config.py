@@ -46,11 +46,12 @@ class StorageConfig(_Section):
         """Identifier of table ``name``: a path under ``root/tables`` or ``catalog.schema.name``."""
         if self.uses_catalog:
             return f"{self.catalog}.{self.schema_}.{name}"
-        return _join(self.root, "tables", name)
+        return _join(local_path(self.root), "tables", name)
 
     def path(self, *parts: str) -> str:
-        """A location under the storage root (exports, scratch)."""
-        return _join(self.root, *parts)
+        """A location under the storage root (exports, scratch); a relative local root is made absolute
+        (Delta's table builder rejects relative paths, and executors run in other folders)."""
+        return _join(local_path(self.root), *parts)
 
 
 class TrackingConfig(_Section):
