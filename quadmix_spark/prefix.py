@@ -124,3 +124,139 @@ def _cumulate(batch, group, value, weight, running, offsets, totals) -> pd.DataF
     out["cum_weight"] = tied
     out["group_weight"] = pd.Series(g).map(totals).to_numpy(np.int64)
     return out
+
+
+# ---------------------------------------------------------------- cells known in advance (no sampling pass)
+
+_M32 = 0xFFFFFFFF
+
+
+def _rotl32(x: int, r: int) -> int:
+    return ((x << r) | (x >> (32 - r))) & _M32
+
+
+def spark_hash_int(value: int, seed: int = 42) -> int:
+    """Spark's ``hash(CAST(value AS INT))`` (Murmur3 x86 32-bit of one 4-byte int, seed 42), a signed int."""
+    k = (value & _M32) * 0xCC9E2D51 & _M32
+    k = _rotl32(k, 15) * 0x1B873593 & _M32
+    h = (seed & _M32) ^ k
+    h = (_rotl32(h, 13) * 5 + 0xE6546B64) & _M32
+    h ^= 4
+    h ^= h >> 16
+    h = h * 0x85EBCA6B & _M32
+    h ^= h >> 13
+    h = h * 0xC2B2AE35 & _M32
+    h ^= h >> 16
+    return h - (1 << 32) if h & 0x80000000 else h
+
+
+def partition_labels(n_labels: int, n_partitions: int) -> list[int]:
+    """Distinct int labels such that ``repartition(n_partitions, label)`` sends label i to partition
+    ``i % n_partitions`` (Spark's hash partitioning is ``pmod(hash(label), n)``). Placement only balances
+    the work: nothing computed downstream depends on it."""
+    labels, nxt = [], 0
+    for i in range(n_labels):
+        want = i % n_partitions
+        while spark_hash_int(nxt) % n_partitions != want:  # Python's % is pmod
+            nxt += 1
+        labels.append(nxt)
+        nxt += 1
+    return labels
+
+
+def by_labels(df: DataFrame, index: str | F.Column, n_labels: int, n_partitions: int) -> DataFrame:
+    """``df`` hash-repartitioned so that rows with ``index`` = i land in partition i % n_partitions."""
+    labels = partition_labels(n_labels, n_partitions)
+    col = F.col(index) if isinstance(index, str) else index
+    label = F.element_at(F.array(*[F.lit(v) for v in labels]), col.cast("int") + 1)
+    return df.repartition(n_partitions, label)
+
+
+def balanced_cuts(cell_mass: np.ndarray, n_parts: int) -> np.ndarray:
+    """Start cells of ``n_parts`` runs of consecutive cells with about equal mass (a cell is never split)."""
+    mass = np.asarray(cell_mass, dtype=np.int64)
+    total = int(mass.sum())
+    if total <= 0 or n_parts <= 1:
+        return np.zeros(1, dtype=np.int64)
+    part = (np.cumsum(mass) - mass) * n_parts // total  # mass before the cell, in parts: monotone
+    return np.flatnonzero(np.r_[True, part[1:] != part[:-1]]).astype(np.int64)
+
+
+def cell_cumulative(
+    df: DataFrame,
+    cell: str,
+    value: str,
+    weight: str,
+    cells: np.ndarray,
+    cell_base: np.ndarray,
+    cuts: np.ndarray,
+    n_partitions: int | None = None,
+    finish=None,
+    out_schema: T.StructType | str | None = None,
+) -> DataFrame:
+    """``df`` plus ``cum_weight`` = ``cell_base`` of the row's cell + the weight of the rows of the same cell
+    whose ``value`` is <= this row's (ties inclusive).
+
+    The cells (integers, e.g. a (group, histogram bin) index, ordered so that a group's cells follow its
+    values) and the weight before each of them are known in advance (``cells`` sorted, ``cell_base``
+    aligned), so no pass is needed to find bounds or offsets: runs of whole cells (``cuts``: the first cell
+    of each run, from :func:`balanced_cuts`) go to partitions round-robin, each is sorted by (cell, value)
+    and summed in one ``mapInPandas``. Every row's cell must be in ``cells``. Integer weights: exact, and
+    independent of the partitioning. ``finish`` (pandas -> pandas, with ``out_schema``) post-processes each
+    output batch in the same Python pass.
+    """
+    spark = df.sparkSession
+    parts = n_partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
+    cells = np.asarray(cells, dtype=np.int64)
+    cell_base = np.asarray(cell_base, dtype=np.int64)
+    cuts = np.asarray(cuts, dtype=np.int64)
+    # the run index of a cell, in SQL: how many cuts are <= cell, minus one
+    run_col = F.size(F.filter(F.array(*[F.lit(int(c)) for c in cuts]), lambda x: x <= F.col(cell))) - 1
+    ordered = by_labels(df, run_col, len(cuts), parts).sortWithinPartitions(cell, value)
+    if out_schema is None:
+        out_schema = T.StructType(list(df.schema.fields) + [T.StructField("cum_weight", T.LongType())])
+
+    def add_cumulative(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        carry: tuple[int, int] | None = None  # (cell, weight so far) of the cell that ended the last batch
+        held: pd.DataFrame | None = None
+        for batch in batches:
+            if held is not None:
+                batch = pd.concat([held, batch], ignore_index=True)
+                held = None
+            if batch.empty:
+                continue
+            c = batch[cell].to_numpy(np.int64)
+            v = batch[value].to_numpy()
+            last = (c == c[-1]) & (v == v[-1])
+            cut = len(batch) - int(np.argmin(last[::-1])) if not last.all() else 0
+            done, held = batch.iloc[:cut], batch.iloc[cut:]
+            if len(done):
+                out, carry = _cumulate_cells(done, cell, value, weight, cells, cell_base, carry)
+                yield finish(out) if finish else out
+        if held is not None and len(held):
+            out, carry = _cumulate_cells(held, cell, value, weight, cells, cell_base, carry)
+            yield finish(out) if finish else out
+
+    return ordered.mapInPandas(add_cumulative, out_schema)
+
+
+def _cumulate_cells(batch, cell, value, weight, cells, cell_base, carry):
+    """Cumulative weights of a batch sorted by (cell, value) that ends at a tie boundary."""
+    c = batch[cell].to_numpy(np.int64)
+    v = batch[value].to_numpy()
+    w = batch[weight].to_numpy(np.int64)
+    cum = np.cumsum(w)
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+    pos = np.searchsorted(cells, c[starts])
+    if (pos >= len(cells)).any() or (cells[np.minimum(pos, len(cells) - 1)] != c[starts]).any():
+        raise ValueError("a row's cell is not among the known cells")
+    prior = cell_base[pos].copy()
+    if carry is not None and carry[0] == c[0]:
+        prior[0] = carry[1]  # the batch continues the previous batch's last cell
+    base = prior - np.r_[0, cum[starts[1:] - 1]]
+    within = cum + base[np.cumsum(np.r_[True, c[1:] != c[:-1]]) - 1]
+    ends = np.r_[(c[1:] != c[:-1]) | (v[1:] != v[:-1]), True]
+    tie_of = np.cumsum(np.r_[True, ends[:-1]]) - 1
+    out = batch.copy()
+    out["cum_weight"] = within[np.flatnonzero(ends)][tie_of]
+    return out, (int(c[-1]), int(within[-1]))

@@ -2,20 +2,25 @@
 
 For K parameter sets at once, over an annotations frame (doc_id, domain, n_tokens, q_<criterion>…):
 
-- **pass A** (map-side, then a small aggregation): every document's σ (the kernel's knots mapping),
-  q̄ for each θ (the kernel's Eq. 1), and a token-weighted histogram of q̄ per (θ, domain) with
-  ``coarse_bins`` bins. From it, per (θ, domain), the last bin ``b*`` at which the cumulative share
-  reaches ``max(rank_region, ω)``.
-- **pass B**: documents whose q̄ falls in a bin <= b* ("the region": every document with r̄ <=
-  max(rank_region, ω), plus the rest of b*'s bin; a proxy index, which stores no r̄, needs only r̄ <= ω)
-  get their EXACT r̄ from a range-partitioned sort
-  (:mod:`quadmix_spark.prefix`), so a domain is split over as many tasks as its size needs. Every other
-  document has r̄ > ω, hence S = ε exactly; its reported r̄ is interpolated in its coarse bin (error at
-  most that bin's token share, which only matters for display: S does not depend on it).
+- **pass A** (map-side, then a small aggregation, collected once: K × M × ``coarse_bins`` integers at
+  most): every document's σ (the kernel's knots mapping), q̄ for each θ (the kernel's Eq. 1), and a
+  token-weighted histogram of q̄ per (θ, domain) with ``coarse_bins`` bins, plus the documents per domain
+  and the count of documents in a domain θ does not name (so no separate check pass). On the driver, per
+  (θ, domain), the first bin ``b*`` at which the cumulative share reaches ``max(rank_region, ω)``, the
+  mass before every bin and the domain totals.
+- **pass B** (one evaluation, persisted, read twice): documents whose q̄ falls in a bin <= b* ("the
+  region": every document with r̄ <= max(rank_region, ω), plus the rest of b*'s bin; a proxy index, which
+  stores no r̄, needs only r̄ <= ω) get their EXACT r̄: r̄ = (mass before the bin, from the histogram +
+  the tokens of the same bin with q̄ <= own) / domain total, from a sort by (cell = (θ, domain, bin), q̄)
+  where runs of whole cells of about equal mass are spread over the partitions
+  (:func:`quadmix_spark.prefix.cell_cumulative`): a domain is split over as many tasks as its size needs,
+  and neither bounds nor offsets need another pass. Every other document has r̄ > ω, hence S = ε
+  exactly; its reported r̄ is interpolated in its coarse bin (error at most that bin's token share, which
+  only matters for display: S does not depend on it).
 - S is the kernel's Eq. 3 and copies = ⌊S⌋ + [u < frac S] with u the kernel's hash of
   (doc_id, θ key, seed), bit-identical to Spark's ``xxhash64``. Nothing depends on partitioning.
 
-The number of passes over the annotations is fixed (A, then B read twice: region and rest), whatever K.
+The number of passes over the annotations is fixed (A, then B), whatever K.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, Window
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -34,9 +40,9 @@ from quadmix_spark.kernel.copies import hash_uniform_from_doc_hashes, realized_c
 from quadmix_spark.kernel.merge import merged_score
 from quadmix_spark.kernel.sampling_fn import sampling_value
 from quadmix_spark.kernel.sigma import Knots, map_scores
-from quadmix_spark.kernel.theta import Theta
+from quadmix_spark.kernel.theta import Theta, ThetaMismatchError
 from quadmix_spark.normalize import SCORE_PREFIX
-from quadmix_spark.prefix import within_group_cumulative
+from quadmix_spark.prefix import balanced_cuts, cell_cumulative
 
 RANKED_SCHEMA = T.StructType(
     [
@@ -122,68 +128,91 @@ def _bins(q: np.ndarray, method: str, n_bins: int) -> np.ndarray:
     return np.minimum((_unit(q, method) * n_bins).astype(np.int64), n_bins - 1)
 
 
-def coarse_histograms(prepared: DataFrame, stack: ThetaStack, knots: list[Knots], s: RankSettings) -> DataFrame:
-    """Pass A: token mass per (θ, domain, bin) of q̄, as rows (theta_idx, domain_idx, bin, mass)."""
-    method, B, M = knots[0].method, s.coarse_bins, len(stack.domains)
+@dataclass(frozen=True)
+class Histogram:
+    """Pass A's result, collected once (small: K × M × coarse_bins integers)."""
+
+    mass: np.ndarray  # (K, M, B) token mass per (θ, domain, bin of q̄)
+    docs: np.ndarray  # (M,) documents per domain
+    unknown: int  # documents whose domain θ does not name (domain_idx null)
+
+    @property
+    def cum(self) -> np.ndarray:
+        return np.cumsum(self.mass, axis=2)
+
+    @property
+    def totals(self) -> np.ndarray:
+        return self.mass.sum(axis=2)
+
+
+def coarse_histograms(prepared: DataFrame, stack: ThetaStack, knots: list[Knots], s: RankSettings) -> Histogram:
+    """Pass A: token mass per (θ, domain, bin) of q̄, documents per domain and the count of documents in a
+    domain θ does not name, in one pass over the narrow columns (no doc ids cross into Python)."""
+    method, B, M, K = knots[0].method, s.coarse_bins, len(stack.domains), stack.k
+    cols = ["domain_idx", "n_tokens", *[SCORE_PREFIX + c for c in stack.criteria]]
 
     def hist(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        acc = np.zeros((stack.k, M * B), dtype=np.int64)
+        acc = np.zeros((K, M * B), dtype=np.int64)
+        docs = np.zeros(M, dtype=np.int64)
+        unknown = 0
         for pdf in batches:
+            known = pdf["domain_idx"].notna().to_numpy()
+            if not known.all():
+                unknown += int((~known).sum())
+                pdf = pdf[known]
+                if pdf.empty:
+                    continue
             sig, d, w = _sigma(pdf, knots), pdf["domain_idx"].to_numpy(np.int64), pdf["n_tokens"].to_numpy(np.float64)
-            for k in range(stack.k):
+            docs += np.bincount(d, minlength=M)
+            for k in range(K):
                 b = _bins(merged_score(sig, d, stack.alpha[k]), method, B)
                 acc[k] += np.bincount(d * B + b, weights=w, minlength=M * B).astype(np.int64)
         acc = acc.ravel()
         nz = np.flatnonzero(acc)
-        yield pd.DataFrame({"key": nz.astype(np.int64), "mass": acc[nz]})
+        nd = np.flatnonzero(docs)
+        keys = np.r_[nz, -2 - nd, [-1] if unknown else []].astype(np.int64)
+        yield pd.DataFrame({"key": keys, "mass": np.r_[acc[nz], docs[nd], [unknown] if unknown else []].astype(np.int64)})
 
-    rows = prepared.mapInPandas(hist, "key long, mass long").groupBy("key").agg(F.sum("mass").alias("mass"))
-    return rows.select(
-        (F.col("key") / (M * B)).cast("int").alias("theta_idx"),
-        ((F.col("key") / B).cast("long") % M).cast("int").alias("domain_idx"),
-        (F.col("key") % B).cast("int").alias("bin"),
-        "mass",
-    )
+    rows = prepared.select(*cols).mapInPandas(hist, "key long, mass long").groupBy("key").agg(F.sum("mass").alias("mass")).toPandas()
+    key, val = rows["key"].to_numpy(np.int64), rows["mass"].to_numpy(np.int64)
+    mass = np.zeros(K * M * B, dtype=np.int64)
+    mass[key[key >= 0]] = val[key >= 0]
+    docs = np.zeros(M, dtype=np.int64)
+    docs[-2 - key[key <= -2]] = val[key <= -2]
+    return Histogram(mass.reshape(K, M, B), docs, int(val[key == -1].sum()))
 
 
-def region_bins(hist: DataFrame, stack: ThetaStack, s: RankSettings) -> tuple[np.ndarray, np.ndarray, DataFrame]:
-    """b* per (θ, domain) as a (K, M) array (-1 where the domain is empty), the domains' token totals
-    (K, M), and the cumulative histogram."""
-    M = len(stack.domains)
+def region_bins(hist: Histogram, stack: ThetaStack, s: RankSettings) -> tuple[np.ndarray, np.ndarray]:
+    """b* per (θ, domain) as a (K, M) array (-1 where the domain is empty): the first non-empty bin at which
+    the cumulative share reaches ``max(rank_region, ω)``; and the domains' token totals (K, M)."""
     target = np.maximum(stack.omega, s.rank_region)  # (K, M)
-    target_col = F.element_at(
-        F.array(*[F.lit(float(x)) for x in target.ravel()]), F.col("theta_idx") * M + F.col("domain_idx") + 1
-    )
-    w = Window.partitionBy("theta_idx", "domain_idx")  # one (θ, domain) histogram: at most coarse_bins rows
-    cum = hist.withColumn("cum", F.sum("mass").over(w.orderBy("bin"))).withColumn("total", F.sum("mass").over(w))
+    cum, total = hist.cum, hist.totals
     # conservative: a b* a rounding error too early would leave documents with r̄ <= target outside
-    reached = cum.where((F.col("cum") >= F.col("total")) | (F.col("cum") >= target_col * F.col("total") * (1 + 1e-9)))
-    stars = reached.groupBy("theta_idx", "domain_idx").agg(F.min("bin").alias("b"), F.max("total").alias("total")).collect()
-    bstar = np.full((stack.k, M), -1, dtype=np.int64)
-    totals = np.zeros((stack.k, M), dtype=np.int64)
-    for r in stars:
-        bstar[r.theta_idx, r.domain_idx] = r.b
-        totals[r.theta_idx, r.domain_idx] = r.total
-    return bstar, totals, cum
+    reached = (hist.mass > 0) & ((cum >= total[..., None]) | (cum >= (target * total)[..., None] * (1 + 1e-9)))
+    bstar = np.where(reached.any(axis=2), reached.argmax(axis=2), -1).astype(np.int64)
+    return bstar, total
 
 
-def _coarse_lookup(cum_rows, stack: ThetaStack, B: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dense (K, M, B) arrays: mass before each bin, mass of the bin, domain total."""
-    M = len(stack.domains)
-    before = np.zeros((stack.k, M, B), dtype=np.int64)
-    mass = np.zeros((stack.k, M, B), dtype=np.int64)
-    total = np.zeros((stack.k, M), dtype=np.int64)
-    for r in cum_rows:
-        before[r.theta_idx, r.domain_idx, r.bin] = r.cum - r.mass
-        mass[r.theta_idx, r.domain_idx, r.bin] = r.mass
-        total[r.theta_idx, r.domain_idx] = r.total
-    return before, mass, total
+def check_domains(hist: Histogram, stack: ThetaStack, prepared: DataFrame) -> None:
+    """θ's domains must be exactly the data's: no document outside them, none of them without documents."""
+    if hist.unknown:
+        bad = prepared.where(F.col("domain_idx").isNull()).select(F.col("doc_id")).limit(3).collect()
+        raise ValueError(f"documents {[r.doc_id for r in bad]} have a domain that θ does not name (θ domains: {stack.domains})")
+    empty = [d for d, n in zip(stack.domains, hist.docs) if n == 0]
+    if empty:
+        raise ThetaMismatchError(f"theta domains do not match: missing [], extra {empty} (no documents in these domains)")
 
 
 def _copies(stack: ThetaStack, k: int, d: np.ndarray, rbar: np.ndarray, doc_hash: np.ndarray, s: RankSettings):
     S = sampling_value(rbar, stack.lam[k, d], stack.omega[k, d], stack.eta[k, d], stack.eps[k, d], s.eta_mode)
     u = hash_uniform_from_doc_hashes(doc_hash, int(stack.keys[k]), s.seed)
     return S, realized_copies(S, u).astype(np.int32)
+
+
+SPLIT_SCHEMA = T.StructType(
+    list(RANKED_SCHEMA.fields)
+    + [T.StructField("cell", T.LongType()), T.StructField("qbar", T.DoubleType()), T.StructField("doc_hash", T.LongType())]
+)
 
 
 @contextmanager
@@ -193,37 +222,52 @@ def rank_and_sample(
     """Yield (theta_idx, doc_id, domain_idx, n_tokens, rbar, rank_exact, S, copies) for every θ.
 
     ``keep_all`` keeps every document (a selection table); otherwise only rows with copies > 0 (a proxy
-    index). The frame is valid while the context is open (the exact-rank sort is persisted).
+    index). The frame is valid while the context is open (pass B's output is persisted).
+
+    Passes over the annotations: A (the histogram, collected) and B (σ, q̄, the region split and, outside
+    the region, S and copies), whose output is persisted and read twice: the region through a sort by
+    histogram cell (runs of whole cells spread over the partitions from the histogram: no sampling pass,
+    no offsets pass), the rest as is.
     """
     criteria, method, B, M = list(stack.criteria), knots[0].method, s.coarse_bins, len(stack.domains)
     if [k.criterion for k in knots] != criteria:
         raise ValueError(f"knots criteria {[k.criterion for k in knots]} do not match θ criteria {criteria}")
     prepared = prepare(annotations, list(stack.domains), criteria)
-    bad = prepared.where(F.col("domain_idx").isNull()).select(F.col("doc_id")).limit(3).collect()
-    if bad:
-        raise ValueError(f"documents {[r.doc_id for r in bad]} have a domain that θ does not name (θ domains: {stack.domains})")
+    hist = coarse_histograms(prepared, stack, knots, s)
+    check_domains(hist, stack, prepared)
     # r̄ is stored (and must be exact up to rank_region) only in a selection; a proxy index needs the
     # exact ranks where S depends on them, i.e. up to ω
     region_settings = s if keep_all else replace(s, rank_region=0.0)
-    bstar, domain_total, cum = region_bins(coarse_histograms(prepared, stack, knots, s), stack, region_settings)
-    before, mass, total = _coarse_lookup(cum.collect(), stack, B) if keep_all else (None, None, None)
+    bstar, domain_total = region_bins(hist, stack, region_settings)
+    all_before = hist.cum - hist.mass  # (K, M, B) mass before each bin
+    in_region = (np.arange(B)[None, None, :] <= bstar[..., None]) & (hist.mass > 0)
+    cells = np.flatnonzero(in_region.ravel()).astype(np.int64)  # cell = (k * M + d) * B + bin
+    cell_base = all_before.ravel()[cells]
+    parts = s.n_partitions or int(annotations.sparkSession.conf.get("spark.sql.shuffle.partitions"))
+    cuts = cells[balanced_cuts(hist.mass.ravel()[cells], 4 * parts)] if cells.size else np.zeros(1, np.int64)
+    # the interpolated r̄ outside the region is stored only in a selection (one θ): ship the lookup only then
+    before, mass, total = (all_before, hist.mass, domain_total) if keep_all else (None, None, None)
 
-    def split(batches: Iterator[pd.DataFrame], want_region: bool) -> Iterator[pd.DataFrame]:
+    def split(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
             sig, d = _sigma(pdf, knots), pdf["domain_idx"].to_numpy(np.int64)
             ids, h, w = pdf["doc_id"].to_numpy(), pdf["doc_hash"].to_numpy(np.int64), pdf["n_tokens"].to_numpy(np.int64)
-            parts: list[dict] = []
+            parts_: list[dict] = []
             for k in range(stack.k):
                 q = merged_score(sig, d, stack.alpha[k])
                 b = _bins(q, method, B)
                 inside = b <= bstar[k, d]
-                idx = np.flatnonzero(inside if want_region else ~inside)
+                idx = np.flatnonzero(inside)
+                if idx.size:
+                    ds = d[idx]
+                    n = idx.size
+                    parts_.append({"theta_idx": np.full(n, k, np.int32), "doc_id": ids[idx], "domain_idx": ds.astype(np.int32),
+                                   "n_tokens": w[idx], "rbar": np.zeros(n), "rank_exact": np.ones(n, bool), "S": np.zeros(n),
+                                   "copies": np.zeros(n, np.int32), "cell": (k * M + ds) * B + b[idx], "qbar": q[idx], "doc_hash": h[idx]})
+                idx = np.flatnonzero(~inside)
                 if idx.size == 0:
                     continue
                 ds = d[idx]
-                if want_region:
-                    parts.append({"group": k * M + ds, "qbar": q[idx], "n_tokens": w[idx], "doc_id": ids[idx], "doc_hash": h[idx]})
-                    continue
                 rbar = np.ones(idx.size)
                 if keep_all:
                     frac = _unit(q[idx], method) * B - b[idx]
@@ -232,33 +276,38 @@ def rank_and_sample(
                 if not keep_all:  # a proxy index keeps only documents with copies (the ε tail is rare)
                     kept = c > 0
                     idx, ds, rbar, S, c = idx[kept], ds[kept], rbar[kept], S[kept], c[kept]
-                parts.append({"theta_idx": np.full(idx.size, k, np.int32), "doc_id": ids[idx], "domain_idx": ds.astype(np.int32),
-                              "n_tokens": w[idx], "rbar": rbar, "rank_exact": np.zeros(idx.size, bool), "S": S, "copies": c})
-            if parts:
-                yield pd.DataFrame({key: np.concatenate([p[key] for p in parts]) for key in parts[0]})
+                n = idx.size
+                parts_.append({"theta_idx": np.full(n, k, np.int32), "doc_id": ids[idx], "domain_idx": ds.astype(np.int32),
+                               "n_tokens": w[idx], "rbar": rbar, "rank_exact": np.zeros(n, bool), "S": S, "copies": c,
+                               "cell": np.full(n, -1, np.int64), "qbar": np.zeros(n), "doc_hash": h[idx]})
+            if parts_:
+                yield pd.DataFrame({key: np.concatenate([p[key] for p in parts_]) for key in parts_[0]})
 
-    region = prepared.mapInPandas(lambda it: split(it, True), "group long, qbar double, n_tokens long, doc_id string, doc_hash long")
-    rest = prepared.mapInPandas(lambda it: split(it, False), RANKED_SCHEMA)
+    def finish(pdf: pd.DataFrame) -> pd.DataFrame:
+        ks = pdf["theta_idx"].to_numpy(np.int64)
+        ds = pdf["domain_idx"].to_numpy(np.int64)
+        # the sort holds only the region: r̄ is over the whole domain's tokens
+        rbar = pdf["cum_weight"].to_numpy(np.float64) / domain_total[ks, ds].astype(np.float64)
+        S = np.empty(len(ks))
+        c = np.empty(len(ks), dtype=np.int32)
+        h = pdf["doc_hash"].to_numpy(np.int64)
+        for k in np.unique(ks):
+            m = ks == k
+            S[m], c[m] = _copies(stack, int(k), ds[m], rbar[m], h[m], s)
+        out = pd.DataFrame({
+            "theta_idx": ks.astype(np.int32), "doc_id": pdf["doc_id"].to_numpy(), "domain_idx": ds.astype(np.int32),
+            "n_tokens": pdf["n_tokens"].to_numpy(np.int64), "rbar": rbar, "rank_exact": True, "S": S, "copies": c,
+        })
+        return out if keep_all else out[out["copies"] > 0]
 
-    def finish(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for pdf in batches:
-            g = pdf["group"].to_numpy(np.int64)
-            ks, ds = (g // M).astype(np.int64), (g % M).astype(np.int64)
-            # the sort holds only the region: r̄ is over the whole domain's tokens
-            rbar = pdf["cum_weight"].to_numpy(np.float64) / domain_total[ks, ds].astype(np.float64)
-            S = np.empty(len(g))
-            c = np.empty(len(g), dtype=np.int32)
-            for k in np.unique(ks):
-                m = ks == k
-                S[m], c[m] = _copies(stack, int(k), ds[m], rbar[m], pdf["doc_hash"].to_numpy(np.int64)[m], s)
-            out = pd.DataFrame({
-                "theta_idx": ks.astype(np.int32), "doc_id": pdf["doc_id"].to_numpy(), "domain_idx": ds.astype(np.int32),
-                "n_tokens": pdf["n_tokens"].to_numpy(np.int64), "rbar": rbar, "rank_exact": True, "S": S, "copies": c,
-            })
-            yield out if keep_all else out[out["copies"] > 0]
-
-    with within_group_cumulative(region, "group", "qbar", "n_tokens", s.n_partitions) as ranked:
-        yield ranked.mapInPandas(finish, RANKED_SCHEMA).unionByName(rest)
+    split_rows = prepared.mapInPandas(split, SPLIT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        region = split_rows.where(F.col("rank_exact")).select("theta_idx", "doc_id", "domain_idx", "n_tokens", "cell", "qbar", "doc_hash")
+        rest = split_rows.where(~F.col("rank_exact")).select(*RANKED_SCHEMA.names)
+        ranked = cell_cumulative(region, "cell", "qbar", "n_tokens", cells, cell_base, cuts, parts, finish=finish, out_schema=RANKED_SCHEMA)
+        yield ranked.unionByName(rest)
+    finally:
+        split_rows.unpersist()
 
 
 @contextmanager

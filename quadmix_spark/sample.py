@@ -30,14 +30,15 @@ from quadmix_spark.ingest import DOCUMENTS
 from quadmix_spark.kernel.sampling_fn import expected_from_rank_knots
 from quadmix_spark.kernel.theta import Theta
 from quadmix_spark.normalize import SCORE_KNOTS, criteria_of, load_knots
+from quadmix_spark.prefix import by_labels
 from quadmix_spark.ranking import (
     RankSettings,
     ThetaStack,
+    check_domains,
     coarse_histograms,
     narrow_batches,
     prepare,
     rank_and_sample,
-    region_bins,
 )
 from quadmix_spark.storage import is_path, read_table, table_exists, table_version, write_table
 
@@ -46,13 +47,20 @@ PROXY_INDEX, PROXY_THETA_TOKENS = "proxy_index", "proxy_theta_tokens"
 UNIFORM = 2.0**-53
 
 
-@dataclass
 class Inputs:
-    annotations: DataFrame
-    annotations_version: int
-    knots: list
-    domains: list[str]
-    criteria: list[str]
+    """The pinned annotations, their knots and criteria; ``domains`` (the data's, sorted) is computed on
+    first use only (a scan): the sampler learns the domains from its histogram pass instead."""
+
+    def __init__(self, annotations: DataFrame, annotations_version: int, knots: list, domains: list[str] | None,
+                 criteria: list[str]):
+        self.annotations, self.annotations_version, self.knots, self.criteria = annotations, annotations_version, knots, criteria
+        self._domains = domains
+
+    @property
+    def domains(self) -> list[str]:
+        if self._domains is None:
+            self._domains = sorted(r[0] for r in self.annotations.select("domain").distinct().collect() if r[0] is not None)
+        return self._domains
 
 
 def load_inputs(spark: SparkSession, cfg: QuadmixConfig, where: F.Column | None = None) -> Inputs:
@@ -72,8 +80,13 @@ def load_inputs(spark: SparkSession, cfg: QuadmixConfig, where: F.Column | None 
     by_name = {k.criterion: k for k in knots}
     if sorted(by_name) != sorted(criteria):
         raise ValueError(f"score knots cover {sorted(by_name)} but annotations have {criteria}: run `quadmix normalize`")
-    domains = sorted(r[0] for r in annotations.select("domain").distinct().collect() if r[0] is not None)
-    return Inputs(annotations, version, [by_name[c] for c in criteria], domains, criteria)
+    return Inputs(annotations, version, [by_name[c] for c in criteria], None, criteria)
+
+
+def theta_domains(inp: Inputs, thetas: list[Theta]) -> list[str]:
+    """The domain order of a θ stack: the data's when already known, else θ's own names sorted (the
+    histogram pass then checks that they are exactly the data's, see ``ranking.check_domains``)."""
+    return inp._domains if inp._domains is not None else sorted(thetas[0].domains)
 
 
 def settings(cfg: QuadmixConfig) -> RankSettings:
@@ -111,23 +124,36 @@ def plan_epochs(selection: DataFrame, theta_key: int, seed: int, budget: int | N
 
     The realized tokens of candidate epochs are summed in one aggregation over the (narrow) selection.
     """
+    return _plan_epochs(selection, theta_key, seed, budget, max_epochs)[0]
+
+
+def _plan_epochs(selection: DataFrame, theta_key: int, seed: int, budget: int | None, max_epochs: int,
+                 expected: float | None = None) -> tuple[list[tuple[int, float]], float | None]:
+    """The plan and the expected number of emitted copies (None with no budget: the caller knows it)."""
     if budget is None:
-        return [(0, 1.0)]
-    expected = selection.agg(F.sum(F.col("S") * F.col("n_tokens"))).first()[0] or 0.0
+        return [(0, 1.0)], None
+    if expected is None:
+        expected = selection.agg(F.sum(F.col("S") * F.col("n_tokens"))).first()[0] or 0.0
     if expected <= 0:
         raise ValueError("θ selects nothing (expected tokens 0): no budget can be met")
     n = int(min(max_epochs, np.ceil(budget / expected) + 2))
-    sums = selection.agg(*[F.sum(_epoch_copies(F.col("S"), theta_key, seed, e) * F.col("n_tokens")).alias(f"e{e}") for e in range(n)]).first()
-    plan, total = [], 0
+    aggs = []
+    for e in range(n):
+        c = _epoch_copies(F.col("S"), theta_key, seed, e)
+        aggs += [F.sum(c * F.col("n_tokens")).alias(f"e{e}"), F.sum(c).alias(f"c{e}")]
+    sums = selection.agg(*aggs).first()
+    plan, total, copies = [], 0, 0.0
     for e in range(n):
         tokens = int(sums[f"e{e}"] or 0)
         if tokens == 0:
             continue
         if total + tokens >= budget:
-            plan.append((e, (budget - total) / tokens))
-            return plan
+            keep = (budget - total) / tokens
+            plan.append((e, keep))
+            return plan, copies + keep * int(sums[f"c{e}"] or 0)
         plan.append((e, 1.0))
         total += tokens
+        copies += int(sums[f"c{e}"] or 0)
     raise ValueError(f"budget {budget} tokens not reached in {n} epochs ({total} tokens): raise sampling.max_epochs")
 
 
@@ -149,13 +175,14 @@ def instances(selection: DataFrame, plan: list[tuple[int, float]], theta_key: in
     return out
 
 
-def training_rows(documents: DataFrame, inst: DataFrame, broadcast_rows: int) -> DataFrame:
+def training_rows(documents: DataFrame, inst: DataFrame, broadcast_rows: int, n_rows: float | None = None) -> DataFrame:
     """Copies joined with their text.
 
     The copies are narrow and usually few (about a tenth of the documents): up to ``broadcast_rows`` of
     them are broadcast, so the documents table is scanned but never shuffled (a sort-merge join would move
-    all of its text to keep a small part). Above that, Spark's own join choice applies."""
-    n = inst.count()
+    all of its text to keep a small part). Above that, Spark's own join choice applies. ``n_rows`` (the
+    number of copies, when the caller already knows it) saves counting them."""
+    n = inst.count() if n_rows is None else n_rows
     copies = F.broadcast(inst) if n <= broadcast_rows else inst
     return documents.select("doc_id", "text").join(copies, "doc_id", "inner").select(
         "order_key", "epoch", "copy", "doc_id", "domain", "n_tokens", "text"
@@ -165,8 +192,9 @@ def training_rows(documents: DataFrame, inst: DataFrame, broadcast_rows: int) ->
 # ---------------------------------------------------------------- reports
 
 
-def domain_report(selection: DataFrame, output: DataFrame | None = None) -> pd.DataFrame:
-    """Per domain: input, expected (Σ S·len), realized (Σ copies·len), unique tokens, repetition, shares."""
+def selection_report(selection: DataFrame) -> pd.DataFrame:
+    """Per domain, from the selection alone (one aggregation): input, expected (Σ S·len), realized
+    (Σ copies·len) and unique tokens, selected and input documents, and ``copies`` (Σ copies)."""
     agg = selection.groupBy("domain").agg(
         F.sum("n_tokens").alias("input_tokens"),
         F.sum(F.col("S") * F.col("n_tokens")).alias("expected_tokens"),
@@ -174,15 +202,28 @@ def domain_report(selection: DataFrame, output: DataFrame | None = None) -> pd.D
         F.sum(F.when(F.col("copies") > 0, F.col("n_tokens")).otherwise(0)).alias("unique_tokens"),
         F.sum(F.when(F.col("copies") > 0, 1).otherwise(0)).alias("selected_docs"),
         F.count("*").alias("input_docs"),
+        F.sum("copies").alias("copies"),
     )
-    pdf = agg.toPandas().sort_values("domain").reset_index(drop=True)
-    if output is not None:
-        out = output.groupBy("domain").agg(F.sum("n_tokens").alias("output_tokens")).toPandas()
-        pdf = pdf.merge(out, on="domain", how="left").fillna({"output_tokens": 0})
+    return agg.toPandas().sort_values("domain").reset_index(drop=True)
+
+
+def finish_report(pdf: pd.DataFrame, output_tokens: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Add the output tokens per domain (``domain``, ``output_tokens``), repetition and shares."""
+    pdf = pdf.drop(columns=["copies"], errors="ignore")
+    if output_tokens is not None:
+        pdf = pdf.merge(output_tokens, on="domain", how="left").fillna({"output_tokens": 0})
     pdf["repetition"] = pdf["realized_tokens"] / pdf["unique_tokens"].where(pdf["unique_tokens"] > 0)
     pdf["share_before"] = pdf["input_tokens"] / pdf["input_tokens"].sum()
     pdf["share_after"] = pdf["realized_tokens"] / max(pdf["realized_tokens"].sum(), 1)
     return pdf
+
+
+def domain_report(selection: DataFrame, output: DataFrame | None = None) -> pd.DataFrame:
+    """Per domain: input, expected (Σ S·len), realized (Σ copies·len), unique tokens, repetition, shares."""
+    out = None
+    if output is not None:
+        out = output.groupBy("domain").agg(F.sum("n_tokens").alias("output_tokens")).toPandas()
+    return finish_report(selection_report(selection), out)
 
 
 def plot_report(report: pd.DataFrame, path: str, title: str) -> str:
@@ -215,22 +256,25 @@ def dry_run_report(spark: SparkSession, cfg: QuadmixConfig, theta: Theta) -> pd.
     middle rank; the exact expectation lies between the values at the bins' edges (see the kernel).
     """
     inp = load_inputs(spark, cfg)
-    stack = ThetaStack.of([theta], inp.domains, inp.criteria)
+    domains = theta_domains(inp, [theta])
+    stack = ThetaStack.of([theta], domains, inp.criteria)
     s = settings(cfg)
-    hist = coarse_histograms(prepare(inp.annotations, inp.domains, inp.criteria), stack, inp.knots, s)
-    _, _, cum = region_bins(hist, stack, s)
-    pdf = cum.toPandas()
-    pdf["rbar_mid"] = (pdf["cum"] - pdf["mass"] / 2) / pdf["total"]
-    d = pdf["domain_idx"].to_numpy()
+    prepared = prepare(inp.annotations, domains, inp.criteria)
+    with narrow_batches(spark):
+        hist = coarse_histograms(prepared, stack, inp.knots, s)
+    check_domains(hist, stack, prepared)
+    d, b = np.nonzero(hist.mass[0])
+    mass = hist.mass[0][d, b].astype(np.float64)
+    rbar_mid = (hist.cum[0][d, b] - mass / 2) / hist.totals[0][d]
     args = (stack.lam[0], stack.omega[0], stack.eta[0], stack.eps[0], s.eta_mode)
     from quadmix_spark.kernel.sampling_fn import sampling_value
 
-    S = sampling_value(pdf["rbar_mid"].to_numpy(), stack.lam[0][d], stack.omega[0][d], stack.eta[0][d], stack.eps[0][d], s.eta_mode)
-    M = len(inp.domains)
-    expected = expected_from_rank_knots(pdf["rbar_mid"], pdf["mass"], *args[:4], eta_mode=s.eta_mode, domain_idx=d, n_domains=M)
-    unique = np.bincount(d, weights=pdf["mass"].to_numpy() * np.minimum(S, 1.0), minlength=M)
-    tokens = np.bincount(d, weights=pdf["mass"].to_numpy(), minlength=M)
-    out = pd.DataFrame({"domain": inp.domains, "input_tokens": tokens, "expected_tokens": expected, "expected_unique_tokens": unique})
+    S = sampling_value(rbar_mid, stack.lam[0][d], stack.omega[0][d], stack.eta[0][d], stack.eps[0][d], s.eta_mode)
+    M = len(domains)
+    expected = expected_from_rank_knots(pd.Series(rbar_mid), pd.Series(mass), *args[:4], eta_mode=s.eta_mode, domain_idx=d, n_domains=M)
+    unique = np.bincount(d, weights=mass * np.minimum(S, 1.0), minlength=M)
+    tokens = np.bincount(d, weights=mass, minlength=M)
+    out = pd.DataFrame({"domain": domains, "input_tokens": tokens, "expected_tokens": expected, "expected_unique_tokens": unique})
     out["repetition"] = out["expected_tokens"] / out["expected_unique_tokens"].where(out["expected_unique_tokens"] > 0)
     return out
 
@@ -282,25 +326,45 @@ def baseline_selection(inp: Inputs, kind: str, fraction: float, seed: int) -> tu
 
 def export_output(output: DataFrame, folder: str, fmt: str, n_shards: int) -> dict:
     """Write ``output`` (ordered by order_key) as ``n_shards`` files + ``manifest.json``; returns the manifest."""
+    return _export(output, folder, fmt, n_shards)[0]
+
+
+def shard_of(order_key: F.Column, n_shards: int) -> F.Column:
+    """The shard of an order key: ``n_shards`` contiguous, equally wide ranges of the int64 keys (the keys
+    are hashes, hence uniform: the shards are balanced without sampling the output to find bounds)."""
+    return F.least(F.floor((order_key.cast("double") / 2.0**64 + 0.5) * n_shards), F.lit(n_shards - 1)).cast("int")
+
+
+def _export(output: DataFrame, folder: str, fmt: str, n_shards: int) -> tuple[dict, pd.DataFrame]:
+    """The export and its manifest, plus the output tokens per domain (``domain``, ``output_tokens``) read
+    back from the written shards in the same aggregation as the manifest's counts."""
     spark = output.sparkSession
-    sharded = output.repartitionByRange(n_shards, "order_key").sortWithinPartitions("order_key")
+    sharded = by_labels(output.withColumn("_shard", shard_of(F.col("order_key"), n_shards)), "_shard", n_shards, n_shards)
     cols = ["doc_id", "domain", "epoch", "copy", "n_tokens", "text"]
-    writer = sharded.select(*cols).write.mode("overwrite")
+    writer = sharded.sortWithinPartitions("order_key").select(*cols).write.mode("overwrite")
     writer.json(folder, compression="gzip") if fmt == "jsonl" else writer.parquet(folder)
     jvm = spark.sparkContext._jvm
     path = jvm.org.apache.hadoop.fs.Path(folder)
     fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
     files = sorted(st.getPath().toString() for st in fs.listStatus(path) if st.getPath().getName().startswith("part-"))
+    reader = spark.read.schema("domain string, n_tokens long")
+    written = reader.json(folder) if fmt == "jsonl" else reader.parquet(folder)
+    stats = written.groupBy(F.element_at(F.split(F.input_file_name(), "/"), -1).alias("file"), "domain").agg(
+        F.count("*").alias("rows"), F.sum("n_tokens").alias("tokens")
+    ).toPandas()
+    per_file = stats.groupby("file")[["rows", "tokens"]].sum()
     shards = []
     for f in files:
-        stats = (spark.read.json(f) if fmt == "jsonl" else spark.read.parquet(f)).agg(F.count("*"), F.sum("n_tokens")).first()
-        shards.append({"path": f, "rows": int(stats[0]), "tokens": int(stats[1] or 0)})
+        name = f.rsplit("/", 1)[-1]
+        rows, tokens = (int(per_file.at[name, "rows"]), int(per_file.at[name, "tokens"])) if name in per_file.index else (0, 0)
+        shards.append({"path": f, "rows": rows, "tokens": tokens})
     manifest = {"format": fmt, "shards": shards, "rows": sum(s["rows"] for s in shards), "tokens": sum(s["tokens"] for s in shards)}
     out = jvm.org.apache.hadoop.fs.Path(folder + "/manifest.json")
     stream = fs.create(out, True)
     stream.write(bytearray(json.dumps(manifest, indent=1).encode()))
     stream.close()
-    return manifest
+    per_domain = stats.groupby("domain", as_index=False)["tokens"].sum().rename(columns={"tokens": "output_tokens"})
+    return manifest, per_domain
 
 
 # ---------------------------------------------------------------- the stage
@@ -337,8 +401,8 @@ def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = No
     selection_table = cfg.storage.table(SELECTION)
     predicate = f"run = '{sc.run}'"
 
-    def write_selection(frame: DataFrame, theta_id: str) -> None:
-        sel = _with_domain_names(frame, inp.domains).select(
+    def write_selection(frame: DataFrame, theta_id: str, domains: list[str]) -> None:
+        sel = _with_domain_names(frame, domains).select(
             F.lit(sc.run).alias("run"), F.lit(theta_id).alias("theta_id"), "doc_id", "domain", "n_tokens", "rbar",
             "rank_exact", "S", "copies",
         )
@@ -347,21 +411,25 @@ def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = No
     if baseline:
         frame, theta_id, key = baseline_selection(inp, baseline, sc.baseline_fraction, sc.seed)
         with narrow_batches(spark):
-            write_selection(frame, theta_id)
+            write_selection(frame, theta_id, inp.domains)
     else:
-        stack = ThetaStack.of([theta], inp.domains, inp.criteria)
+        domains = theta_domains(inp, [theta])
+        stack = ThetaStack.of([theta], domains, inp.criteria)
         theta_id, key = stack.ids[0], int(stack.keys[0])
         with narrow_batches(spark), rank_and_sample(inp.annotations, stack, inp.knots, settings(cfg), keep_all=True) as ranked:
-            write_selection(ranked, theta_id)
+            write_selection(ranked, theta_id, domains)
 
     selection = read_table(spark, selection_table).where(F.col("run") == sc.run)
-    plan = plan_epochs(selection, key, sc.seed, sc.budget_tokens, sc.max_epochs)
-    rows = training_rows(documents, instances(selection.where(F.col("S") > 0), plan, key, sc.seed), sc.broadcast_copies_rows)
+    report = selection_report(selection)  # one pass over the narrow selection: the report, and what fits the budget
+    plan, n_copies = _plan_epochs(selection, key, sc.seed, sc.budget_tokens, sc.max_epochs, float(report.expected_tokens.sum()))
+    if n_copies is None:
+        n_copies = int(report["copies"].sum())
+    rows = training_rows(documents, instances(selection.where(F.col("S") > 0), plan, key, sc.seed), sc.broadcast_copies_rows, n_copies)
     out_table = cfg.storage.table(TRAINING_OUTPUT)
     _replace_slice(rows.select(F.lit(sc.run).alias("run"), "*"), out_table, predicate, {**meta, "theta_id": theta_id, "epochs": plan})
     output = read_table(spark, out_table).where(F.col("run") == sc.run)
-    manifest = export_output(output, cfg.storage.path("export", sc.run), sc.export_format, sc.export_shards)
-    report = domain_report(selection, output)
+    manifest, output_tokens = _export(output, cfg.storage.path("export", sc.run), sc.export_format, sc.export_shards)
+    report = finish_report(report, output_tokens)
     return SampleResult(sc.run, theta_id, inp.annotations_version, report, int(manifest["tokens"]), plan, manifest)
 
 
@@ -382,7 +450,8 @@ def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta]
 
     ``where`` restricts the documents to the proxy pool (see :func:`load_inputs`)."""
     inp = load_inputs(spark, cfg, where)
-    stack = ThetaStack.of(thetas, inp.domains, inp.criteria)
+    domains = theta_domains(inp, thetas)
+    stack = ThetaStack.of(thetas, domains, inp.criteria)
     if len(set(stack.ids)) != len(stack.ids):
         raise ValueError("the parameter set holds the same θ twice")
     ids = F.array(*[F.lit(i) for i in stack.ids])
@@ -390,7 +459,7 @@ def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta]
     predicate = "theta_id IN (" + ", ".join(f"'{i}'" for i in stack.ids) + ")"
     index_table = cfg.storage.table(PROXY_INDEX)
     with narrow_batches(spark), rank_and_sample(inp.annotations, stack, inp.knots, settings(cfg), keep_all=False) as ranked:
-        index = _with_domain_names(ranked, inp.domains).select(
+        index = _with_domain_names(ranked, domains).select(
             F.element_at(ids, F.col("theta_idx") + 1).alias("theta_id"), "doc_id", "domain", "n_tokens", "S", "copies"
         )
         _replace_slice(index, index_table, predicate, meta)
