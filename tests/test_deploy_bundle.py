@@ -27,11 +27,11 @@ SPARK_SUBMIT = REPO / "deploy" / "spark-submit"
 # The stage commands the deployment files may call. A stage that is not yet a `quadmix` command must be
 # listed here; when it lands, remove it (test_planned_stages_are_not_built_yet says so) and its tasks'
 # options and --set keys are then checked against the real command and config.
-PLANNED_STAGES = {"propose", "proxy", "search"}
+PLANNED_STAGES: set[str] = set()
 # Stages that run on the GPU job cluster / with the GPU settings of submit.sh.
-GPU_STAGES = {"annotate", "proxy"}
+GPU_STAGES = {"annotate", "proxy", "evaluate"}
 CURATION = ["ingest", "annotate", "normalize", "sample"]
-SEARCH = ["propose", "proxy", "search"]
+SEARCH = ["propose", "proxy", "search", "evaluate"]
 
 # Values of the bundle's built-in references, as the Databricks CLI would fill them for a user.
 WORKSPACE_FILE_PATH = "/Workspace/Users/someone@example.com/.bundle/quadmix-spark/{target}/files"

@@ -13,7 +13,7 @@
 #                      none: ship nothing (an image or your --conf spark.pyspark.python provides Python)
 #   --local-python     the same as --python-env local
 #   --gpu / --no-gpu   force the GPU settings (gpu.conf, gpu-<target>.conf) on or off; default: on for
-#                      the GPU stages ($QUADMIX_GPU_STAGES, default "annotate proxy")
+#                      the GPU stages ($QUADMIX_GPU_STAGES, default "annotate proxy evaluate")
 #   --delta-packages   resolve Delta with --packages on the cluster instead of shipping the cached jars
 #   --conf K=V         extra Spark conf (repeatable; wins over the files)
 #   --properties FILE  extra spark-defaults style file (repeatable; after the target files)
@@ -34,7 +34,7 @@ REPO="$(cd "$HERE/../.." && pwd)"
 PY="${QUADMIX_PYTHON:-$REPO/.venv/bin/python}"
 [[ -x "$PY" ]] || PY="$(command -v python3)"
 PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"   # absolute, not resolved through the venv symlink
-GPU_STAGES=" ${QUADMIX_GPU_STAGES:-annotate proxy} "
+GPU_STAGES=" ${QUADMIX_GPU_STAGES:-annotate proxy evaluate} "
 CACHE="${QUADMIX_CACHE:-$HOME/.cache/quadmix-spark}/spark-submit"
 BUILD="$REPO/build/spark-submit"
 
