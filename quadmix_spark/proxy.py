@@ -85,20 +85,21 @@ class ProxyOutcome:
 
 
 def _device(pref: str) -> str:
+    """The torch device of this task: its assigned GPU (Spark resources), any visible GPU, or the CPU."""
     import torch
 
     if pref == "cpu":
         return "cpu"
     from quadmix_udfs.onnx_transformer import task_gpu
 
+    has_cuda = torch.cuda.is_available()
+    if pref == "cuda" and not has_cuda:
+        raise RuntimeError("proxy.device is cuda but torch sees no GPU on this executor")
+    if not has_cuda:
+        return "cpu"
     gpu = task_gpu()
-    if gpu is not None and torch.cuda.is_available():
-        return f"cuda:{gpu}" if os.environ.get("CUDA_VISIBLE_DEVICES") is None else "cuda:0"
-    if pref == "cuda" or torch.cuda.is_available():
-        if not torch.cuda.is_available():
-            raise RuntimeError("proxy.device is cuda but torch sees no GPU on this executor")
-        return "cuda:0"
-    return "cpu"
+    # the address is a physical index; where the container shows only its own GPUs, index 0 is that GPU
+    return f"cuda:{gpu}" if gpu is not None and gpu < torch.cuda.device_count() else "cuda:0"
 
 
 def read_plan(plans_dir: str, theta_id: str) -> pd.DataFrame:
