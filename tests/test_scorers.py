@@ -81,6 +81,33 @@ def test_fasttext_prepares_lines_and_truncates_huge_documents():
     assert s.score([huge])[0][0] == pytest.approx(s.score([huge[:5000]])[0][0])
 
 
+def test_fasttext_scorers_of_a_batch_share_one_preparation_and_keep_their_own_rows(texts):
+    import pandas as pd
+
+    from quadmix_udfs.scoring import ScorerRun, score_frame
+
+    en = build_scorer("en", ScorerConfig(type="fasttext", model=LID, label="en")).adapter
+    fr = build_scorer("fr", ScorerConfig(type="fasttext", model=LID, label="fr")).adapter
+    short = build_scorer("en40", ScorerConfig(type="fasttext", model=LID, label="en", max_chars=40)).adapter
+    top = build_scorer("lang", ScorerConfig(type="fasttext", model=LID, output="label")).adapter
+    n = len(texts)
+    rng = np.random.default_rng(3)
+    needs = {"en": np.ones(n, bool), "fr": rng.random(n) < 0.5, "en40": rng.random(n) < 0.5, "lang": rng.random(n) < 0.7}
+    pdf = pd.DataFrame({"doc_id": [f"d{i}" for i in range(n)], "text": texts, **{f"_need_{k}": v for k, v in needs.items()}})
+    runs = (ScorerRun("lang", top, "label", ("domain", "domain_conf")), ScorerRun("en", en, "score", ("q_en",)),
+            ScorerRun("fr", fr, "score", ("q_fr",)), ScorerRun("en40", short, "score", ("q_en40",)))
+    out = score_frame(runs, pdf, ["doc_id", "domain", "domain_conf", "q_en", "q_fr", "q_en40"])
+    for name, adapter in (("en", en), ("fr", fr), ("en40", short)):
+        idx = np.flatnonzero(needs[name])
+        expected, _ = adapter.score([texts[i] for i in idx])
+        got = out[f"q_{name}"]
+        assert got.isna().sum() == n - len(idx)
+        assert got.to_numpy(dtype=float, na_value=np.nan)[idx] == pytest.approx(np.round(expected, 6), abs=1e-12)
+    idx = np.flatnonzero(needs["lang"])
+    conf, labels = top.score([texts[i] for i in idx])
+    assert out["domain"].to_numpy()[idx].tolist() == labels.tolist() and out["domain"].isna().sum() == n - len(idx)
+
+
 # ---------------------------------------------------------------- ONNX transformer
 
 

@@ -81,8 +81,12 @@ class FastTextScorer:
 
     def score(self, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray | None]:
         """(scores, labels): probability of ``label`` (labels None), or top-label confidence and the labels."""
+        return self.score_lines(prepare_lines(texts, self.max_chars))
+
+    def score_lines(self, lines: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`score` of texts already prepared by :func:`prepare_lines` with this scorer's ``max_chars``
+        (several fastText scorers of one batch share one preparation)."""
         model = load_fasttext(self.model)
-        lines = prepare_lines(texts, self.max_chars)
         if self.output == "score":
             wanted = LABEL_PREFIX + strip_label(self.label or "")
             labels, probs = _predict(model, lines, -1)

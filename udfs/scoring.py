@@ -3,7 +3,8 @@
 Input batches carry ``text`` and one boolean ``_need_<scorer>`` column per scorer (which rows that scorer
 must score: the others get null and cost nothing). Every other input column passes through. Embedding
 scorers that share an encoder (same model, tokenizer, truncation) run the encoder once per batch and
-apply each head to the shared embeddings.
+apply each head to the shared embeddings; fastText scorers with the same ``max_chars`` share one
+preparation of the texts (cut, newlines replaced), so each text is scanned once per batch.
 
 Everything here is importable (``quadmix_udfs.scoring``) and the adapters are frozen dataclasses holding only
 paths and settings, so what Spark pickles with the function is small; models load once per Python worker
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from quadmix_udfs.fasttext_scorer import FastTextScorer, prepare_lines
 from quadmix_udfs.onnx_transformer import OnnxTransformerScorer
 
 
@@ -49,6 +51,11 @@ def _shares_encoder(run: ScorerRun) -> bool:
     return isinstance(run.adapter, OnnxTransformerScorer) and run.adapter.head == "embedding"
 
 
+def _shares_lines(run: ScorerRun) -> bool:
+    # exactly the stock adapter: a subclass may override score() and must keep being called through it
+    return type(run.adapter) is FastTextScorer
+
+
 def score_frame(runs: Sequence[ScorerRun], pdf: pd.DataFrame, out_columns: Sequence[str]) -> pd.DataFrame:
     """Score one batch: every run fills its columns on the rows its ``_need_`` flag selects."""
     texts = pdf["text"].to_numpy(dtype=object)
@@ -60,9 +67,19 @@ def score_frame(runs: Sequence[ScorerRun], pdf: pd.DataFrame, out_columns: Seque
             need = pdf[run.need_column].to_numpy(dtype=bool)
             key = run.adapter.encoder
             groups[key] = groups[key] | need if key in groups else need
+    lines: dict[int, np.ndarray] = {}  # fastText scorers: each text prepared once per max_chars
+    for run in runs:
+        if _shares_lines(run):
+            need = pdf[run.need_column].to_numpy(dtype=bool)
+            key = run.adapter.max_chars
+            lines[key] = lines[key] | need if key in lines else need
     for key, rows in groups.items():
         if rows.any():
             shared[key] = (np.flatnonzero(rows), key.embed(texts[rows].tolist()))
+    prepared: dict[int, tuple[np.ndarray, list[str]]] = {}
+    for key, rows in lines.items():
+        if rows.any():
+            prepared[key] = (np.flatnonzero(rows), prepare_lines(texts[rows].tolist(), key))
     for run in runs:
         need = pdf[run.need_column].to_numpy(dtype=bool)
         values = np.full(len(pdf), np.nan)
@@ -72,6 +89,13 @@ def score_frame(runs: Sequence[ScorerRun], pdf: pd.DataFrame, out_columns: Seque
                 rows, emb = shared[run.adapter.encoder]
                 pos = np.searchsorted(rows, np.flatnonzero(need))
                 scores, names = run.adapter.score_embeddings(emb[pos])
+            elif _shares_lines(run):
+                rows, prep = prepared[run.adapter.max_chars]
+                if len(rows) == int(need.sum()):
+                    sel = prep
+                else:
+                    sel = [prep[i] for i in np.searchsorted(rows, np.flatnonzero(need))]
+                scores, names = run.adapter.score_lines(sel)
             else:
                 scores, names = run.adapter.score(texts[need].tolist())
             values[need] = np.round(scores, DECIMALS)

@@ -1,0 +1,459 @@
+"""Annotate throughput: documents/s per core of ``run_annotate`` (Delta in, Delta out) against the models alone.
+
+Two parts, each writing its own result file (``--annotate-parts``, default both):
+
+- ``fasttext`` -> ``annotate_fasttext_docs_per_core``: the annotate stage with two fastText scorers (a
+  24-topic domain classifier and a DCLM-style quality classifier, trained like ``quadmix train-scorers`` does)
+  on ``--docs`` documents (default 1,000,000: the shared web corpus replicated with fresh ids by
+  ``bench.sample_data``, ~3.2 GB of text, 16 files), ``local[2]``. Value: documents / wall s of
+  ``run_annotate`` into a fresh storage root (an empty ``annotations`` table, ``histograms=False``) / 2 cores.
+  Baseline: in the same process, fastText's own ``predict(list)`` of both models (``k`` as the adapter asks) on
+  texts already prepared as the adapter prepares them (cut to ``max_chars``, newlines replaced), the first
+  ``--fasttext-baseline-copies`` copies of every page of the same table (the same page mix), documents / s on
+  one core. Goal ratio >= 0.85.
+- ``minilm`` -> ``annotate_minilm_docs_per_core``: the annotate stage with the two MiniLM embedding-head
+  scorers of ``conf/scorers.yaml`` (24-topic domain and reference-likeness heads, one shared encoder pass,
+  ``max_length`` 128, ``max_chars`` 1000, batch 32, int8 model, one intra-op thread per task) on
+  ``--minilm-docs`` documents (default 2,000: MiniLM runs ~15-20 documents/s per core here). Baseline: a raw onnxruntime session (one intra-op thread) on
+  the same token batches (the encoder's tokenizer, length-sorted, ``batch_size`` rows, padded as the adapter
+  pads; tokenization and padding untimed): documents / s of ``session.run`` alone, on
+  ``--minilm-baseline-docs`` of the same documents. Goal ratio >= 0.85.
+
+Value and baseline repeats are interleaved (baseline first); medians. The scorer models are trained once
+and cached under ``$QUADMIX_BENCH_DIR/inputs/annotate-models-*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import (
+    add_option,
+    bench_config,
+    bench_spark,
+    cached_input,
+    fresh_dir,
+    git_commit,
+    interleave,
+    log,
+    machine_info,
+    remove,
+    scratch_dir,
+    shared_dir,
+    spark_info,
+    spark_overrides,
+    standalone_main,
+    stop_spark,
+    write_result,
+)
+
+NAME = "annotate_fasttext_docs_per_core"
+MINILM_NAME = "annotate_minilm_docs_per_core"
+METRIC = "documents/s per core"
+DEFAULT_DOCS = 1_000_000
+DEFAULT_PARTS = 16
+DEFAULT_MINILM_DOCS = 2_000
+CORES = 2  # local[2]
+MODELS_VERSION = 1  # bump when the training recipe changes (invalidates the cached models)
+
+MINILM_SETTINGS = {"max_length": 128, "max_chars": 1000, "batch_size": 32}
+
+
+# ---------------------------------------------------------------- CPU accounting
+
+
+def tree_cpu_seconds(root: int | None = None) -> float:
+    """User + system CPU seconds of this process and all its descendants (the Spark JVM, the PySpark daemon and
+    its Python workers), including children already reaped (``cutime``/``cstime``): a load-independent cost.
+
+    Linux ``/proc`` only; 0.0 elsewhere.
+    """
+    import os
+
+    root = root or os.getpid()
+    stats: dict[int, tuple[int, float]] = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        stats[pid] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / tick)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+class CpuClock:
+    """Wraps a timed function: records the process tree's CPU seconds it used (``cpu[label]``)."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, list[float]] = {}
+
+    def wrap(self, label: str, fn):
+        def timed(i: int):
+            c0 = tree_cpu_seconds()
+            out = fn(i)
+            self.cpu.setdefault(label, []).append(tree_cpu_seconds() - c0)
+            return out
+
+        return timed
+
+
+# ---------------------------------------------------------------- models
+
+
+def _minilm_dir() -> Path:
+    return shared_dir() / "data" / "models" / "minilm_l6_v2"
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [str(r[field]) for r in map(json.loads, f) if str(r.get(field) or "").strip()]
+
+
+def _train_models(folder: Path) -> dict[str, Any]:
+    """fastText topic + DCLM-style quality models and MiniLM topic + reference heads, like train-scorers."""
+    from sklearn.linear_model import LogisticRegression
+
+    from bench.sample_data import read_source, source_path
+    from quadmix_spark.fasttext_train import train_in_subprocess
+    from quadmix_spark.train_scorers import chunk_text, slug
+    from quadmix_udfs.fasttext_scorer import prepare_lines
+    from quadmix_udfs.onnx_transformer import Encoder
+
+    rng = np.random.default_rng(13)
+    pages = read_source(source_path())
+    ref_dir = shared_dir() / "data" / "reference"
+    alpaca = _read_jsonl(ref_dir / "alpaca_eval_outputs.jsonl.gz", "output")
+    wiki = [c for t in _read_jsonl(ref_dir / "enwiki_sample.jsonl.gz", "text") for c in chunk_text(t, 2000)]
+
+    lines = prepare_lines([p["text"] for p in pages], 20_000)
+    with open(folder / "topic.txt", "w") as f:
+        for p, line in zip(pages, lines):
+            f.write(f"__label__{slug(p['topic'])} {line}")
+    train_in_subprocess(str(folder / "topic.txt"), str(folder / "topic.bin"),
+                        {"dim": 16, "epoch": 20, "lr": 0.5, "wordNgrams": 1, "minCount": 2, "bucket": 100_000, "seed": 13})
+    neg = rng.choice(len(pages), 4000, replace=False)
+    pos = prepare_lines(alpaca + wiki, 20_000)
+    with open(folder / "dclm.txt", "w") as f:
+        for line in pos:
+            f.write(f"__label__hq {line}")
+        for i in neg:
+            f.write(f"__label__cc {lines[i]}")
+    train_in_subprocess(str(folder / "dclm.txt"), str(folder / "dclm.bin"),
+                        {"dim": 16, "epoch": 10, "lr": 0.5, "wordNgrams": 2, "minCount": 3, "bucket": 100_000, "seed": 13})
+    (folder / "topic.txt").unlink()
+    (folder / "dclm.txt").unlink()
+
+    mini = _minilm_dir()
+    enc = Encoder(str(mini / "model_int8.onnx"), str(mini / "tokenizer.json"), device="cpu", **MINILM_SETTINGS)
+
+    def head(name: str, texts: list[str], labels: list[str]) -> None:
+        emb = enc.embed(texts, enc.session(None))
+        x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        clf = LogisticRegression(C=10.0, max_iter=3000, random_state=13).fit(x, np.array(labels))
+        if len(clf.classes_) == 2:
+            weight = np.stack([np.zeros_like(clf.coef_[0]), clf.coef_[0]], 1)
+            bias = np.array([0.0, clf.intercept_[0]])
+        else:
+            weight, bias = clf.coef_.T, clf.intercept_
+        np.savez(folder / f"{name}.npz", weight=weight.astype(np.float32), bias=bias.astype(np.float32),
+                 labels=np.array([str(c) for c in clf.classes_]), kind=np.array("logistic"), normalize=np.array(True))
+
+    by_topic: dict[str, list[int]] = {}
+    for i, p in enumerate(pages):
+        by_topic.setdefault(p["topic"], []).append(i)
+    picked = [i for idx in by_topic.values() for i in idx[:25]]
+    head("topic_head", [pages[i]["text"] for i in picked], [pages[i]["topic"] for i in picked])
+    refs = [alpaca[i] for i in rng.choice(len(alpaca), 200, replace=False)] + wiki[:200]
+    cc = [pages[i]["text"] for i in neg[:400]]
+    head("ref_head", refs + cc, ["hq"] * len(refs) + ["cc"] * len(cc))
+    return {"files": ["topic.bin", "dclm.bin", "topic_head.npz", "ref_head.npz"], "version": MODELS_VERSION}
+
+
+def scorer_models() -> Path:
+    """The cached folder of the benchmark's trained scorer models."""
+    folder, _ = cached_input(f"annotate-models-v{MODELS_VERSION}", _train_models)
+    return folder
+
+
+def fasttext_scorers(models: Path) -> dict[str, dict]:
+    return {
+        "topic_ft": {"type": "fasttext", "model": str(models / "topic.bin"), "output": "label"},
+        "dclm": {"type": "fasttext", "model": str(models / "dclm.bin"), "label": "hq"},
+    }
+
+
+def minilm_scorers(models: Path) -> dict[str, dict]:
+    mini = _minilm_dir()
+    common = {"type": "onnx_transformer", "model": str(mini / "model_int8.onnx"), "tokenizer": str(mini / "tokenizer.json"),
+              "head": "embedding", "device": "cpu", "intra_op_threads": 1, **MINILM_SETTINGS}
+    return {"topic_mini": {**common, "head_file": str(models / "topic_head.npz"), "output": "label"},
+            "ref_mini": {**common, "head_file": str(models / "ref_head.npz"), "label": "hq"}}
+
+
+def annotate_overrides(scorers: dict[str, dict], domain: str, quality: list[str]) -> list[str]:
+    return [f"scorers={json.dumps(scorers)}", f"annotate.domain_scorer={domain}", f"annotate.quality_scorers={json.dumps(quality)}"]
+
+
+# ---------------------------------------------------------------- options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--docs", type=int, default=None, help=f"documents in the generated corpus (annotate fastText: {DEFAULT_DOCS})")
+    add_option(parser, "--repeats", type=int, default=None, help="repeats of both value and baseline (overrides the per-benchmark ones)")
+    add_option(parser, "--event-log", default=None, help="write Spark event logs to this folder (diagnosis; off by default)")
+    add_option(parser, "--keep", action="store_true", help="keep the tables written while timing (default: deleted)")
+    group = parser.add_argument_group("annotate benchmark")
+    add_option(group, "--annotate-parts", default="fasttext,minilm", help="comma-separated: fasttext, minilm")
+    add_option(group, "--annotate-repeats", type=int, default=3, help="timed run_annotate repeats (each part)")
+    add_option(group, "--model-repeats", type=int, default=3, help="timed model-alone repeats (each part)")
+    add_option(group, "--fasttext-baseline-copies", type=int, default=6,
+               help="copies of each page (x 8,712 pages) the fastText baseline predicts on")
+    add_option(group, "--minilm-docs", type=int, default=DEFAULT_MINILM_DOCS, help="documents of the MiniLM part")
+    add_option(group, "--minilm-baseline-docs", type=int, default=500, help="documents the raw onnxruntime baseline runs on")
+    add_option(group, "--arrow-batch", type=int, default=None,
+               help="spark.sql.execution.arrow.maxRecordsPerBatch for the session (default: the project's)")
+
+
+def _event_conf(folder: str | None, part: str) -> dict[str, str]:
+    if not folder:
+        return {}
+    path = Path(folder).resolve() / part
+    path.mkdir(parents=True, exist_ok=True)
+    return {"spark.eventLog.enabled": "true", "spark.eventLog.dir": str(path), "spark.eventLog.compress": "false"}
+
+
+def _session(args, part: str):
+    conf = _event_conf(args.event_log, part)
+    if args.arrow_batch:
+        conf["spark.sql.execution.arrow.maxRecordsPerBatch"] = str(args.arrow_batch)
+    spark, _ = bench_spark(fresh_dir("runs", "annotate", "session"), conf=conf)
+    return spark, conf
+
+
+def _time_annotate(spark, conf, docs_folder: Path, scorer_args: list[str], n_docs: int, repeats: int,
+                   baseline, baseline_repeats: int, keep: bool, label: str) -> tuple[dict, Any]:
+    """Interleaved baseline / annotate timings; every annotate repeat writes a fresh annotations table."""
+    from bench.sample_data import link_inputs
+    from quadmix_spark.annotate import run_annotate
+    from quadmix_spark.scorers import resolve_scorers
+
+    sc = spark.sparkContext
+    roots: dict[int, Path] = {}
+    cfgs: dict[int, Any] = {}
+    resolved: dict[int, Any] = {}
+
+    def setup(case: str, i: int) -> None:
+        sc.setJobDescription(f"{case} r{i}")
+        if case == "annotate":
+            roots[i] = fresh_dir("runs", "annotate", f"{label}-{i}")
+            link_inputs(roots[i], docs_folder, ("documents",))
+            cfgs[i] = bench_config(roots[i], *spark_overrides(conf), *scorer_args)
+            resolved[i] = resolve_scorers(cfgs[i])  # model checks untimed (annotate_job does them before Spark starts)
+
+    def annotate(i: int):
+        return run_annotate(spark, cfgs[i], scorers=resolved[i], histograms=False)
+
+    def teardown(case: str, i: int, result) -> None:
+        sc.setJobDescription(None)
+        if case == "annotate":
+            if result.new_documents != n_docs or any(v != n_docs for v in result.scored.values()):
+                raise RuntimeError(f"annotate scored {result.scored} of {n_docs} documents\n{result.summary()}")
+            if not keep:
+                remove(roots[i])
+
+    clock = CpuClock()
+    cases = {"model": (clock.wrap("model", baseline), baseline_repeats), "annotate": (clock.wrap("annotate", annotate), repeats)}
+    timings = interleave(cases, setup=setup, teardown=teardown)
+    return timings, timings["annotate"].results[-1], clock.cpu
+
+
+def _cpu_details(cpu: dict[str, list[float]], n_docs: int, n_base: int) -> dict[str, Any]:
+    """Documents per CPU second (the whole process tree) of both sides, and their ratio: a cross-check of the
+    wall-clock ratio that machine load does not move (other jobs on the machine take wall time, not our CPU)."""
+    import statistics
+
+    ann = statistics.median(cpu["annotate"])
+    mod = statistics.median(cpu["model"])
+    return {"annotate_cpu_s": [round(x, 2) for x in cpu["annotate"]], "model_cpu_s": [round(x, 2) for x in cpu["model"]],
+            "annotate_docs_per_cpu_s": round(n_docs / ann, 1), "model_docs_per_cpu_s": round(n_base / mod, 1),
+            "ratio": round((n_docs / ann) / (n_base / mod), 3)}
+
+
+# ---------------------------------------------------------------- fastText
+
+
+def run_fasttext(args: argparse.Namespace) -> dict[str, Any]:
+    from pyspark.sql import functions as F
+
+    from bench.sample_data import generate_tables
+    from quadmix_spark.scorers import resolve_scorers
+    from quadmix_udfs.fasttext_scorer import LABEL_PREFIX, load_fasttext, prepare_lines
+
+    t_start = time.perf_counter()
+    docs = args.docs or DEFAULT_DOCS
+    models = scorer_models()
+    spark, conf = _session(args, "fasttext")
+    folder, manifest = generate_tables(spark, docs, DEFAULT_PARTS)
+    scorers = fasttext_scorers(models)
+    scorer_args = annotate_overrides(scorers, "topic_ft", ["dclm"])
+    resolved = resolve_scorers(bench_config(scratch_dir("runs", "annotate"), *scorer_args))
+    topic, dclm = resolved.domain.adapter, resolved.quality[0].adapter
+
+    copies = args.fasttext_baseline_copies
+    table = spark.read.format("delta").load(str(folder / "tables" / "documents"))
+    copy_k = F.regexp_extract("doc_id", r"-r(\d+)$", 1).cast("int")
+    texts = [r[0] for r in table.where(copy_k < copies).select("text").collect()]
+    # prepared as the adapter prepares them, minus the line end that predict(list) adds itself
+    prepared = [line[:-1] for line in prepare_lines(texts, topic.max_chars)]
+    del texts
+    if topic.max_chars != dclm.max_chars:
+        raise RuntimeError("the two fastText scorers must share max_chars for one prepared text list")
+    m_topic, m_dclm = load_fasttext(topic.model), load_fasttext(dclm.model)
+    m_topic.predict(prepared[:1000], k=1)
+    m_dclm.predict(prepared[:1000], k=-1)
+    log(f"fastText baseline: {len(prepared)} prepared texts ({copies} copies of each page); annotate: {docs} documents")
+
+    def baseline(_i: int):
+        t0 = time.perf_counter()
+        labels, _ = m_topic.predict(prepared, k=1)
+        t1 = time.perf_counter()
+        ls, ps = m_dclm.predict(prepared, k=-1)
+        t2 = time.perf_counter()
+        assert len(labels) == len(ls) == len(prepared) and ls[0][0].startswith(LABEL_PREFIX)
+        return {"topic_s": t1 - t0, "dclm_s": t2 - t1}
+
+    try:
+        timings, report, cpu = _time_annotate(spark, conf, folder, scorer_args, docs, args.repeats or args.annotate_repeats,
+                                         baseline, args.repeats or args.model_repeats, args.keep, "fasttext")
+        session = spark_info(spark)
+    finally:
+        stop_spark()
+    n_base = len(prepared)
+    del prepared
+    value = timings["annotate"].rate(docs) / CORES
+    base = timings["model"].rate(n_base)
+    details = {
+        "value": f"median run_annotate documents/s / {CORES} cores (fresh annotations table, histograms off)",
+        "baseline": "median fastText predict(list) documents/s of both models on one core (prepared texts)",
+        "annotate": timings["annotate"].as_dict(docs),
+        "model": {**timings["model"].as_dict(n_base), "split_s": timings["model"].results, "n_texts": n_base},
+        "cpu": _cpu_details(cpu, docs, n_base),
+        "report": report.metrics(),
+        "scorers": {k: {**v, "model": Path(v["model"]).name} for k, v in scorers.items()},
+        "input": {"folder": str(folder), "rows": docs, "partitions": manifest["partitions"], "scheme": manifest["scheme"]},
+        "commit": git_commit(),
+        "spark": session,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    result = write_result(NAME, METRIC, value, base, docs, details, machine=machine_info())
+    log(f"annotate fastText {value:.0f} docs/s/core, model alone {base:.0f} docs/s/core, ratio {result['ratio']:.3f} "
+        f"(per CPU second: {details['cpu']['ratio']:.3f})")
+    return result
+
+
+# ---------------------------------------------------------------- MiniLM
+
+
+def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.sample_data import generate_tables, read_source, source_path
+    from quadmix_spark.scorers import resolve_scorers
+    from quadmix_udfs.onnx_transformer import load_session
+
+    t_start = time.perf_counter()
+    docs = args.minilm_docs
+    models = scorer_models()
+    spark, conf = _session(args, "minilm")
+    folder, manifest = generate_tables(spark, docs, DEFAULT_PARTS)
+    scorers = minilm_scorers(models)
+    scorer_args = annotate_overrides(scorers, "topic_mini", ["ref_mini"])
+    resolved = resolve_scorers(bench_config(scratch_dir("runs", "annotate"), *scorer_args))
+    enc = resolved.domain.adapter.encoder
+
+    pages = read_source(source_path())
+    n_base = min(args.minilm_baseline_docs, docs)
+    texts = [pages[j % len(pages)]["text"] + f"\n[copy {j // len(pages)}]" for j in range(n_base)]  # rows 0.. of the table
+    session = load_session(enc.model, None, enc.intra_op_threads)
+    ids = enc.tokenize(texts)
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    out_name = enc.output_name or session.get_outputs()[0].name
+    batches = [enc.feeds(session, [ids[i] for i in order[s : s + enc.batch_size]]) for s in range(0, n_base, enc.batch_size)]
+    tokens = int(sum(b["attention_mask"].sum() for b in batches))
+    session.run([out_name], batches[0])
+    log(f"MiniLM baseline: {n_base} documents in {len(batches)} batches ({tokens / n_base:.0f} tokens/doc); annotate: {docs}")
+
+    def baseline(_i: int):
+        for feeds in batches:
+            session.run([out_name], feeds)
+
+    try:
+        timings, report, cpu = _time_annotate(spark, conf, folder, scorer_args, docs, args.repeats or args.annotate_repeats,
+                                         baseline, args.repeats or args.model_repeats, args.keep, "minilm")
+        info = spark_info(spark)
+    finally:
+        stop_spark()
+    value = timings["annotate"].rate(docs) / CORES
+    base = timings["model"].rate(n_base)
+    details = {
+        "value": f"median run_annotate documents/s / {CORES} cores (fresh annotations table, histograms off; one "
+                 "encoder pass for both heads, 1 intra-op thread per task)",
+        "baseline": "median raw onnxruntime session.run documents/s on the same token batches, 1 intra-op thread",
+        "annotate": timings["annotate"].as_dict(docs),
+        "model": {**timings["model"].as_dict(n_base), "n_docs": n_base, "batches": len(batches),
+                  "tokens_per_doc": round(tokens / n_base, 1)},
+        "cpu": _cpu_details(cpu, docs, n_base),
+        "report": report.metrics(),
+        "settings": {**MINILM_SETTINGS, "model": "minilm_l6_v2/model_int8.onnx", "intra_op_threads": 1},
+        "input": {"folder": str(folder), "rows": docs, "partitions": manifest["partitions"]},
+        "commit": git_commit(),
+        "spark": info,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    result = write_result(MINILM_NAME, METRIC, value, base, docs, details, machine=machine_info())
+    log(f"annotate MiniLM {value:.1f} docs/s/core, raw session {base:.1f} docs/s/core, ratio {result['ratio']:.3f} "
+        f"(per CPU second: {details['cpu']['ratio']:.3f})")
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Both parts (``--annotate-parts``); returns the fastText result (the MiniLM one is in its own file)."""
+    parts = [p.strip() for p in args.annotate_parts.split(",") if p.strip()]
+    unknown = set(parts) - {"fasttext", "minilm"}
+    if unknown or not parts:
+        raise ValueError(f"--annotate-parts: unknown {sorted(unknown)} (use fasttext, minilm)")
+    results = {}
+    if "minilm" in parts:
+        results["minilm"] = run_minilm(args)
+    if "fasttext" in parts:
+        results["fasttext"] = run_fasttext(args)
+    for r in results.values():
+        log(f"{r['name']}: value {r['value']:.1f}, baseline {r['baseline']:.1f}, ratio {r['ratio']:.3f}")
+    return results.get("fasttext") or results["minilm"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone_main("bench_annotate", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

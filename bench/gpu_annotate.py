@@ -1,0 +1,466 @@
+"""GPU annotate benchmark: a BERT-base-size ONNX classifier at up to 512 tokens through the annotate stage.
+
+Run on a machine with one NVIDIA GPU (H100/H200)::
+
+    python -m bench.gpu_annotate                      # -> bench/results/gpu_annotate_docs_per_gpu.json
+    python -m bench.gpu_annotate --smoke --out X.json # CPU, tiny model, seconds (what the tests run)
+
+What it builds (nothing is downloaded; ``--work DIR``, default ``$QUADMIX_BENCH_DIR/gpu-annotate``):
+
+- a WordPiece ``tokenizer.json`` with BERT's vocabulary size (30,522): the shared MiniLM tokenizer (BERT
+  uncased) when ``$QUADMIX_SHARED/data/models/minilm_l6_v2/tokenizer.json`` exists, else a synthetic one;
+- a randomly initialised BERT-base-shaped encoder (12 layers, hidden 768, 12 heads, FFN 3072, 512 positions,
+  ~110M parameters) defined in torch, whose graph ends with the attention-masked mean pool ``[B, 768]``,
+  exported with ``torch.onnx.export`` (dynamic batch and sequence axes; ``--dtype fp16`` by default on GPU);
+- two heads on that pooled output (a 26-label domain classifier, ``output: label``, and a 2-label quality
+  classifier, ``output: score``): one encoder pass per document serves both annotate columns;
+- ``--docs`` documents (default 20,000): the shared web pages when present (most exceed 512 tokens), else
+  synthetic texts with a web-like length mix, written as a Delta ``documents`` table.
+
+What it measures (medians of ``--repeats``, interleaved):
+
+- **value**: ``run_annotate`` (Delta in, Delta out) on ``local[--tasks]`` with both scorers on ``device: cuda``
+  (every Python worker opens its own onnxruntime CUDA session on GPU 0), documents/s: the figure per GPU;
+- **baseline**: a raw onnxruntime CUDA session on the same token batches (``--max-length``,
+  ``--batch-size``, length-sorted, tokenization untimed), documents/s.
+
+**onnxruntime-gpu must be installed** for the ONNX figures: the CPU-only ``onnxruntime`` wheel has no
+``CUDAExecutionProvider``, and this script installs nothing (the GPU machine has no network). Install
+``onnxruntime-gpu`` (matching the machine's CUDA 12/13; its CUDA/cuDNN libraries can come from the torch
+wheels' ``nvidia-*`` packages, which ``onnxruntime.preload_dlls()`` loads) in place of ``onnxruntime``.
+Without it the script still produces a figure: the **same model in torch on CUDA** (``--dtype``, same
+batches), labelled ``value_source: torch-cuda-fallback``; the annotate stage is then skipped (its
+``onnx_transformer`` scorer needs the CUDA provider) and the reason recorded. The annotate part also needs
+what ``quadmix`` needs (pyspark, Java 17+, the cached Delta jars: ``python -m quadmix_spark.jars``); without
+them the raw-session figure is recorded, labelled, with the reason.
+
+The result keeps the benchmarks' fixed keys (``name, machine, metric, value, baseline, ratio, n_docs, when``)
+plus ``details`` with the GPU name, ``value_source``, providers and versions. Goal (issue 3): >= 2,000
+documents/s per GPU through the annotate stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+NAME = "gpu_annotate_docs_per_gpu"
+METRIC = "documents/s per GPU"
+N_DOMAINS = 26
+
+BERT_BASE = {"vocab": 30522, "hidden": 768, "layers": 12, "heads": 12, "ffn": 3072, "positions": 512}
+TINY = {"vocab": 30522, "hidden": 32, "layers": 2, "heads": 2, "ffn": 64, "positions": 128}
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_annotate] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- tokenizer and texts
+
+
+def _shared_dir() -> Path:
+    repo = Path(__file__).resolve().parents[1]
+    return Path(os.environ.get("QUADMIX_SHARED") or repo.parent / "shared")
+
+
+def build_tokenizer(folder: Path, vocab_size: int) -> tuple[Path, str]:
+    """(tokenizer.json, where it came from): the shared BERT-uncased vocabulary, else a synthetic WordPiece one."""
+    shared = _shared_dir() / "data" / "models" / "minilm_l6_v2" / "tokenizer.json"
+    if shared.is_file():
+        return shared, "shared minilm_l6_v2 (BERT uncased vocabulary)"
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    path = folder / "tokenizer.json"
+    tok.save(str(path))
+    return path, "synthetic WordPiece (w0..wN)"
+
+
+def make_texts(n: int, synthetic_vocab: bool, seed: int = 7) -> tuple[list[str], str]:
+    """``n`` documents: the shared web pages (copies get a suffix) or synthetic ones of web-like lengths."""
+    import gzip
+
+    import numpy as np
+
+    corpus = _shared_dir() / "data" / "web" / "weborganizer_dev.jsonl.gz"
+    if corpus.is_file() and not synthetic_vocab:
+        with gzip.open(corpus, "rt", encoding="utf-8") as f:
+            pages = [json.loads(line)["text"] for line in f if line.strip()]
+        return [pages[j % len(pages)] + f"\n[copy {j // len(pages)}]" for j in range(n)], "shared web corpus"
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(600), 0.8, n), 20, 4000).astype(int)  # words (~tokens), median 600
+    words = rng.integers(0, 30000, int(lengths.sum()))
+    out, pos = [], 0
+    for length in lengths:
+        out.append(" ".join(f"w{w}" for w in words[pos : pos + length]))
+        pos += length
+    return out, "synthetic (lognormal lengths, median 600 words)"
+
+
+# ---------------------------------------------------------------- the model
+
+
+def build_torch_model(shape: dict[str, int], seed: int = 0):
+    """A BERT-shaped encoder (post-LN, GELU) returning the attention-masked mean of its last layer ``[B, H]``."""
+    import torch
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            h = shape["hidden"]
+            self.qkv, self.out = nn.Linear(h, 3 * h), nn.Linear(h, h)
+            self.ln1, self.ln2 = nn.LayerNorm(h, eps=1e-12), nn.LayerNorm(h, eps=1e-12)
+            self.ff1, self.ff2 = nn.Linear(h, shape["ffn"]), nn.Linear(shape["ffn"], h)
+
+        def forward(self, x, bias):
+            b, t, h = x.shape
+            nh = shape["heads"]
+            q, k, v = self.qkv(x).view(b, t, 3, nh, h // nh).permute(2, 0, 3, 1, 4).unbind(0)
+            att = torch.softmax(q @ k.transpose(-1, -2) * (h // nh) ** -0.5 + bias, dim=-1)
+            x = self.ln1(x + self.out((att @ v).transpose(1, 2).reshape(b, t, h)))
+            return self.ln2(x + self.ff2(nn.functional.gelu(self.ff1(x))))
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            h = shape["hidden"]
+            self.words, self.pos, self.types = nn.Embedding(shape["vocab"], h), nn.Embedding(shape["positions"], h), nn.Embedding(2, h)
+            self.ln = nn.LayerNorm(h, eps=1e-12)
+            self.layers = nn.ModuleList(Layer() for _ in range(shape["layers"]))
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            t = input_ids.shape[1]
+            positions = torch.arange(t, device=input_ids.device).unsqueeze(0)
+            x = self.ln(self.words(input_ids) + self.pos(positions) + self.types(token_type_ids))
+            m = attention_mask.to(x.dtype)
+            bias = ((1.0 - m) * -10000.0)[:, None, None, :]
+            for layer in self.layers:
+                x = layer(x, bias)
+            return (x * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)
+
+    torch.manual_seed(seed)
+    model = Encoder().eval()
+    for p in model.parameters():  # BERT's init scale, so activations stay in fp16 range
+        if p.dim() > 1:
+            nn.init.normal_(p, std=0.02)
+    return model
+
+
+def export_onnx(model, path: Path, dtype: str, device: str) -> None:
+    import torch
+
+    m = model.to(device)
+    if dtype == "fp16":
+        m = m.half()
+    ids = torch.ones((2, 16), dtype=torch.int64, device=device)
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+            "token_type_ids": {0: "batch", 1: "seq"}, "pooled": {0: "batch"}}
+    with torch.no_grad():
+        torch.onnx.export(m, (ids, ids, torch.zeros_like(ids)), str(path), input_names=list(axes)[:3],
+                          output_names=["pooled"], dynamic_axes=axes, opset_version=17, dynamo=False)
+
+
+def write_heads(folder: Path, hidden: int, seed: int = 1) -> dict[str, str]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    domain = folder / "domain_head.npz"
+    np.savez(domain, weight=rng.normal(0, 0.05, (hidden, N_DOMAINS)).astype(np.float32), bias=np.zeros(N_DOMAINS, np.float32),
+             labels=np.array([f"domain_{i:02d}" for i in range(N_DOMAINS)]), kind=np.array("logistic"))
+    quality = folder / "quality_head.npz"
+    np.savez(quality, weight=rng.normal(0, 0.05, (hidden, 2)).astype(np.float32), bias=np.zeros(2, np.float32),
+             labels=np.array(["cc", "hq"]), kind=np.array("logistic"))
+    return {"domain": str(domain), "quality": str(quality)}
+
+
+# ---------------------------------------------------------------- timing sides
+
+
+class _Int64Inputs:
+    """Stands in for a session when only the input names/types are needed (torch fallback: no ONNX session)."""
+
+    def get_inputs(self):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(name=n, type="tensor(int64)") for n in ("input_ids", "attention_mask", "token_type_ids")]
+
+
+def token_batches(encoder, texts: list[str], session) -> list[dict]:
+    """The adapter's own batches: its tokenizer, length-sorted, ``batch_size`` rows, padded as it pads."""
+    import numpy as np
+
+    session = session or _Int64Inputs()
+    ids = encoder.tokenize(texts)
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    bs = encoder.batch_size
+    return [encoder.feeds(session, [ids[i] for i in order[s : s + bs]]) for s in range(0, len(ids), bs)]
+
+
+def time_ort(session, batches: list[dict]) -> float:
+    t0 = time.perf_counter()
+    for feeds in batches:
+        session.run(["pooled"], feeds)
+    return time.perf_counter() - t0
+
+
+def time_torch(model, batches: list[dict], device: str) -> float:
+    import torch
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for feeds in batches:
+            args = [torch.from_numpy(feeds[k]).to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "token_type_ids")]
+            model(*args).float().cpu()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def scorer_settings(model: Path, tokenizer: Path, heads: dict[str, str], args) -> dict[str, dict]:
+    common = {"type": "onnx_transformer", "model": str(model), "tokenizer": str(tokenizer), "head": "embedding",
+              "max_length": args.max_length, "max_chars": args.max_chars, "batch_size": args.batch_size,
+              "device": args.device, "intra_op_threads": 1}
+    return {"bert_domain": {**common, "head_file": heads["domain"], "output": "label"},
+            "bert_quality": {**common, "head_file": heads["quality"], "label": "hq"}}
+
+
+def annotate_runner(work: Path, texts: list[str], scorers: dict[str, dict], tasks: int):
+    """(spark, fn(i) -> report): ``run_annotate`` into a fresh annotations table per call."""
+    import shutil
+
+    import pandas as pd
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.common import bench_config, bench_spark, spark_overrides
+    from quadmix_spark.annotate import run_annotate
+    from quadmix_spark.scorers import resolve_scorers
+
+    spark, _ = bench_spark(work / "session", master=f"local[{tasks}]")
+    docs_path = work / "documents"
+    shutil.rmtree(docs_path, ignore_errors=True)
+    pdf = pd.DataFrame({"doc_id": [f"d{i:07d}" for i in range(len(texts))], "text": texts,
+                        "n_tokens": [len(t) // 4 for t in texts]})
+    parts = max(tasks * 4, 1)
+    spark.createDataFrame(pdf).repartition(parts).write.format("delta").save(str(docs_path))
+    scorer_args = [f"scorers={json.dumps(scorers)}", "annotate.domain_scorer=bert_domain",
+                   'annotate.quality_scorers=["bert_quality"]', f"annotate.partitions={parts}"]
+
+    def run(i: int):
+        root = work / f"store-{i}"
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "tables").mkdir(parents=True)
+        os.symlink(docs_path, root / "tables" / "documents", target_is_directory=True)
+        cfg = bench_config(root, *spark_overrides(master=f"local[{tasks}]"), *scorer_args)
+        resolved = resolve_scorers(cfg, validate=False)  # the CPU probe of validate() is not what is measured
+        t0 = time.perf_counter()
+        report = run_annotate(spark, cfg, scorers=resolved, histograms=False)
+        seconds = time.perf_counter() - t0
+        if report.new_documents != len(texts):
+            raise RuntimeError(f"annotate scored {report.scored}, expected {len(texts)} documents")
+        shutil.rmtree(root, ignore_errors=True)
+        return seconds
+
+    return spark, run
+
+
+# ---------------------------------------------------------------- main
+
+
+def gpu_facts() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            out["gpu_name"] = torch.cuda.get_device_name(0)
+            out["gpu_count"] = torch.cuda.device_count()
+            out["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    except ImportError:
+        out["torch"] = None
+    try:
+        import onnxruntime as ort
+
+        if hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception as e:  # noqa: BLE001 - only a hint
+                out["ort_preload_dlls"] = str(e)[:200]
+        out["onnxruntime"] = ort.__version__
+        out["ort_providers"] = ort.get_available_providers()
+    except ImportError:
+        out["onnxruntime"] = None
+        out["ort_providers"] = []
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_annotate", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model (2 layers, hidden 32), few documents")
+    p.add_argument("--docs", type=int, default=None, help="documents (default 20,000; smoke 96)")
+    p.add_argument("--baseline-docs", type=int, default=None, help="documents of the raw-session baseline (default: all)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per document (default 512; smoke 64)")
+    p.add_argument("--max-chars", type=int, default=20_000)
+    p.add_argument("--batch-size", type=int, default=None, help="documents per model call (default 64; smoke 16)")
+    p.add_argument("--dtype", choices=["fp16", "fp32"], default=None, help="exported weights (default fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--tasks", type=int, default=None, help="Spark tasks feeding the GPU (local[N]; default 4; smoke 2)")
+    p.add_argument("--repeats", type=int, default=None, help="repeats of each side (default 3; smoke 1)")
+    p.add_argument("--work", default=None, help="scratch folder (default $QUADMIX_BENCH_DIR/gpu-annotate)")
+    p.add_argument("--out", default=None, help="result file (default bench/results/gpu_annotate_docs_per_gpu.json)")
+    p.add_argument("--skip-annotate", action="store_true", help="only the model-alone figures")
+    a = p.parse_args(argv)
+    smoke = a.smoke
+    a.docs = a.docs or (96 if smoke else 20_000)
+    a.max_length = a.max_length or (64 if smoke else 512)
+    a.batch_size = a.batch_size or (16 if smoke else 64)
+    a.tasks = a.tasks or (2 if smoke else 4)
+    a.repeats = a.repeats or (1 if smoke else 3)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo))
+    from bench.common import RESULT_KEYS, machine_info, setup_env, stop_spark, utc_now
+
+    setup_env()
+    facts = gpu_facts()
+    cuda = bool(facts.get("cuda_available")) and not args.smoke
+    ort_cuda = "CUDAExecutionProvider" in facts.get("ort_providers", [])
+    if not args.smoke and not cuda:
+        log("no CUDA GPU visible to torch: use --smoke for a CPU check; measuring on CPU anyway would not be the GPU figure")
+        return 2
+    args.device = "cuda" if cuda else "cpu"
+    dtype = args.dtype or ("fp16" if cuda else "fp32")
+    shape = TINY if args.smoke else BERT_BASE
+    if args.max_length > shape["positions"]:
+        raise SystemExit(f"--max-length {args.max_length} exceeds the model's {shape['positions']} positions")
+    base = Path(os.environ.get("QUADMIX_BENCH_DIR") or "/tmp/quadmix-bench")
+    work = Path(args.work or base / ("gpu-annotate-smoke" if args.smoke else "gpu-annotate")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    tokenizer, tok_source = build_tokenizer(work, shape["vocab"])
+    texts, text_source = make_texts(args.docs, synthetic_vocab="synthetic" in tok_source)
+    model_path = work / f"bert_{'tiny' if args.smoke else 'base'}_{dtype}.onnx"
+    torch_model = build_torch_model(shape)
+    n_params = sum(p.numel() for p in torch_model.parameters())
+    if not model_path.exists():
+        export_onnx(torch_model, model_path, dtype, "cuda" if cuda and dtype == "fp16" else "cpu")
+    torch_model = torch_model.to(args.device)
+    if dtype == "fp16":
+        torch_model = torch_model.half()
+    heads = write_heads(work, shape["hidden"])
+    log(f"model {model_path.name} ({n_params / 1e6:.1f}M parameters, {dtype}), tokenizer: {tok_source}, "
+        f"{len(texts)} documents ({text_source}), max_length {args.max_length}, batch {args.batch_size}")
+
+    from quadmix_udfs.onnx_transformer import Encoder, load_session
+
+    encoder = Encoder(str(model_path), str(tokenizer), max_chars=args.max_chars, max_length=args.max_length,
+                      batch_size=args.batch_size, device=args.device)
+    n_base = min(args.baseline_docs or len(texts), len(texts))
+    if cuda:  # the CUDA session, or none (torch fallback: the CPU provider may lack fp16 kernels)
+        session = load_session(str(model_path), 0, 1) if ort_cuda else None
+    else:
+        session = load_session(str(model_path), None, 1)
+    batches = token_batches(encoder, texts[:n_base], session)
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+
+    sides: dict[str, list[float]] = {}
+    notes: dict[str, str] = {}
+    if cuda and not ort_cuda:
+        notes["onnxruntime"] = ("no CUDAExecutionProvider in onnxruntime " + str(facts.get("onnxruntime"))
+                                + ": install onnxruntime-gpu for the ONNX figures; measured torch on CUDA instead")
+    run_annotate_fn = None
+    spark = None
+    if args.skip_annotate:
+        notes["annotate"] = "skipped (--skip-annotate)"
+    elif cuda and not ort_cuda:
+        notes["annotate"] = "skipped: the onnx_transformer scorer needs onnxruntime's CUDAExecutionProvider (onnxruntime-gpu)"
+    else:
+        try:
+            spark, run_annotate_fn = annotate_runner(work, texts, scorer_settings(model_path, tokenizer, heads, args), args.tasks)
+        except Exception as e:  # noqa: BLE001 - no pyspark / Java / Delta jars: record why, keep the model figures
+            notes["annotate"] = f"skipped: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    if cuda:  # warm-up (CUDA context, cuDNN/cuBLAS autotuning)
+        (time_ort(session, batches[:3]) if ort_cuda else time_torch(torch_model, batches[:3], "cuda"))
+    for i in range(args.repeats):
+        if ort_cuda or not cuda:
+            sides.setdefault("onnxruntime", []).append(time_ort(session, batches))
+        if cuda:
+            sides.setdefault("torch", []).append(time_torch(torch_model, batches, "cuda"))
+        if run_annotate_fn is not None:
+            sides.setdefault("annotate", []).append(run_annotate_fn(i))
+        log(f"repeat {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in sides.items()))
+    if spark is not None:
+        stop_spark()
+
+    rates = {k: round((len(texts) if k == "annotate" else n_base) / statistics.median(v), 1) for k, v in sides.items()}
+    if "annotate" in rates:
+        value, source = rates["annotate"], "annotate stage (run_annotate, onnxruntime " + ("CUDA)" if cuda else "CPU, smoke)")
+    elif "onnxruntime" in rates:
+        value, source = rates["onnxruntime"], "raw onnxruntime session (annotate skipped: see details.notes)"
+    else:
+        value, source = rates["torch"], "torch-cuda-fallback (onnxruntime-gpu missing: same model and batches in torch)"
+    baseline = rates.get("onnxruntime") or rates.get("torch")
+    result = {
+        "name": NAME,
+        "machine": machine_info(),
+        "metric": METRIC,
+        "value": value,
+        "baseline": baseline,
+        "ratio": round(value / baseline, 3) if "annotate" in rates and baseline else None,
+        "n_docs": len(texts),
+        "when": utc_now(),
+    }
+    assert tuple(result) == RESULT_KEYS
+    result["details"] = {
+        "gpu_name": facts.get("gpu_name") if cuda else None,
+        "device": args.device,
+        "smoke": args.smoke,
+        "value_source": source,
+        "baseline_source": "raw onnxruntime session, same token batches" if "onnxruntime" in rates else "torch on CUDA, same token batches",
+        "goal": ">= 2000 documents/s per GPU through the annotate stage (issue 3)",
+        "rates_docs_per_s": rates,
+        "times_s": {k: [round(x, 3) for x in v] for k, v in sides.items()},
+        "notes": notes,
+        "model": {"shape": shape, "parameters": n_params, "dtype": dtype, "file": model_path.name,
+                  "bytes": model_path.stat().st_size},
+        "batches": {"max_length": args.max_length, "batch_size": args.batch_size, "baseline_docs": n_base,
+                    "tokens_per_doc": round(tokens / max(n_base, 1), 1), "count": len(batches)},
+        "tasks": args.tasks,
+        "tokenizer": tok_source,
+        "texts": text_source,
+        "versions": {k: facts.get(k) for k in ("torch", "onnxruntime", "ort_providers", "gpu_count", "gpu_memory_gib")},
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    out = Path(args.out) if args.out else repo / "bench" / "results" / f"{NAME}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    log(f"{source}: {value:,.1f} documents/s" + (f" (baseline {baseline:,.1f}, ratio {result['ratio']})" if result["ratio"] else "")
+        + f"; wrote {out}")
+    for k, v in notes.items():
+        log(f"note {k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

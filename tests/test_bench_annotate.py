@@ -1,0 +1,58 @@
+"""Quick checks of the annotate benchmarks' own machinery (the benchmarks themselves run in ``make bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def test_tree_cpu_seconds_counts_child_processes():
+    from bench.bench_annotate import tree_cpu_seconds
+
+    before = tree_cpu_seconds()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"],
+                   check=True)
+    assert tree_cpu_seconds() - before >= 0.3  # a reaped child's CPU still counts (cutime)
+
+
+def test_annotate_benchmark_options_and_parts():
+    from bench import bench_annotate
+
+    parser = argparse.ArgumentParser()
+    bench_annotate.add_arguments(parser)
+    args = parser.parse_args(["--annotate-parts", "gpu"])
+    with pytest.raises(ValueError, match="unknown"):
+        bench_annotate.run(args)
+    assert parser.parse_args([]).annotate_parts == "fasttext,minilm"
+
+
+def test_gpu_benchmark_smoke_mode_exports_a_model_and_writes_a_result(tmp_path):
+    """``bench.gpu_annotate --smoke`` on CPU (tiny BERT-shaped model, raw onnxruntime session; no Spark)."""
+    from bench import gpu_annotate
+
+    out = tmp_path / "gpu.json"
+    assert gpu_annotate.main(["--smoke", "--skip-annotate", "--docs", "40", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result)[:8] == ["name", "machine", "metric", "value", "baseline", "ratio", "n_docs", "when"]
+    assert result["name"] == "gpu_annotate_docs_per_gpu" and result["n_docs"] == 40 and result["value"] > 0
+    d = result["details"]
+    assert d["smoke"] and d["device"] == "cpu" and d["value_source"].startswith("raw onnxruntime")
+    assert d["model"]["shape"]["layers"] == 2 and d["batches"]["max_length"] == 64
+    assert "skipped" in d["notes"]["annotate"]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_mode_runs_the_annotate_stage(tmp_path):
+    """The whole smoke run, annotate stage included (its own Spark, so in a fresh process)."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_annotate", "--smoke", "--docs", "48", "--work", str(tmp_path / "w"),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["details"]["value_source"].startswith("annotate stage") and result["ratio"] > 0
