@@ -300,6 +300,7 @@ def rank_and_sample(
         })
         return out if keep_all else out[out["copies"] > 0]
 
+    # one evaluation, read twice (measured: cheaper than evaluating the split for each branch)
     split_rows = prepared.mapInPandas(split, SPLIT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         region = split_rows.where(F.col("rank_exact")).select("theta_idx", "doc_id", "domain_idx", "n_tokens", "cell", "qbar", "doc_hash")
