@@ -78,8 +78,8 @@ def run_evaluate(spark: SparkSession, cfg: QuadmixConfig) -> EvaluateResult:
     import mlflow
 
     from quadmix_spark.propose import STATUS_TAG, child_runs
-    from quadmix_spark.proxy import (ProxyTask, ensure_eval_set, execute, is_finished, outcomes_frame, prepare_pool, task_env,
-                                     write_plans)
+    from quadmix_spark.proxy import (FINGERPRINT_TAG, ProxyTask, ensure_eval_set, execute, is_finished, outcomes_frame,
+                                     prepare_pool, proxy_fingerprint, task_env, write_plans)
     from quadmix_spark.proxy_pool import pool_predicate
     from quadmix_spark.sample import run_baseline_index, run_sample_many
 
@@ -91,14 +91,16 @@ def run_evaluate(spark: SparkSession, cfg: QuadmixConfig) -> EvaluateResult:
     inp, pool = prepare_pool(spark, cfg)
     star = Theta.from_dict(star_dict, domains=inp.domains, criteria=inp.criteria)
     kinds = expand_baselines(cfg.evaluate.baselines, inp.criteria)
+    fingerprint = proxy_fingerprint(cfg)  # results of other proxy settings are not reused
 
     parent = next(iter(client.search_runs(
         [exp_id], filter_string=f"tags.`quadmix.role` = '{ROLE_EVALUATE}' and tags.`quadmix.search` = '{search}' "
-                                f"and tags.`quadmix.theta_star` = '{star.theta_id}'", max_results=1)), None)
+                                f"and tags.`quadmix.theta_star` = '{star.theta_id}' "
+                                f"and tags.`{FINGERPRINT_TAG}` = '{fingerprint}'", max_results=1)), None)
     if parent is None:
         parent = client.create_run(exp_id, run_name=f"evaluate-{search}", tags={
             "quadmix.role": ROLE_EVALUATE, "quadmix.search": search, "quadmix.theta_star": star.theta_id,
-            "quadmix.search_fit_run": fit_run, "quadmix.stage": "evaluate"})
+            "quadmix.search_fit_run": fit_run, "quadmix.stage": "evaluate", FINGERPRINT_TAG: fingerprint})
         client.log_dict(parent.info.run_id, star.to_dict(), THETA_STAR_ARTIFACT)
     parent_id = parent.info.run_id
     have = {(r.data.tags.get("quadmix.arm"), r.data.tags.get("quadmix.seed")): r for r in child_runs(client, exp_id, parent_id)}

@@ -34,6 +34,18 @@ from quadmix_spark.sample import PROXY_INDEX
 from quadmix_spark.storage import read_table
 
 ERROR_TAG = "quadmix.proxy.error"
+FINGERPRINT_TAG = "quadmix.proxy.fingerprint"
+
+
+def proxy_fingerprint(cfg: QuadmixConfig) -> str:
+    """What makes two proxies' target losses comparable: pool, model, training, target set, sampling."""
+    import hashlib
+
+    pc = cfg.proxy
+    ident = {"pool": pc.pool.model_dump(), "model": pc.model.model_dump(), "train": pc.train.model_dump(),
+             "target": pc.target.model_dump(), "seed": cfg.sampling.seed, "eta_mode": cfg.sampling.eta_mode,
+             "metric": cfg.search.metric}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,7 @@ class TaskEnv:
     task_weights: dict | None = None
     fail_theta_ids: tuple = ()
     fail_at_step: int = 1
+    fingerprint: str = ""
 
 
 @dataclass
@@ -128,6 +141,8 @@ def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
     try:
         client.update_run(task.run_id, status="RUNNING")
         client.set_tag(task.run_id, STATUS_TAG, RUNNING)
+        if env.fingerprint:
+            client.set_tag(task.run_id, FINGERPRINT_TAG, env.fingerprint)
         import torch
 
         from quadmix_spark.proxy_model import ModelShape
@@ -200,7 +215,7 @@ def task_env(cfg: QuadmixConfig, pool: Pool, plans_dir: str, eval_path: str) -> 
         tracking_uri=cfg.tracking_uri, pool_dir=pool.folder, plans_dir=plans_dir, eval_path=eval_path,
         shape=pc.model.model_dump(), train=pc.train.model_dump(), sample_seed=cfg.sampling.seed, device=pc.device,
         cpus=pc.cpus_per_task, metric=cfg.search.metric, task_weights=pc.target.task_weights,
-        fail_theta_ids=tuple(pc.fail_theta_ids), fail_at_step=pc.fail_at_step,
+        fail_theta_ids=tuple(pc.fail_theta_ids), fail_at_step=pc.fail_at_step, fingerprint=proxy_fingerprint(cfg),
     )
 
 
@@ -330,6 +345,12 @@ def run_search_proxies(spark: SparkSession, cfg: QuadmixConfig, run_id: str | No
     children = child_runs(client, exp_id, parent.info.run_id)
     todo = [c for c in children if not is_finished(c, cfg.search.metric)]
     skipped = len(children) - len(todo)
+    fp = proxy_fingerprint(cfg)
+    other = [c for c in children if is_finished(c, cfg.search.metric) and c.data.tags.get(FINGERPRINT_TAG, fp) != fp]
+    if other:
+        raise ValueError(f"search {cfg.search.name!r} has {len(other)} proxies finished with other proxy settings "
+                         f"(fingerprint {other[0].data.tags[FINGERPRINT_TAG]}, now {fp}): their losses would not be "
+                         "comparable; use another search.name, or the proxy/sampling settings they were trained with")
     inp, pool = prepare_pool(spark, cfg, run_id)
     if not todo:
         return ProxyReport(cfg.search.name, skipped, [], pool.meta)

@@ -75,6 +75,9 @@ QUANTILES = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)
 _LIST_LIMIT = 10  # names/run ids shown in an error message before "... and n more"
 
 
+TAG_PROXY_FINGERPRINT = "quadmix.proxy.fingerprint"
+
+
 class SearchInputError(ValueError):
     """The runs cannot be fitted as they are: unknown search, disagreeing names, missing params, too few runs."""
 
@@ -249,6 +252,20 @@ def collect_runs(client, experiment_id: str, search_names: Sequence[str], metric
             "the runs disagree on domain/criterion names, so their θ are not the same features; "
             "fit each set of searches separately:\n" + "\n".join(lines)
         )
+    # losses from proxies trained differently (model, tokens, target set) are not one regression target
+    prints: dict[str, list[str]] = {}
+    for name, rs in finished.items():
+        for r in rs:
+            fp = r.data.tags.get(TAG_PROXY_FINGERPRINT)
+            if fp:
+                prints.setdefault(fp, []).append(name)
+    if len(prints) > 1:
+        detail = "; ".join(f"{fp}: {len(v)} runs of {sorted(set(v))}" for fp, v in prints.items())
+        raise SearchInputError(
+            f"the runs were trained with different proxy settings (tag {TAG_PROXY_FINGERPRINT}: {detail}); "
+            "their losses are not comparable: fit runs of one proxy setting at a time"
+        )
+
     # canonical order: the first run's (no finished run at all: an empty table, check_enough reports it)
     first = next((r for rs in finished.values() for r in rs), None)
     domains = _names_tag(first, TAG_DOMAINS) if first is not None else ()

@@ -37,7 +37,8 @@ def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def two_ingest_runs(spark, tmp_path, monkeypatch):
-    """A store with two real ingest runs (two input files) in ``EXPERIMENT``; returns (root, run ids)."""
+    """A store with two real ingest runs (two input files) and a proposed search in ``EXPERIMENT``;
+    returns (root, experiment id, run ids to find listed)."""
     import gzip
 
     from quadmix_spark.jobs import ingest_job
@@ -59,11 +60,16 @@ def two_ingest_runs(spark, tmp_path, monkeypatch):
         assert report.documents == 20
     import mlflow
 
+    from quadmix_spark.propose import propose
+
+    # a search as `quadmix propose` makes it: a parent run with its θ nested under it
+    search = propose(make_config(root, f"tracking.experiment={EXPERIMENT}", "search.name=ui"),
+                     ["news", "science"], ["dclm", "edu"], 3)
     client = mlflow.MlflowClient(f"sqlite:///{root.resolve() / 'mlflow.db'}")
     exp = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`quadmix.stage` = 'ingest'")
     assert len(runs) == 2
-    return root, exp.experiment_id, [r.info.run_id for r in runs]
+    return root, exp.experiment_id, [r.info.run_id for r in runs] + [search.parent_run_id]
 
 
 def test_mlflow_ui_lists_the_runs(two_ingest_runs, tmp_path):
@@ -90,6 +96,6 @@ def test_mlflow_ui_lists_the_runs(two_ingest_runs, tmp_path):
     for run_id in run_ids:  # each run is a row linking to its page
         assert f"#/experiments/{experiment_id}/runs/{run_id}" in html, f"run {run_id} is not listed"
     assert len(re.findall(r">ingest</span>", html)) == 2
-    assert "2 matching runs" in re.sub(r"<[^>]+>", "", html)
+    assert ">search-ui<" in html  # the search's parent run, its proxies nested under it
     assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     print(f"\nMLflow UI screenshot: {shot}")
