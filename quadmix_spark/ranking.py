@@ -272,7 +272,9 @@ def rank_and_sample(
                 if keep_all:
                     frac = _unit(q[idx], method) * B - b[idx]
                     rbar = (before[k, ds, b[idx]] + mass[k, ds, b[idx]] * np.clip(frac, 0, 1)) / np.maximum(total[k, ds], 1)
-                S, c = _copies(stack, k, ds, rbar, h[idx], s)
+                # outside the region r̄ > max(rank_region, ω) >= ω, so S = ε exactly (Eq. 3): no need to evaluate S
+                S = stack.eps[k, ds] + 0.0
+                c = realized_copies(S, hash_uniform_from_doc_hashes(h[idx], int(stack.keys[k]), s.seed)).astype(np.int32)
                 if not keep_all:  # a proxy index keeps only documents with copies (the ε tail is rare)
                     kept = c > 0
                     idx, ds, rbar, S, c = idx[kept], ds[kept], rbar[kept], S[kept], c[kept]

@@ -183,3 +183,14 @@ def test_baselines_select_by_sigma(spark, corpus):
             assert picked == {i for i, s in zip(data["ids"], best) if s <= 0.1}
         else:
             assert 0.05 < len(picked) / len(data["ids"]) < 0.15
+
+
+def test_the_histogram_pass_rejects_a_theta_whose_domains_are_not_the_data_s(spark, corpus):
+    from quadmix_spark.kernel.theta import ThetaMismatchError
+
+    cfg, data = corpus
+    doms = data["domains"]
+    with pytest.raises(ValueError, match="have a domain that θ does not name"):  # the data has a domain θ lacks
+        run_sample_many(spark, cfg, [a_theta(doms[:-1], seed=1)])
+    with pytest.raises(ThetaMismatchError, match="elsewhere"):  # θ names a domain without documents
+        run_sample_many(spark, cfg, [a_theta([*doms, "elsewhere"], seed=1)])
