@@ -15,6 +15,12 @@ window partitioned by group (which would put a whole domain into one task):
 
 Weights are integers (token counts), so every sum is exact and the result does not depend on the number
 of partitions.
+
+:func:`cell_cumulative` is the variant for when a histogram of the values is already known (the sampler's
+pass A): rows carry a cell (a (group, bin) index) whose preceding weight is known, so neither the range
+bounds (a sampling pass over the input) nor the per-partition offsets (an aggregation pass) are needed;
+runs of whole cells are placed on partitions by :func:`by_labels` (plain hash partitioning on labels chosen
+so that run i lands in partition i mod P).
 """
 
 from __future__ import annotations
