@@ -143,6 +143,18 @@ def test_collect_refuses_searches_over_different_domains(store):
     assert "'main'" in msg and "'other'" in msg and "x9" in msg and "d2" in msg
 
 
+def test_collect_refuses_runs_of_different_proxy_settings(store):
+    client, exp_id = store["client"], store["exp_id"]
+    ids = add_search(client, exp_id, "fp_a", _thetas(4, seed=5))
+    ids += add_search(client, exp_id, "fp_b", _thetas(4, seed=6))
+    for run_id, fp in zip(ids, ["aaa"] * 4 + ["bbb"] * 4):
+        client.set_tag(run_id, S.TAG_PROXY_FINGERPRINT, fp)
+    assert len(S.collect_runs(client, exp_id, ["fp_a"], "target_loss").y) == 4  # one setting: fine
+    with pytest.raises(S.SearchInputError, match="different proxy settings") as e:
+        S.collect_runs(client, exp_id, ["fp_a", "fp_b"], "target_loss")
+    assert "aaa" in str(e.value) and "bbb" in str(e.value)
+
+
 def test_collect_names_the_missing_param(store):
     with pytest.raises(S.SearchInputError, match=r"quadmix\.omega\.d2"):
         S.collect_runs(store["client"], store["exp_id"], ["gap"], "target_loss")

@@ -83,6 +83,9 @@ def test_search_pipeline_end_to_end(search_env, tmp_path):
         assert r.info.status == "FINISHED"
         assert len(client.get_metric_history(r.info.run_id, "target_loss")) == 1
     assert "0 trained, 0 failed, 6 already finished" in invoke("proxy", *base, "--search", "t1")
+    # other proxy settings would make the losses incomparable: refused
+    err = invoke("proxy", *base, "--search", "t1", "--set", "proxy.train.tokens=1024", code=1)
+    assert "other proxy settings" in err
 
     # search: LightGBM over the 6 runs, θ* readable by `sample --params <run id>`
     out = invoke("search", *base, "--search", "t1")
