@@ -15,6 +15,7 @@ def configure_mlflow(cfg: QuadmixConfig) -> str:
     import mlflow
 
     uri = cfg.tracking_uri
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # job logs, not a terminal
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
