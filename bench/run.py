@@ -21,6 +21,7 @@ BENCHMARKS = {
     "ingest": "bench.bench_ingest",
     "sample": "bench.bench_sample",
     "many_theta": "bench.bench_many_theta",
+    "rank": "bench.bench_rank",
     "annotate": "bench.bench_annotate",
     "search": "bench.bench_search",
     "proxy": "bench.bench_proxy",
