@@ -22,6 +22,10 @@ REGMIX_LIGHTGBM: dict[str, Any] = {
     "min_child_samples": 20,
     "random_state": 42,
     "verbosity": -1,
+    # ours, not RegMix's: 63 feature bins instead of 255 fit 3x faster on ~3,000 runs with the same
+    # validation error (bench `search`: MAE 0.127 vs 0.130, ρ 0.977 vs 0.976); col-wise skips a probe
+    "max_bin": 63,
+    "force_col_wise": True,
 }
 
 
