@@ -40,6 +40,7 @@ class StageRun:
     metrics: tuple[str, ...] = ()                            # MLflow metrics: cluster run == local run
     submit: tuple[str, ...] = ()                             # extra submit.sh options (e.g. --no-gpu)
     cluster: bool = True                                     # False: run once, locally, before the cluster runs
+    spark_app: bool = True                                   # False: a driver-only stage (no Spark application)
 
 
 PIPELINE: list[StageRun] = [
@@ -58,7 +59,7 @@ PIPELINE: list[StageRun] = [
     StageRun("propose"),
     StageRun("proxy", tables=("proxy_index", "proxy_theta_tokens"), submit=("--no-gpu",),
              metrics=("trained", "failed", "pool_docs", "pool_tokens")),
-    StageRun("search"),
+    StageRun("search", spark_app=False),  # LightGBM on the driver: reads MLflow runs, no Spark job
 ]
 
 # Columns that legitimately differ between two runs of the same input (none so far; e.g. timestamps).
