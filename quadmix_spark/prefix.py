@@ -66,27 +66,33 @@ def within_group_cumulative(
 
         def add_cumulative(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
             running: dict[int, int] = {}
-            held: pd.DataFrame | None = None
-            for batch in batches:
-                if held is not None:
-                    batch = pd.concat([held, batch], ignore_index=True)
-                    held = None
-                if batch.empty:
-                    continue
-                g = batch[group].to_numpy(np.int64)
-                v = batch[value].to_numpy()
-                last = (g == g[-1]) & (v == v[-1])
-                # rows tied with the batch's last row may continue in the next batch: hold them back
-                cut = len(batch) - int(np.argmin(last[::-1])) if not last.all() else 0
-                done, held = batch.iloc[:cut], batch.iloc[cut:]
-                if len(done):
-                    yield _cumulate(done, group, value, weight, running, offsets, totals)
-            if held is not None and len(held):
-                yield _cumulate(held, group, value, weight, running, offsets, totals)
+            for done in _tie_complete(batches, group, value):
+                yield _cumulate(done, group, value, weight, running, offsets, totals)
 
         yield ordered.mapInPandas(add_cumulative, out_schema)
     finally:
         ordered.unpersist()
+
+
+def _tie_complete(batches: Iterator[pd.DataFrame], key: str, value: str) -> Iterator[pd.DataFrame]:
+    """The batches of a partition sorted by (key, value), re-cut so that rows tied on (key, value) are
+    never split across two batches: rows tied with a batch's last row are held back for the next one."""
+    held: pd.DataFrame | None = None
+    for batch in batches:
+        if held is not None:
+            batch = pd.concat([held, batch], ignore_index=True)
+            held = None
+        if batch.empty:
+            continue
+        k = batch[key].to_numpy(np.int64)
+        v = batch[value].to_numpy()
+        last = (k == k[-1]) & (v == v[-1])
+        cut = len(batch) - int(np.argmin(last[::-1])) if not last.all() else 0
+        done, held = batch.iloc[:cut], batch.iloc[cut:]
+        if len(done):
+            yield done
+    if held is not None and len(held):
+        yield held
 
 
 def _offsets(sums: list[tuple[int, int, int]]) -> tuple[dict[tuple[int, int], int], dict[int, int]]:
@@ -224,23 +230,8 @@ def cell_cumulative(
 
     def add_cumulative(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         carry: tuple[int, int] | None = None  # (cell, weight so far) of the cell that ended the last batch
-        held: pd.DataFrame | None = None
-        for batch in batches:
-            if held is not None:
-                batch = pd.concat([held, batch], ignore_index=True)
-                held = None
-            if batch.empty:
-                continue
-            c = batch[cell].to_numpy(np.int64)
-            v = batch[value].to_numpy()
-            last = (c == c[-1]) & (v == v[-1])
-            cut = len(batch) - int(np.argmin(last[::-1])) if not last.all() else 0
-            done, held = batch.iloc[:cut], batch.iloc[cut:]
-            if len(done):
-                out, carry = _cumulate_cells(done, cell, value, weight, cells, cell_base, carry)
-                yield finish(out) if finish else out
-        if held is not None and len(held):
-            out, carry = _cumulate_cells(held, cell, value, weight, cells, cell_base, carry)
+        for done in _tie_complete(batches, cell, value):
+            out, carry = _cumulate_cells(done, cell, value, weight, cells, cell_base, carry)
             yield finish(out) if finish else out
 
     return ordered.mapInPandas(add_cumulative, out_schema)
