@@ -5,15 +5,20 @@ Input (generated in memory, no Spark, no MLflow): ``--search-runs`` θ (default 
 ``--search-seed``), with a synthetic smooth target loss: a sum of per-domain terms in ω̃, log λ̃, η̃ and α of the
 first criterion, with domain-dependent weights, a product term, and Gaussian noise (σ = 0.01).
 
-Two cases, timed ``--search-repeats`` (a, default 3) and ``--search-big-repeats`` (b, default 2) times,
-interleaved, wall and process CPU seconds (all threads):
+Three cases, timed ``--search-repeats`` (a, default 3), ``--search-big-repeats`` (b, default 2) and
+``--search-regmix-repeats`` (r, default 1) times, interleaved, wall and process CPU seconds (all threads):
 
-- **a**: ``fit_regressor`` with RegMix's LightGBM settings (``search_config.REGMIX_LIGHTGBM``: gbdt, L2,
-  learning rate 0.01, up to 1,000 trees, seed 42; split 2,800 train / 200 validation, early stopping 3) +
-  ``search_candidates`` with 100,000 candidates (draw, predict, running top-10, average). Goal: <= 5 s wall on
-  2 cores (the issue's).
+- **a**: ``fit_regressor`` with the project's LightGBM settings (``search_config.DEFAULT_LIGHTGBM``: RegMix's
+  gbdt, L2, up to 1,000 trees, seed 42, but learning rate 0.1 and 63 bins; split 2,800 train / 200
+  validation, early stopping 3) + ``search_candidates`` with 100,000 candidates (draw, predict, running
+  top-10, average). Goal: <= 5 s wall on 2 cores (the issue's).
 - **b**: the same with 1,000,000 candidates (``--search-big``). RegMix's paper: simulating 1M mixtures takes
   under 10 CPU-seconds; ``details.b.candidates_cpu_s`` is the comparable number (draw + predict + top-k, no fit).
+- **r**: case a with RegMix's exact settings (``REGMIX_LIGHTGBM``: learning rate 0.01, 255 bins), the
+  reference the faster defaults must not fall behind.
+
+Each case also judges its θ* by the synthetic loss without noise (``true_loss``; lower is better), so a
+setting that is faster but finds a worse θ* shows.
 
 Results: ``search_fit_100k_s`` (metric ``s``): value = median wall seconds of case a, baseline = the 5-s goal,
 ratio = value / goal (<= 1 meets it); and ``search_fit_1m_s``: value = median wall seconds of case b, baseline
@@ -65,30 +70,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(group, "--search-big", type=int, default=DEFAULT_BIG, help="candidates of case b (0 skips it)")
     add_option(group, "--search-repeats", type=int, default=DEFAULT_REPEATS, help="repeats of case a")
     add_option(group, "--search-big-repeats", type=int, default=DEFAULT_BIG_REPEATS, help="repeats of case b")
+    add_option(group, "--search-regmix-repeats", type=int, default=1,
+               help="repeats of case r, RegMix's exact LightGBM settings (0 skips it)")
     add_option(group, "--search-lgb", type=json.loads, default={},
-               help="JSON of LightGBM params over RegMix's (exploration only: the result then is not the goal's setting)")
+               help="JSON of LightGBM params over the defaults (exploration only: the result then is not the goal's setting)")
     add_option(group, "--search-seed", type=int, default=11, help="seed of the synthetic runs")
 
 
+def true_loss(alpha: np.ndarray, lam: np.ndarray, omega: np.ndarray, eta: np.ndarray) -> np.ndarray:
+    """The synthetic loss without noise for θ rows (alpha (n, M, N), the others (n, M)): per-domain terms in
+    ω̃, log λ̃, η̃ and the first criterion's α, weighted toward the first (big) domains, plus a product term."""
+    w = np.linspace(1.0, 0.05, alpha.shape[1])  # big domains matter more
+    return (
+        3.0
+        + 0.4 * (w * (omega / 0.1 - 0.4) ** 2).sum(axis=1)
+        - 0.05 * (w * np.log10(lam)).sum(axis=1)
+        + 0.1 * (w * np.sin(3 * eta)).sum(axis=1)
+        - 0.3 * (w * alpha[:, :, 0]).sum(axis=1)
+        + 0.5 * (omega[:, 0] / 0.1) * alpha[:, 0, 1]
+    )
+
+
 def synthetic_runs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """(X (n, 182), y (n,), domains, criteria): Algorithm-1 θ and a smooth synthetic loss with noise."""
+    """(X (n, 182), y (n,), domains, criteria): Algorithm-1 θ and :func:`true_loss` + N(0, 0.01) noise."""
     from quadmix_spark.kernel.theta import flatten, sample_theta_matrix
 
     domains = [f"dom{i:02d}" for i in range(N_DOMAINS)]
     criteria = ["q_edu", "q_dclm", "q_ref"]
     rng = np.random.default_rng(seed)
     b = sample_theta_matrix(n, N_DOMAINS, N_CRITERIA, rng)
-    w = np.linspace(1.0, 0.05, N_DOMAINS)  # big domains matter more
-    y = (
-        3.0
-        + 0.4 * (w * (b.omega / 0.1 - 0.4) ** 2).sum(axis=1)
-        - 0.05 * (w * np.log10(b.lam)).sum(axis=1)
-        + 0.1 * (w * np.sin(3 * b.eta)).sum(axis=1)
-        - 0.3 * (w * b.alpha[:, :, 0]).sum(axis=1)
-        + 0.5 * (b.omega[:, 0] / 0.1) * b.alpha[:, 0, 1]
-        + rng.normal(0.0, 0.01, n)
-    )
+    y = true_loss(b.alpha, b.lam, b.omega, b.eta) + rng.normal(0.0, 0.01, n)
     return flatten(*b), y, domains, criteria
+
+
+def theta_true_loss(theta) -> float:
+    """:func:`true_loss` of one ``Theta`` (θ*)."""
+    return float(true_loss(theta.alpha[None], theta.lam[None], theta.omega[None], theta.eta[None])[0])
 
 
 def _case(X, y, names, domains, criteria, val_fraction: float, n_cand: int, seed: int, lgb_params: dict):
@@ -104,6 +121,7 @@ def _case(X, y, names, domains, criteria, val_fraction: float, n_cand: int, seed
         "total_cpu_s": c2 - c0, "val_mae": fit.val_mae, "val_spearman": fit.val_spearman,
         "best_iteration": fit.best_iteration, "n_train": fit.n_train, "n_val": fit.n_val,
         "theta_id": cands.theta_star.theta_id, "top_pred_mean": float(cands.top_pred.mean()),
+        "theta_star_true_loss": theta_true_loss(cands.theta_star),
         "pred_median": cands.pred_quantiles[0.5],
     }
 
@@ -126,6 +144,7 @@ def _summarize(timing, n_cand: int) -> dict[str, Any]:
         "best_iteration": first["best_iteration"], "split": f"{first['n_train']} train / {first['n_val']} validation",
         "theta_star_id": first["theta_id"], "top10_pred_mean": round(first["top_pred_mean"], 5),
         "pred_median": round(first["pred_median"], 5),
+        "theta_star_true_loss": round(first["theta_star_true_loss"], 5),
     }
 
 
@@ -133,13 +152,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import lightgbm
 
     from quadmix_spark.kernel.theta import feature_names
-    from quadmix_spark.search_config import REGMIX_LIGHTGBM
+    from quadmix_spark.search_config import DEFAULT_LIGHTGBM, REGMIX_LIGHTGBM
 
     t_start = time.perf_counter()
     n, n_val = args.search_runs, args.search_val
     repeats = args.repeats or args.search_repeats
     big_repeats = args.repeats or args.search_big_repeats
-    lgb_params = {**REGMIX_LIGHTGBM, **args.search_lgb}
+    lgb_params = {**DEFAULT_LIGHTGBM, **args.search_lgb}
     if n <= 2 or not 0 < n_val < n or args.search_candidates <= 0 or args.search_big < 0 or repeats <= 0:
         raise ValueError("need --search-runs > 2, 0 < --search-val < runs, --search-candidates > 0, --search-big >= 0, repeats > 0")
     X, y, domains, criteria = synthetic_runs(n, args.search_seed)
@@ -154,12 +173,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.search_big:
         cases["b"] = (lambda i: _case(X, y, names, domains, criteria, val_fraction, args.search_big, 4242, lgb_params),
                       big_repeats)
+    if args.search_regmix_repeats:
+        cases["r"] = (lambda i: _case(X, y, names, domains, criteria, val_fraction, args.search_candidates, 4242,
+                                      dict(REGMIX_LIGHTGBM)), args.search_regmix_repeats)
     timings = interleave(cases)
     a = _summarize(timings["a"], args.search_candidates)
     b = _summarize(timings["b"], args.search_big) if "b" in timings else None
+    r = _summarize(timings["r"], args.search_candidates) if "r" in timings else None
     log(f"a: {a['median_s']:.2f} s wall ({a['median_cpu_s']:.2f} CPU s): fit {a['fit_s']:.2f} s, "
         f"{args.search_candidates:,} candidates {a['candidates_s']:.2f} s; ρ = {a['val_spearman']:.3f}, "
         f"best iteration {a['best_iteration']}")
+    if r:
+        log(f"r (RegMix's settings): {r['median_s']:.2f} s wall; θ* true loss {r['theta_star_true_loss']:.4f} vs "
+            f"{a['theta_star_true_loss']:.4f} (a), ρ = {r['val_spearman']:.3f}, best iteration {r['best_iteration']}")
     if b:
         log(f"b: {b['median_s']:.2f} s wall ({b['median_cpu_s']:.2f} CPU s): fit {b['fit_s']:.2f} s, "
             f"{args.search_big:,} candidates {b['candidates_s']:.2f} s wall / {b['candidates_cpu_s']:.2f} CPU s")
@@ -169,7 +195,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "seed": args.search_seed, "loss": "smooth synthetic function of ω̃, log λ̃, η̃, α (see module doc) + N(0, 0.01)"},
         "lightgbm": {"version": lightgbm.__version__, "params": lgb_params,
                      "threads": "fit: 1 (search.fit_regressor's default), predict: every usable core"},
-        "repeats": {"a": repeats, "b": big_repeats, "order": "interleaved a, b per round"},
+        "repeats": {"a": repeats, "b": big_repeats, "r": args.search_regmix_repeats, "order": "interleaved a, b, r per round"},
+        "regmix_params": REGMIX_LIGHTGBM,
         "commit": git_commit(), "wall_s": round(time.perf_counter() - t_start, 1),
     }
     machine = machine_info()
@@ -187,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         {"value": f"median wall seconds: fit ({n - n_val}/{n_val}, early stopping) + {args.search_candidates:,} "
                   "candidates + top-10 average",
          "baseline": "the goal, 5 s on 2 cores (not measured)", "ratio": "value / goal (<= 1 meets it)",
-         "a": a, "b": b, **common},
+         "a": a, "b": b, "r": r, **common},
         machine=machine,
     )
 
