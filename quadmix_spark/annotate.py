@@ -191,6 +191,22 @@ def _pass_fields(scorers: ScorerSet) -> list[T.StructField]:
     return [T.StructField("doc_id", T.StringType()), T.StructField("n_tokens", T.LongType()), T.StructField("_new", T.BooleanType()), *flags]
 
 
+def text_limit(runs) -> int | None:
+    """The longest text prefix any scorer reads (the largest ``max_chars`` of the runs' adapters), or None
+    when some adapter has no ``max_chars`` (it may read whole texts).  Spark's ``substring`` counts characters
+    (code points) as Python's slicing does, so cutting there first changes no score."""
+    limits = [getattr(r.adapter, "max_chars", None) for r in runs]
+    if not limits or any(not isinstance(m, int) or m <= 0 for m in limits):
+        return None
+    return max(limits)
+
+
+def cut_text(text: Column, limit: int) -> Column:
+    """``text[:limit]`` in Spark (``substring`` counts code points, as Python does), applied only to texts with
+    more bytes than ``limit``: the usual page is neither scanned nor copied."""
+    return F.when(F.octet_length(text) > limit, F.substring(text, 1, limit)).otherwise(text)
+
+
 def score_documents(
     work: DataFrame, scorers: ScorerSet, gpu_stage: bool = False, gpu_profile=None, partitions: int | None = None
 ) -> DataFrame:
@@ -200,6 +216,9 @@ def score_documents(
     CPU scorers run first, the rows are hash-partitioned by ``doc_id`` (a stage boundary), and the GPU scorers
     run in a second ``mapInPandas`` carrying ``gpu_profile``, so only that stage asks for GPUs.
     """
+    limit = text_limit([r for _, _, r in scorers.runs()])
+    if limit is not None:  # ship only what some scorer reads to Python: a several-MB page costs max_chars
+        work = work.withColumn("text", cut_text(F.col("text"), limit))
     if partitions:
         work = work.repartition(partitions, "doc_id")
     else:  # as read, but never fewer tasks than the cluster has slots
@@ -436,7 +455,11 @@ def run_annotate(
         existing_versions = version_counts(existing)
         report.rescored = check_versions(existing_versions, scorers, allowed)
     flagged = flag_documents(documents, existing, scorers)
-    report.documents, report.new_documents, report.scored = work_counts(flagged, scorers)
+    if existing is None:  # every document is new and needs every scorer: a count Delta answers from its log
+        n = documents.count()
+        report.documents, report.new_documents, report.scored = n, n, {s.name: n for s in scorers.by_key().values()}
+    else:
+        report.documents, report.new_documents, report.scored = work_counts(flagged, scorers)
     if any(report.scored.values()):
         profile, report.gpu_profile = gpu_resource_profile(spark, cfg, scorers)
         if existing is None:

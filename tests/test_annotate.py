@@ -150,6 +150,25 @@ def test_annotate_scores_each_document_once_and_a_rerun_changes_nothing(spark, c
     assert len(after) == n + 3 and all(after[i] == rows[i] for i in ids)  # old rows untouched
 
 
+def test_texts_are_cut_in_spark_exactly_as_the_adapters_cut_them(spark):
+    from types import SimpleNamespace
+
+    from quadmix_spark.annotate import cut_text, text_limit
+    from quadmix_udfs.scoring import ScorerRun
+
+    texts = ["ab\ncdef", "日本語のページです", "日本", "😀x😀y😀z", "é" * 10, "é", "", None, "abc", "plain ascii text"]
+    df = spark.createDataFrame([(t,) for t in texts], "text string")
+    got = [r.t for r in df.select(cut_text(F.col("text"), 3).alias("t")).collect()]
+    assert got == [t[:3] if t is not None else None for t in texts]  # code points, as Python slices
+
+    def run(max_chars):
+        return ScorerRun("s", SimpleNamespace(max_chars=max_chars) if max_chars else object(), "score", ("q_s",))
+
+    assert text_limit([run(5000), run(20_000)]) == 20_000
+    assert text_limit([run(5000), run(None)]) is None  # an adapter with no limit reads whole texts
+    assert text_limit([]) is None
+
+
 def test_a_changed_scorer_needs_an_explicit_rescore_and_only_its_column_changes(spark, corpus, tmp_path):
     scorers = fasttext_scorers(corpus)
     cfg = store_for(spark, corpus, tmp_path, scorers, "topic", ["en"])
