@@ -465,6 +465,23 @@ def fit_regressor(
     return FitResult(model, names, mae, rho, len(tr), len(va), best, pred, y[va], va, tr)
 
 
+# Below this held-out Spearman ρ the regressor is said not to rank runs it has not seen.
+WEAK_SPEARMAN = 0.3
+
+
+def fit_warnings(fit: FitResult) -> list[str]:
+    """Why θ* may be no better than a random draw, read off the regressor's held-out evidence (empty when
+    the fit looks sound).  Printed with the search's summary and logged as the ``quadmix.search.warnings`` tag."""
+    out = []
+    if fit.best_iteration <= 1:
+        out.append("early stopping kept 1 tree: the regressor is nearly constant and the best candidates mostly tie")
+    rho = fit.val_spearman
+    if not np.isfinite(rho) or rho < WEAK_SPEARMAN:
+        out.append(f"validation Spearman ρ {rho:.2f} on {fit.n_val} held-out runs: the regressor does not rank runs "
+                   "it has not seen; train more proxies (the paper fits 3,000) before trusting θ*")
+    return out
+
+
 # ------------------------------------------------------------------------------- candidates
 @dataclass
 class CandidateResult:
@@ -693,6 +710,7 @@ class SearchOutcome:
             f"  θ* {self.theta_star.theta_id} ({self.theta_star.n_domains} domains × {self.theta_star.n_criteria} criteria)"
             f", MLflow run {self.run_id}" + (f", written to {self.out_path}" if self.out_path else ""),
         ]
+        lines += [f"  warning: {w}" for w in fit_warnings(self.fit)]
         return "\n".join(lines)
 
 
@@ -762,6 +780,9 @@ def run_search(cfg, search_names: Sequence[str] | None = None, out_path: str | P
         TAG_CRITERIA: json.dumps(list(table.criteria)),
         "quadmix.config_fingerprint": cfg.fingerprint(),
     }
+    warnings = fit_warnings(fit)
+    if warnings:
+        tags["quadmix.search.warnings"] = " | ".join(warnings)[:5000]
     if len(names) == 1:
         parents = _search_all(client, exp.experiment_id,
                               f"tags.`{TAG_SEARCH}` = {_quote(names[0])} AND tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'")

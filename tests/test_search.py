@@ -243,6 +243,7 @@ def test_run_search_logs_one_run_with_theta_star(store, tmp_path):
     assert load_theta(out) == outcome.theta_star
     assert float(run.data.params["theta_star.quadmix.omega.d0"]) == outcome.theta_star.omega[0]
     assert "main: 80 finished proxy runs" in outcome.summary()
+    assert "warning" not in outcome.summary() and "quadmix.search.warnings" not in run.data.tags  # a sound fit
     model = mlflow.lightgbm.load_model(f"runs:/{outcome.run_id}/model")
     x = outcome.runs.X.iloc[:3]
     np.testing.assert_allclose(model.predict(x), outcome.fit.model.predict(x))
@@ -256,3 +257,15 @@ def test_tiny_fit_still_reports_spearman(store):
     run = store["client"].get_run(outcome.run_id)
     assert {"val_mae", "val_spearman", "best_iteration", "top_pred_mean"} <= set(run.data.metrics)
     assert outcome.fit.n_val == 2 and outcome.theta_star.n_domains == len(DOMAINS)
+    if S.fit_warnings(outcome.fit):  # 2 held-out runs: ρ is ±1 or undefined; a weak fit says so
+        assert "warning:" in outcome.summary() and run.data.tags["quadmix.search.warnings"]
+
+
+def test_a_fit_without_signal_is_warned_about():
+    rng = np.random.default_rng(3)
+    X = rng.uniform(size=(200, 6))
+    sound = S.fit_regressor(X, X[:, 0] + 0.01 * rng.normal(size=200), FAST_LGB, 0.25, 3, seed=0)
+    assert S.fit_warnings(sound) == []
+    noise = S.fit_regressor(X, rng.normal(size=200), FAST_LGB, 0.25, 3, seed=0)
+    warned = S.fit_warnings(noise)
+    assert warned and any("Spearman" in w or "1 tree" in w for w in warned)
