@@ -15,36 +15,29 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 from bench.common import RESULTS_DIR, git_commit, log, machine_info, utc_now
 
 
 def study(rates: list[float], seeds: list[int], runs: int = 3000, n_val: int = 200, n_cand: int = 100_000) -> list[dict]:
-    from bench.bench_search import synthetic_runs, theta_true_loss
+    from bench.bench_search import _case, synthetic_runs
     from quadmix_spark.kernel.theta import feature_names
-    from quadmix_spark.search import fit_regressor, search_candidates
     from quadmix_spark.search_config import DEFAULT_LIGHTGBM
 
     data = {seed: synthetic_runs(runs, seed) for seed in seeds}
+    keys = ("fit_s", "candidates_s", "best_iteration", "val_mae", "val_spearman", "theta_star_true_loss")
     rows = []
     for lr in rates:
         per_seed = []
         for seed, (X, y, domains, criteria) in data.items():
-            t0 = time.perf_counter()
-            fit = fit_regressor(X, y, {**DEFAULT_LIGHTGBM, "learning_rate": lr}, n_val / runs, 3, seed=42,
-                                feature_names_=feature_names(domains, criteria))
-            t1 = time.perf_counter()
-            cands = search_candidates(fit.model, domains, criteria, n_cand, 10, seed=4242)
-            t2 = time.perf_counter()
-            per_seed.append({"seed": seed, "fit_s": t1 - t0, "candidates_s": t2 - t1, "trees": fit.best_iteration,
-                             "val_mae": fit.val_mae, "val_spearman": fit.val_spearman,
-                             "theta_star_true_loss": theta_true_loss(cands.theta_star)})
+            case = _case(X, y, feature_names(domains, criteria), domains, criteria, n_val / runs, n_cand, 4242,
+                         {**DEFAULT_LIGHTGBM, "learning_rate": lr})
+            per_seed.append({"seed": seed, **{k: case[k] for k in keys}})
         mean = lambda k: statistics.fmean(r[k] for r in per_seed)  # noqa: E731
         row = {"learning_rate": lr,
                "fit_s": round(statistics.median(r["fit_s"] for r in per_seed), 3),
                "candidates_s": round(statistics.median(r["candidates_s"] for r in per_seed), 3),
-               "trees": round(mean("trees"), 1), "val_mae": round(mean("val_mae"), 5),
+               "trees": round(mean("best_iteration"), 1), "val_mae": round(mean("val_mae"), 5),
                "val_spearman": round(mean("val_spearman"), 5),
                "theta_star_true_loss": round(mean("theta_star_true_loss"), 5), "per_seed": per_seed}
         log(f"lr {lr}: fit {row['fit_s']:.2f} s, candidates {row['candidates_s']:.2f} s, {row['trees']:.0f} trees, "

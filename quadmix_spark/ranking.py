@@ -203,10 +203,15 @@ def check_domains(hist: Histogram, stack: ThetaStack, prepared: DataFrame) -> No
         raise ThetaMismatchError(f"theta domains do not match: missing [], extra {empty} (no documents in these domains)")
 
 
+def _realize(stack: ThetaStack, k: int, S: np.ndarray, doc_hash: np.ndarray, s: RankSettings) -> np.ndarray:
+    """Copies ⌊S⌋ + [u < frac S] with u the kernel's hash of (doc, θ key, seed)."""
+    u = hash_uniform_from_doc_hashes(doc_hash, int(stack.keys[k]), s.seed)
+    return realized_copies(S, u).astype(np.int32)
+
+
 def _copies(stack: ThetaStack, k: int, d: np.ndarray, rbar: np.ndarray, doc_hash: np.ndarray, s: RankSettings):
     S = sampling_value(rbar, stack.lam[k, d], stack.omega[k, d], stack.eta[k, d], stack.eps[k, d], s.eta_mode)
-    u = hash_uniform_from_doc_hashes(doc_hash, int(stack.keys[k]), s.seed)
-    return S, realized_copies(S, u).astype(np.int32)
+    return S, _realize(stack, k, S, doc_hash, s)
 
 
 SPLIT_SCHEMA = T.StructType(
@@ -274,7 +279,7 @@ def rank_and_sample(
                     rbar = (before[k, ds, b[idx]] + mass[k, ds, b[idx]] * np.clip(frac, 0, 1)) / np.maximum(total[k, ds], 1)
                 # outside the region r̄ > max(rank_region, ω) >= ω, so S = ε exactly (Eq. 3): no need to evaluate S
                 S = stack.eps[k, ds] + 0.0
-                c = realized_copies(S, hash_uniform_from_doc_hashes(h[idx], int(stack.keys[k]), s.seed)).astype(np.int32)
+                c = _realize(stack, k, S, h[idx], s)
                 if not keep_all:  # a proxy index keeps only documents with copies (the ε tail is rare)
                     kept = c > 0
                     idx, ds, rbar, S, c = idx[kept], ds[kept], rbar[kept], S[kept], c[kept]
