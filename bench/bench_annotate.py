@@ -19,8 +19,9 @@ Two parts, each writing its own result file (``--annotate-parts``, default both)
   pads; tokenization and padding untimed): documents / s of ``session.run`` alone, on
   ``--minilm-baseline-docs`` of the same documents. Goal ratio >= 0.85.
 
-Value and baseline repeats are interleaved (baseline first); medians. The scorer models are trained once
-and cached under ``$QUADMIX_BENCH_DIR/inputs/annotate-models-*``.
+Value and baseline repeats are interleaved (baseline first), after ``--annotate-warmup`` untimed rounds of each
+(default 1: the JVM compiles the stage's code paths there; reported as ``warmup_times_s``); medians. The
+scorer models are trained once and cached under ``$QUADMIX_BENCH_DIR/inputs/annotate-models-*``.
 """
 
 from __future__ import annotations
@@ -226,6 +227,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("annotate benchmark")
     add_option(group, "--annotate-parts", default="fasttext,minilm", help="comma-separated: fasttext, minilm")
     add_option(group, "--annotate-repeats", type=int, default=3, help="timed run_annotate repeats (each part)")
+    add_option(group, "--annotate-warmup", type=int, default=1,
+               help="untimed warm-up rounds (model + annotate) before the timed repeats (each part)")
     add_option(group, "--model-repeats", type=int, default=3, help="timed model-alone repeats (each part)")
     add_option(group, "--fasttext-baseline-copies", type=int, default=6,
                help="copies of each page (x 8,712 pages) the fastText baseline predicts on")
@@ -252,7 +255,7 @@ def _session(args, part: str):
 
 
 def _time_annotate(spark, conf, docs_folder: Path, scorer_args: list[str], n_docs: int, repeats: int,
-                   baseline, baseline_repeats: int, keep: bool, label: str) -> tuple[dict, Any]:
+                   baseline, baseline_repeats: int, keep: bool, label: str, warmup: int = 0) -> tuple[dict, Any]:
     """Interleaved baseline / annotate timings; every annotate repeat writes a fresh annotations table."""
     from bench.sample_data import link_inputs
     from quadmix_spark.annotate import run_annotate
@@ -284,8 +287,9 @@ def _time_annotate(spark, conf, docs_folder: Path, scorer_args: list[str], n_doc
 
     clock = CpuClock()
     cases = {"model": (clock.wrap("model", baseline), baseline_repeats), "annotate": (clock.wrap("annotate", annotate), repeats)}
-    timings = interleave(cases, setup=setup, teardown=teardown)
-    return timings, timings["annotate"].results[-1], clock.cpu
+    timings = interleave(cases, setup=setup, teardown=teardown, warmup=warmup)
+    cpu = {k: v[warmup:] for k, v in clock.cpu.items()}  # the warm-up rounds' CPU is not counted either
+    return timings, timings["annotate"].results[-1], cpu
 
 
 def _cpu_details(cpu: dict[str, list[float]], n_docs: int, n_base: int) -> dict[str, Any]:
@@ -345,7 +349,8 @@ def run_fasttext(args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         timings, report, cpu = _time_annotate(spark, conf, folder, scorer_args, docs, args.repeats or args.annotate_repeats,
-                                         baseline, args.repeats or args.model_repeats, args.keep, "fasttext")
+                                         baseline, args.repeats or args.model_repeats, args.keep, "fasttext",
+                                         args.annotate_warmup)
         session = spark_info(spark)
     finally:
         stop_spark()
@@ -408,7 +413,8 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         timings, report, cpu = _time_annotate(spark, conf, folder, scorer_args, docs, args.repeats or args.annotate_repeats,
-                                         baseline, args.repeats or args.model_repeats, args.keep, "minilm")
+                                         baseline, args.repeats or args.model_repeats, args.keep, "minilm",
+                                         args.annotate_warmup)
         info = spark_info(spark)
     finally:
         stop_spark()

@@ -191,6 +191,7 @@ class Timing:
     label: str
     times: list[float] = field(default_factory=list)
     results: list[Any] = field(default_factory=list)
+    warmup_times: list[float] = field(default_factory=list)  # untimed warm-up rounds, reported only
 
     @property
     def median(self) -> float:
@@ -202,6 +203,8 @@ class Timing:
 
     def as_dict(self, units: float | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"times_s": [round(t, 3) for t in self.times], "median_s": round(self.median, 3)}
+        if self.warmup_times:
+            out["warmup_times_s"] = [round(t, 3) for t in self.warmup_times]
         if units is not None:
             out["rates"] = [round(units / t, 1) for t in self.times]
             out["median_rate"] = round(units / self.median, 1)
@@ -237,24 +240,33 @@ def interleave(
     *,
     setup: Callable[[str, int], Any] | None = None,
     teardown: Callable[[str, int, Any], Any] | None = None,
+    warmup: int = 0,
 ) -> dict[str, Timing]:
     """Time several cases round-robin (a1 b1 a2 b2 ...), so slow drift of a noisy machine hits each alike.
 
     ``cases`` maps a label to ``(fn, repeats)``; ``fn(i)`` is timed, the hooks ``setup(label, i)`` and
-    ``teardown(label, i, result)`` are not. Returns a ``Timing`` per label.
+    ``teardown(label, i, result)`` are not. ``warmup`` rounds of every case run first, round-robin too
+    (``i`` = 0 .. warmup-1; the timed repeats continue the numbering): the JVM's JIT compiles the code
+    paths of each case there, so the medians are steady-state throughput, as on a long job at scale. Their
+    times go to ``Timing.warmup_times`` only. Returns a ``Timing`` per label.
     """
     out = {label: Timing(label) for label in cases}
     rounds = max((n for _, n in cases.values()), default=0)
-    for i in range(rounds):
+    for i in range(warmup + rounds):
+        warm = i < warmup
         for label, (fn, n) in cases.items():
-            if i >= n:
+            if not warm and i - warmup >= n:
                 continue
             if setup:
                 setup(label, i)
             seconds, result = time_call(lambda: fn(i))
-            out[label].times.append(seconds)
-            out[label].results.append(result)
-            log(f"{label} repeat {i + 1}/{n}: {seconds:.2f} s")
+            if warm:
+                out[label].warmup_times.append(seconds)
+                log(f"{label} warm-up {i + 1}/{warmup}: {seconds:.2f} s (not counted)")
+            else:
+                out[label].times.append(seconds)
+                out[label].results.append(result)
+                log(f"{label} repeat {i - warmup + 1}/{n}: {seconds:.2f} s")
             if teardown:
                 teardown(label, i, result)
     return out
