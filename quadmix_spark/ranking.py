@@ -21,6 +21,11 @@ For K parameter sets at once, over an annotations frame (doc_id, domain, n_token
   (doc_id, θ key, seed), bit-identical to Spark's ``xxhash64``. Nothing depends on partitioning.
 
 The number of passes over the annotations is fixed (A, then B), whatever K.
+
+With ONE θ and percentile σ (``quadmix sample``), :mod:`quadmix_spark.ranking_sql` does both passes in Spark
+SQL instead of pandas UDFs: σ, q̄ and the bins are computed on the JVM and cached, the histogram is an
+aggregation, and the rows outside the region get S = ε and their copies in SQL, so only the region crosses into
+Python. The numbers are the same bit for bit (a test holds both paths to identical rows).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from quadmix_spark import ranking_sql
 from quadmix_spark.kernel.copies import hash_uniform_from_doc_hashes, realized_copies
 from quadmix_spark.kernel.merge import merged_score
 from quadmix_spark.kernel.sampling_fn import sampling_value
@@ -238,84 +244,105 @@ def rank_and_sample(
     if [k.criterion for k in knots] != criteria:
         raise ValueError(f"knots criteria {[k.criterion for k in knots]} do not match θ criteria {criteria}")
     prepared = prepare(annotations, list(stack.domains), criteria)
-    hist = coarse_histograms(prepared, stack, knots, s)
-    check_domains(hist, stack, prepared)
-    # r̄ is stored (and must be exact up to rank_region) only in a selection; a proxy index needs the
-    # exact ranks where S depends on them, i.e. up to ω
-    region_settings = s if keep_all else replace(s, rank_region=0.0)
-    bstar, domain_total = region_bins(hist, stack, region_settings)
-    all_before = hist.cum - hist.mass  # (K, M, B) mass before each bin
-    in_region = (np.arange(B)[None, None, :] <= bstar[..., None]) & (hist.mass > 0)
-    cells = np.flatnonzero(in_region.ravel()).astype(np.int64)  # cell = (k * M + d) * B + bin
-    cell_base = all_before.ravel()[cells]
-    parts = s.n_partitions or int(annotations.sparkSession.conf.get("spark.sql.shuffle.partitions"))
-    cuts = cells[balanced_cuts(hist.mass.ravel()[cells], 4 * parts)] if cells.size else np.zeros(1, np.int64)
-    # the interpolated r̄ outside the region is stored only in a selection (one θ): ship the lookup only then
-    before, mass, total = (all_before, hist.mass, domain_total) if keep_all else (None, None, None)
+    on_jvm = ranking_sql.supported(stack.k, knots)  # one θ: both passes in SQL, same numbers
+    cached: list[DataFrame] = []
+    try:
+        if on_jvm:
+            # computed once on the JVM and cached (narrow: ids, q̄, bin): read by pass A and by both branches
+            binned = ranking_sql.with_bins(prepared, criteria, knots, stack.alpha[0], B).persist(StorageLevel.MEMORY_AND_DISK)
+            cached.append(binned)
+            mass0, docs0, unknown0 = ranking_sql.histogram(binned, M, B)
+            hist = Histogram(mass0[None], docs0, unknown0)
+        else:
+            hist = coarse_histograms(prepared, stack, knots, s)
+        check_domains(hist, stack, prepared)
+        # r̄ is stored (and must be exact up to rank_region) only in a selection; a proxy index needs the
+        # exact ranks where S depends on them, i.e. up to ω
+        region_settings = s if keep_all else replace(s, rank_region=0.0)
+        bstar, domain_total = region_bins(hist, stack, region_settings)
+        all_before = hist.cum - hist.mass  # (K, M, B) mass before each bin
+        in_region = (np.arange(B)[None, None, :] <= bstar[..., None]) & (hist.mass > 0)
+        cells = np.flatnonzero(in_region.ravel()).astype(np.int64)  # cell = (k * M + d) * B + bin
+        cell_base = all_before.ravel()[cells]
+        parts = s.n_partitions or int(annotations.sparkSession.conf.get("spark.sql.shuffle.partitions"))
+        cuts = cells[balanced_cuts(hist.mass.ravel()[cells], 4 * parts)] if cells.size else np.zeros(1, np.int64)
+        # the interpolated r̄ outside the region is stored only in a selection (one θ): ship the lookup only then
+        before, mass, total = (all_before, hist.mass, domain_total) if keep_all else (None, None, None)
+        if on_jvm:
+            in_region, region = ranking_sql.split(binned, bstar[0], B)
+            rest = ranking_sql.rest_rows(binned, in_region, stack.eps[0], int(stack.keys[0]), s.seed, B,
+                                         *((before[0], mass[0], total[0]) if keep_all else (None, None, None)), keep_all)
 
-    def split(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for pdf in batches:
-            sig, d = _sigma(pdf, knots), pdf["domain_idx"].to_numpy(np.int64)
-            ids, h, w = pdf["doc_id"].to_numpy(), pdf["doc_hash"].to_numpy(np.int64), pdf["n_tokens"].to_numpy(np.int64)
-            parts_: list[dict] = []
-            for k in range(stack.k):
-                q = merged_score(sig, d, stack.alpha[k])
-                b = _bins(q, method, B)
-                inside = b <= bstar[k, d]
-                idx = np.flatnonzero(inside)
-                if idx.size:
+        def split(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+            for pdf in batches:
+                sig, d = _sigma(pdf, knots), pdf["domain_idx"].to_numpy(np.int64)
+                ids, h, w = pdf["doc_id"].to_numpy(), pdf["doc_hash"].to_numpy(np.int64), pdf["n_tokens"].to_numpy(np.int64)
+                parts_: list[dict] = []
+                for k in range(stack.k):
+                    q = merged_score(sig, d, stack.alpha[k])
+                    b = _bins(q, method, B)
+                    inside = b <= bstar[k, d]
+                    idx = np.flatnonzero(inside)
+                    if idx.size:
+                        ds = d[idx]
+                        n = idx.size
+                        parts_.append({"theta_idx": np.full(n, k, np.int32), "doc_id": ids[idx], "domain_idx": ds.astype(np.int32),
+                                       "n_tokens": w[idx], "rbar": np.zeros(n), "rank_exact": np.ones(n, bool), "S": np.zeros(n),
+                                       "copies": np.zeros(n, np.int32), "cell": (k * M + ds) * B + b[idx], "qbar": q[idx], "doc_hash": h[idx]})
+                    idx = np.flatnonzero(~inside)
+                    if idx.size == 0:
+                        continue
                     ds = d[idx]
+                    rbar = np.ones(idx.size)
+                    if keep_all:
+                        frac = _unit(q[idx], method) * B - b[idx]
+                        rbar = (before[k, ds, b[idx]] + mass[k, ds, b[idx]] * np.clip(frac, 0, 1)) / np.maximum(total[k, ds], 1)
+                    # outside the region r̄ > max(rank_region, ω) >= ω, so S = ε exactly (Eq. 3): no need to evaluate S
+                    S = stack.eps[k, ds] + 0.0
+                    c = _realize(stack, k, S, h[idx], s)
+                    if not keep_all:  # a proxy index keeps only documents with copies (the ε tail is rare)
+                        kept = c > 0
+                        idx, ds, rbar, S, c = idx[kept], ds[kept], rbar[kept], S[kept], c[kept]
                     n = idx.size
                     parts_.append({"theta_idx": np.full(n, k, np.int32), "doc_id": ids[idx], "domain_idx": ds.astype(np.int32),
-                                   "n_tokens": w[idx], "rbar": np.zeros(n), "rank_exact": np.ones(n, bool), "S": np.zeros(n),
-                                   "copies": np.zeros(n, np.int32), "cell": (k * M + ds) * B + b[idx], "qbar": q[idx], "doc_hash": h[idx]})
-                idx = np.flatnonzero(~inside)
-                if idx.size == 0:
-                    continue
-                ds = d[idx]
-                rbar = np.ones(idx.size)
-                if keep_all:
-                    frac = _unit(q[idx], method) * B - b[idx]
-                    rbar = (before[k, ds, b[idx]] + mass[k, ds, b[idx]] * np.clip(frac, 0, 1)) / np.maximum(total[k, ds], 1)
-                # outside the region r̄ > max(rank_region, ω) >= ω, so S = ε exactly (Eq. 3): no need to evaluate S
-                S = stack.eps[k, ds] + 0.0
-                c = _realize(stack, k, S, h[idx], s)
-                if not keep_all:  # a proxy index keeps only documents with copies (the ε tail is rare)
-                    kept = c > 0
-                    idx, ds, rbar, S, c = idx[kept], ds[kept], rbar[kept], S[kept], c[kept]
-                n = idx.size
-                parts_.append({"theta_idx": np.full(n, k, np.int32), "doc_id": ids[idx], "domain_idx": ds.astype(np.int32),
-                               "n_tokens": w[idx], "rbar": rbar, "rank_exact": np.zeros(n, bool), "S": S, "copies": c,
-                               "cell": np.full(n, -1, np.int64), "qbar": np.zeros(n), "doc_hash": h[idx]})
-            if parts_:
-                yield pd.DataFrame({key: np.concatenate([p[key] for p in parts_]) for key in parts_[0]})
+                                   "n_tokens": w[idx], "rbar": rbar, "rank_exact": np.zeros(n, bool), "S": S, "copies": c,
+                                   "cell": np.full(n, -1, np.int64), "qbar": np.zeros(n), "doc_hash": h[idx]})
+                if parts_:
+                    yield pd.DataFrame({key: np.concatenate([p[key] for p in parts_]) for key in parts_[0]})
 
-    def finish(pdf: pd.DataFrame) -> pd.DataFrame:
-        ks = pdf["theta_idx"].to_numpy(np.int64)
-        ds = pdf["domain_idx"].to_numpy(np.int64)
-        # the sort holds only the region: r̄ is over the whole domain's tokens
-        rbar = pdf["cum_weight"].to_numpy(np.float64) / domain_total[ks, ds].astype(np.float64)
-        S = np.empty(len(ks))
-        c = np.empty(len(ks), dtype=np.int32)
-        h = pdf["doc_hash"].to_numpy(np.int64)
-        for k in np.unique(ks):
-            m = ks == k
-            S[m], c[m] = _copies(stack, int(k), ds[m], rbar[m], h[m], s)
-        out = pd.DataFrame({
-            "theta_idx": ks.astype(np.int32), "doc_id": pdf["doc_id"].to_numpy(), "domain_idx": ds.astype(np.int32),
-            "n_tokens": pdf["n_tokens"].to_numpy(np.int64), "rbar": rbar, "rank_exact": True, "S": S, "copies": c,
-        })
-        return out if keep_all else out[out["copies"] > 0]
+        def finish(pdf: pd.DataFrame) -> pd.DataFrame:
+            ks = pdf["theta_idx"].to_numpy(np.int64)
+            ds = pdf["domain_idx"].to_numpy(np.int64)
+            # the sort holds only the region: r̄ is over the whole domain's tokens
+            rbar = pdf["cum_weight"].to_numpy(np.float64) / domain_total[ks, ds].astype(np.float64)
+            S = np.empty(len(ks))
+            c = np.empty(len(ks), dtype=np.int32)
+            h = pdf["doc_hash"].to_numpy(np.int64)
+            for k in np.unique(ks):
+                m = ks == k
+                S[m], c[m] = _copies(stack, int(k), ds[m], rbar[m], h[m], s)
+            out = pd.DataFrame({
+                "theta_idx": ks.astype(np.int32), "doc_id": pdf["doc_id"].to_numpy(), "domain_idx": ds.astype(np.int32),
+                "n_tokens": pdf["n_tokens"].to_numpy(np.int64), "rbar": rbar, "rank_exact": True, "S": S, "copies": c,
+            })
+            return out if keep_all else out[out["copies"] > 0]
 
-    # one evaluation, read twice (measured: cheaper than evaluating the split for each branch)
-    split_rows = prepared.mapInPandas(split, SPLIT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        region = split_rows.where(F.col("rank_exact")).select("theta_idx", "doc_id", "domain_idx", "n_tokens", "cell", "qbar", "doc_hash")
-        rest = split_rows.where(~F.col("rank_exact")).select(*RANKED_SCHEMA.names)
-        ranked = cell_cumulative(region, "cell", "qbar", "n_tokens", cells, cell_base, cuts, parts, finish=finish, out_schema=RANKED_SCHEMA)
-        yield ranked.unionByName(rest)
+        if on_jvm:
+            yield cell_cumulative(region, "cell", "qbar", "n_tokens", cells, cell_base, cuts, parts, finish=finish,
+                                  out_schema=RANKED_SCHEMA).unionByName(rest)
+            return
+        # one evaluation, read twice (measured: cheaper than evaluating the split for each branch)
+        split_rows = prepared.mapInPandas(split, SPLIT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            region = split_rows.where(F.col("rank_exact")).select("theta_idx", "doc_id", "domain_idx", "n_tokens", "cell", "qbar", "doc_hash")
+            rest = split_rows.where(~F.col("rank_exact")).select(*RANKED_SCHEMA.names)
+            ranked = cell_cumulative(region, "cell", "qbar", "n_tokens", cells, cell_base, cuts, parts, finish=finish, out_schema=RANKED_SCHEMA)
+            yield ranked.unionByName(rest)
+        finally:
+            split_rows.unpersist()
     finally:
-        split_rows.unpersist()
+        for frame in cached:
+            frame.unpersist()
 
 
 @contextmanager

@@ -194,3 +194,43 @@ def test_the_histogram_pass_rejects_a_theta_whose_domains_are_not_the_data_s(spa
         run_sample_many(spark, cfg, [a_theta(doms[:-1], seed=1)])
     with pytest.raises(ThetaMismatchError, match="elsewhere"):  # θ names a domain without documents
         run_sample_many(spark, cfg, [a_theta([*doms, "elsewhere"], seed=1)])
+
+
+@pytest.mark.parametrize("keep_all", [True, False])
+def test_one_theta_sql_passes_equal_the_pandas_passes(spark, corpus, monkeypatch, keep_all):
+    """One θ ranks in Spark SQL (ranking_sql); K θ in pandas. For the same θ both give identical rows."""
+    from quadmix_spark import ranking, ranking_sql
+
+    cfg, _ = corpus
+    inp = load_inputs(spark, cfg)
+    stack = ThetaStack.of([a_theta(inp.domains, seed=21)], inp.domains, inp.criteria)
+
+    def rows():
+        with rank_and_sample(inp.annotations.repartition(3), stack, inp.knots, settings(cfg), keep_all=keep_all) as ranked:
+            return sorted(tuple(r) for r in ranked.collect())
+
+    assert ranking_sql.supported(1, inp.knots)
+    on_jvm = rows()
+    monkeypatch.setattr(ranking.ranking_sql, "supported", lambda k, knots: False)
+    pandas = rows()
+    diff = [(a, b) for a, b in zip(on_jvm, pandas) if a != b]
+    assert not diff, (len(diff), diff[:3])
+    assert len(pandas) == len(on_jvm) > 0
+
+
+def test_sql_sigma_is_numpy_interp_bit_for_bit(spark):
+    import pandas as pd
+
+    from quadmix_spark.kernel.sigma import Knots
+    from quadmix_spark.ranking import _sigma
+    from quadmix_spark.ranking_sql import sigma
+
+    rng = np.random.default_rng(3)
+    xs = np.unique(np.round(rng.normal(size=300), 6))
+    ys = np.linspace(1.0, 0.001, xs.size) ** 1.7
+    knots = Knots("c", "percentile", xs, ys)
+    scores = np.r_[rng.normal(size=2000) * 1.5, xs[:50], xs[0] - 1, xs[-1], xs[-1] + 1, -0.0, 0.0, np.nan]
+    df = spark.createDataFrame([(i, float(v)) for i, v in enumerate(scores)] + [(len(scores), None)], "i long, q_c double")
+    got = dict(df.select("i", sigma(F.col("q_c"), knots).alias("s")).collect())
+    want = _sigma(pd.DataFrame({"q_c": np.r_[scores, np.nan]}), [knots])[:, 0]
+    assert np.array_equal(np.array([got[i] for i in range(len(want))]), want)  # exact, missing -> 1

@@ -25,4 +25,12 @@ def merged_score(sigma, domain_idx, alpha) -> np.ndarray:
     if a.ndim != 2 or a.shape[1] != sig.shape[1]:
         raise ValueError(f"alpha must be (M, {sig.shape[1]}), got shape {a.shape}")
     d = as_domain_idx(domain_idx, sig.shape[0], a.shape[0])
-    return np.einsum("xn,xn->x", sig, a[d])
+    w = a[d]
+    if sig.shape[1] == 0:
+        return np.zeros(sig.shape[0])
+    # summed term by term in criterion order, each product rounded (no fused multiply-add, which einsum may
+    # use): the same float operations as the sampler's SQL expression, so both give q̄ bit for bit
+    q = sig[:, 0] * w[:, 0]
+    for n in range(1, sig.shape[1]):
+        q = q + sig[:, n] * w[:, n]
+    return q
