@@ -268,10 +268,6 @@ def rank_and_sample(
         cuts = cells[balanced_cuts(hist.mass.ravel()[cells], 4 * parts)] if cells.size else np.zeros(1, np.int64)
         # the interpolated r̄ outside the region is stored only in a selection (one θ): ship the lookup only then
         before, mass, total = (all_before, hist.mass, domain_total) if keep_all else (None, None, None)
-        if on_jvm:
-            in_region, region = ranking_sql.split(binned, bstar[0], B)
-            rest = ranking_sql.rest_rows(binned, in_region, stack.eps[0], int(stack.keys[0]), s.seed, B,
-                                         *((before[0], mass[0], total[0]) if keep_all else (None, None, None)), keep_all)
 
         def split(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
             for pdf in batches:
@@ -328,18 +324,17 @@ def rank_and_sample(
             return out if keep_all else out[out["copies"] > 0]
 
         if on_jvm:
-            yield cell_cumulative(region, "cell", "qbar", "n_tokens", cells, cell_base, cuts, parts, finish=finish,
-                                  out_schema=RANKED_SCHEMA).unionByName(rest)
-            return
-        # one evaluation, read twice (measured: cheaper than evaluating the split for each branch)
-        split_rows = prepared.mapInPandas(split, SPLIT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
+            in_region, region = ranking_sql.split(binned, bstar[0], B)
+            lookup = (before[0], mass[0], total[0]) if keep_all else None
+            rest = ranking_sql.rest_rows(binned, in_region, stack.eps[0], int(stack.keys[0]), s.seed, B, lookup, keep_all)
+        else:
+            # one evaluation, read twice (measured: cheaper than evaluating the split for each branch)
+            split_rows = prepared.mapInPandas(split, SPLIT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+            cached.append(split_rows)
             region = split_rows.where(F.col("rank_exact")).select("theta_idx", "doc_id", "domain_idx", "n_tokens", "cell", "qbar", "doc_hash")
             rest = split_rows.where(~F.col("rank_exact")).select(*RANKED_SCHEMA.names)
-            ranked = cell_cumulative(region, "cell", "qbar", "n_tokens", cells, cell_base, cuts, parts, finish=finish, out_schema=RANKED_SCHEMA)
-            yield ranked.unionByName(rest)
-        finally:
-            split_rows.unpersist()
+        ranked = cell_cumulative(region, "cell", "qbar", "n_tokens", cells, cell_base, cuts, parts, finish=finish, out_schema=RANKED_SCHEMA)
+        yield ranked.unionByName(rest)
     finally:
         for frame in cached:
             frame.unpersist()

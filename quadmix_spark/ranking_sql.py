@@ -143,15 +143,22 @@ def split(binned: DataFrame, bstar: np.ndarray, n_bins: int) -> tuple[Column, Da
     return in_region, region
 
 
+def realized_copies(S: Column, theta_key: int, seed: int) -> Column:
+    """⌊S⌋ + [u < frac S] as an int, u = Spark's hash of (doc_id, θ key, seed): the kernel's copies, in SQL."""
+    u = F.expr(spark_uniform_expr_sql("doc_id", theta_key, seed))
+    return (F.floor(S) + F.when(u < S - F.floor(S), 1).otherwise(0)).cast("int")
+
+
 def rest_rows(
     binned: DataFrame, in_region: Column, eps: np.ndarray, theta_key: int, seed: int, n_bins: int,
-    before: np.ndarray | None, mass: np.ndarray | None, total: np.ndarray | None, keep_all: bool,
+    lookup: tuple[np.ndarray, np.ndarray, np.ndarray] | None, keep_all: bool,
 ) -> DataFrame:
-    """Rows outside the region (r̄ > ω, so S = ε): r̄ interpolated in the coarse bin when ``before``/``mass``/
-    ``total`` are given (a selection), else 1; S, copies; only rows with copies unless ``keep_all``."""
+    """Rows outside the region (r̄ > ω, so S = ε): r̄ interpolated in the coarse bin when ``lookup`` = (mass
+    before each bin, bin mass (M, B); domain totals (M,)) is given (a selection), else 1; S, copies; only rows
+    with copies unless ``keep_all``."""
     d = F.col("domain_idx")
-    rows = binned.where(~in_region)
-    if before is not None:
+    if lookup is not None:
+        before, mass, total = lookup
         b = F.col("bin")
         cell = d.cast("long") * n_bins + b
         frac = F.least(F.greatest(unit(F.col("qbar")) * F.lit(float(n_bins)) - b.cast("double"), F.lit(0.0)), F.lit(1.0))
@@ -160,10 +167,8 @@ def rest_rows(
     else:
         rbar = F.lit(1.0)
     S = _at(array_literal(eps, "double"), d) + F.lit(0.0)
-    u = F.expr(spark_uniform_expr_sql("doc_id", theta_key, seed))
-    copies = (F.floor(S) + F.when(u < S - F.floor(S), 1).otherwise(0)).cast("int")
-    out = rows.select(
+    out = binned.where(~in_region).select(
         F.lit(0).cast("int").alias("theta_idx"), "doc_id", d.cast("int").alias("domain_idx"), "n_tokens",
-        rbar.alias("rbar"), F.lit(False).alias("rank_exact"), S.alias("S"), copies.alias("copies"),
+        rbar.alias("rbar"), F.lit(False).alias("rank_exact"), S.alias("S"), realized_copies(S, theta_key, seed).alias("copies"),
     )
     return out if keep_all else out.where(F.col("copies") > 0)

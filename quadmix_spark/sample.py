@@ -31,6 +31,7 @@ from quadmix_spark.kernel.sampling_fn import expected_from_rank_knots
 from quadmix_spark.kernel.theta import Theta
 from quadmix_spark.normalize import SCORE_KNOTS, criteria_of, load_knots
 from quadmix_spark.prefix import by_labels
+from quadmix_spark.ranking_sql import realized_copies
 from quadmix_spark.ranking import (
     RankSettings,
     ThetaStack,
@@ -114,9 +115,7 @@ def _replace_slice(df: DataFrame, table: str, predicate: str, meta: dict) -> Non
 
 def _epoch_copies(S: F.Column, theta_key: int, seed: int, epoch: int) -> F.Column:
     """⌊S⌋ + [u_e < frac S] with u_e the kernel's hash at seed + epoch (epoch 0 = the selection's copies)."""
-    u = F.shiftrightunsigned(F.xxhash64("doc_id", F.lit(theta_key).cast("bigint"), F.lit(seed + epoch).cast("bigint")), 11) * F.lit(UNIFORM)
-    base = F.floor(S)
-    return (base + F.when(u < S - base, 1).otherwise(0)).cast("int")
+    return realized_copies(S, theta_key, seed + epoch)
 
 
 def plan_epochs(selection: DataFrame, theta_key: int, seed: int, budget: int | None, max_epochs: int) -> list[tuple[int, float]]:
