@@ -325,6 +325,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="scratch folder (default $QUADMIX_BENCH_DIR/gpu-annotate)")
     p.add_argument("--out", default=None, help="result file (default bench/results/gpu_annotate_docs_per_gpu.json)")
     p.add_argument("--skip-annotate", action="store_true", help="only the model-alone figures")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed annotate runs first (JIT, CUDA context, cuDNN autotuning in every worker; default 1)")
+    p.add_argument("--torch", action="store_true",
+                   help="also time the same model in torch on CUDA (always done when onnxruntime has no CUDA provider)")
     a = p.parse_args(argv)
     smoke = a.smoke
     a.docs = a.docs or (96 if smoke else 20_000)
@@ -400,12 +404,17 @@ def main(argv: list[str] | None = None) -> int:
             spark, run_annotate_fn = annotate_runner(work, texts, scorer_settings(model_path, tokenizer, heads, args), args.tasks)
         except Exception as e:  # noqa: BLE001 - no pyspark / Java / Delta jars: record why, keep the model figures
             notes["annotate"] = f"skipped: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    use_torch = cuda and (args.torch or not ort_cuda)
     if cuda:  # warm-up (CUDA context, cuDNN/cuBLAS autotuning)
         (time_ort(session, batches[:3]) if ort_cuda else time_torch(torch_model, batches[:3], "cuda"))
+    warmup_s = []
+    for i in range(args.warmup if run_annotate_fn is not None else 0):
+        warmup_s.append(run_annotate_fn(-1 - i))
+        log(f"warm-up {i + 1}/{args.warmup}: annotate {warmup_s[-1]:.2f} s")
     for i in range(args.repeats):
         if ort_cuda or not cuda:
             sides.setdefault("onnxruntime", []).append(time_ort(session, batches))
-        if cuda:
+        if use_torch:
             sides.setdefault("torch", []).append(time_torch(torch_model, batches, "cuda"))
         if run_annotate_fn is not None:
             sides.setdefault("annotate", []).append(run_annotate_fn(i))
@@ -441,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal": ">= 2000 documents/s per GPU through the annotate stage (issue 3)",
         "rates_docs_per_s": rates,
         "times_s": {k: [round(x, 3) for x in v] for k, v in sides.items()},
+        "warmup_times_s": [round(x, 3) for x in warmup_s],
         "notes": notes,
         "model": {"shape": shape, "parameters": n_params, "dtype": dtype, "file": model_path.name,
                   "bytes": model_path.stat().st_size},

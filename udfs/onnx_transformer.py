@@ -56,11 +56,32 @@ def _load_session(local: str, _size: int, _mtime: int, device_id: int | None, th
                 f"GPU {device_id} was asked for but onnxruntime has no CUDA execution provider "
                 "(install onnxruntime-gpu instead of onnxruntime on the GPU executors)"
             )
+        _preload_cuda_libraries(ort)
         providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(local, opts, providers=providers)
+        session = ort.InferenceSession(local, opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
         raise ModelLoadError(f"ONNX model {path!r} cannot be loaded: {str(e).strip()[:500]}") from None
+    if device_id is not None and "CUDAExecutionProvider" not in session.get_providers():
+        # onnxruntime falls back to CPU with only a log line when the CUDA/cuDNN libraries do not load;
+        # a GPU stage silently running a transformer on CPU would be ~100x slower, so say so instead
+        raise RuntimeError(
+            f"GPU {device_id} was asked for but onnxruntime's CUDA provider did not load for {path!r} "
+            f"(providers: {session.get_providers()}); check that the CUDA 12/13 and cuDNN 9 libraries "
+            "onnxruntime-gpu was built for are on LD_LIBRARY_PATH or installed as nvidia-* wheels"
+        )
+    return session
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """Load CUDA/cuDNN from pip's nvidia-* wheels where present (onnxruntime >= 1.21); a no-op otherwise."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception:  # noqa: BLE001 - the libraries may come from LD_LIBRARY_PATH instead
+        pass
 
 
 def load_tokenizer(path: str, max_length: int):
