@@ -14,7 +14,7 @@ What it builds (nothing is downloaded; ``--work DIR``, default ``$QUADMIX_BENCH_
   exported with ``torch.onnx.export`` (dynamic batch and sequence axes; ``--dtype fp16`` by default on GPU);
 - two heads on that pooled output (a 26-label domain classifier, ``output: label``, and a 2-label quality
   classifier, ``output: score``): one encoder pass per document serves both annotate columns;
-- ``--docs`` documents (default 20,000): the shared web pages when present (most exceed 512 tokens), else
+- ``--docs`` documents (default 60,000): the shared web pages when present (most exceed 512 tokens), else
   synthetic texts with a web-like length mix, written as a Delta ``documents`` table.
 
 What it measures (medians of ``--repeats``, interleaved):
@@ -117,6 +117,8 @@ def make_texts(n: int, synthetic_vocab: bool, seed: int = 7) -> tuple[list[str],
 
 def build_torch_model(shape: dict[str, int], seed: int = 0):
     """A BERT-shaped encoder (post-LN, GELU) returning the attention-masked mean of its last layer ``[B, H]``."""
+    import math
+
     import torch
     from torch import nn
 
@@ -124,17 +126,24 @@ def build_torch_model(shape: dict[str, int], seed: int = 0):
         def __init__(self) -> None:
             super().__init__()
             h = shape["hidden"]
-            self.qkv, self.out = nn.Linear(h, 3 * h), nn.Linear(h, h)
+            self.q, self.k, self.v, self.out = (nn.Linear(h, h) for _ in range(4))
             self.ln1, self.ln2 = nn.LayerNorm(h, eps=1e-12), nn.LayerNorm(h, eps=1e-12)
             self.ff1, self.ff2 = nn.Linear(h, shape["ffn"]), nn.Linear(shape["ffn"], h)
 
         def forward(self, x, bias):
+            # written the way Hugging Face's BertSelfAttention is, so the exported graph has the shape that
+            # onnxruntime's transformer optimizer recognises (--fuse) as it does for a real BERT export
             b, t, h = x.shape
             nh = shape["heads"]
-            q, k, v = self.qkv(x).view(b, t, 3, nh, h // nh).permute(2, 0, 3, 1, 4).unbind(0)
-            att = torch.softmax(q @ k.transpose(-1, -2) * (h // nh) ** -0.5 + bias, dim=-1)
-            x = self.ln1(x + self.out((att @ v).transpose(1, 2).reshape(b, t, h)))
-            return self.ln2(x + self.ff2(nn.functional.gelu(self.ff1(x))))
+
+            def heads(y):
+                return y.view(b, t, nh, h // nh).permute(0, 2, 1, 3)
+
+            q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+            att = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(h // nh) + bias, dim=-1)
+            ctx = torch.matmul(att, v).permute(0, 2, 1, 3).contiguous().view(b, t, h)
+            x = self.ln1(self.out(ctx) + x)
+            return self.ln2(self.ff2(nn.functional.gelu(self.ff1(x))) + x)
 
     class Encoder(nn.Module):
         def __init__(self) -> None:
@@ -149,7 +158,7 @@ def build_torch_model(shape: dict[str, int], seed: int = 0):
             positions = torch.arange(t, device=input_ids.device).unsqueeze(0)
             x = self.ln(self.words(input_ids) + self.pos(positions) + self.types(token_type_ids))
             m = attention_mask.to(x.dtype)
-            bias = ((1.0 - m) * -10000.0)[:, None, None, :]
+            bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0  # BERT's extended mask
             for layer in self.layers:
                 x = layer(x, bias)
             return (x * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)
@@ -174,6 +183,37 @@ def export_onnx(model, path: Path, dtype: str, device: str) -> None:
     with torch.no_grad():
         torch.onnx.export(m, (ids, ids, torch.zeros_like(ids)), str(path), input_names=list(axes)[:3],
                           output_names=["pooled"], dynamic_axes=axes, opset_version=17, dynamo=False)
+
+
+def fuse_onnx(plain: Path, path: Path, shape: dict[str, int], dtype: str, use_gpu: bool) -> dict[str, int]:
+    """onnxruntime's transformer optimizer on the fp32 export (attention, embedding, LayerNorm and GELU fusions),
+    then fp16 weights if asked: what a production export of a BERT classifier goes through. Returns the counts
+    of fused operators (``Attention`` must be one per layer, or the graph was not recognised)."""
+    from onnxruntime.transformers import optimizer
+
+    opt = optimizer.optimize_model(str(plain), model_type="bert", num_heads=shape["heads"], hidden_size=shape["hidden"],
+                                   use_gpu=use_gpu)
+    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    if fused.get("Attention", 0) != shape["layers"]:
+        raise RuntimeError(f"the optimizer fused {fused.get('Attention', 0)} of {shape['layers']} attention blocks: {fused}")
+    if dtype == "fp16":
+        opt.convert_float_to_float16(keep_io_types=True)
+    opt.save_model_to_file(str(path))
+    return fused
+
+
+def max_output_difference(a, b, batches: list[dict]) -> float:
+    """Largest |difference| of the pooled outputs of two sessions over ``batches`` (inputs cast per session)."""
+    import numpy as np
+
+    worst = 0.0
+    for feeds in batches:
+        outs = []
+        for s in (a, b):
+            own = {i.name: feeds[i.name].astype(np.int32 if i.type == "tensor(int32)" else np.int64) for i in s.get_inputs()}
+            outs.append(s.run(None, own)[0].astype(np.float32))
+        worst = max(worst, float(np.abs(outs[0] - outs[1]).max()))
+    return worst
 
 
 def write_heads(folder: Path, hidden: int, seed: int = 1) -> dict[str, str]:
@@ -314,8 +354,8 @@ def gpu_facts() -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_annotate", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model (2 layers, hidden 32), few documents")
-    p.add_argument("--docs", type=int, default=None, help="documents (default 20,000; smoke 96)")
-    p.add_argument("--baseline-docs", type=int, default=None, help="documents of the raw-session baseline (default: all)")
+    p.add_argument("--docs", type=int, default=None, help="documents (default 60,000; smoke 96)")
+    p.add_argument("--baseline-docs", type=int, default=None, help="documents of the raw-session baseline (default 10,000; smoke all)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per document (default 512; smoke 64)")
     p.add_argument("--max-chars", type=int, default=20_000)
     p.add_argument("--batch-size", type=int, default=None, help="documents per model call (default 64; smoke 16)")
@@ -325,17 +365,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="scratch folder (default $QUADMIX_BENCH_DIR/gpu-annotate)")
     p.add_argument("--out", default=None, help="result file (default bench/results/gpu_annotate_docs_per_gpu.json)")
     p.add_argument("--skip-annotate", action="store_true", help="only the model-alone figures")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed annotate runs first (JIT, CUDA context, cuDNN autotuning in every worker; default 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed annotate runs first (JIT, CUDA context, cuDNN autotuning in every worker; default 1; smoke 0)")
+    p.add_argument("--fuse", action="store_true",
+                   help="run onnxruntime's transformer optimizer on the export (fused attention), as production exports do")
     p.add_argument("--torch", action="store_true",
                    help="also time the same model in torch on CUDA (always done when onnxruntime has no CUDA provider)")
     a = p.parse_args(argv)
     smoke = a.smoke
-    a.docs = a.docs or (96 if smoke else 20_000)
+    a.docs = a.docs or (96 if smoke else 60_000)
+    a.baseline_docs = a.baseline_docs or (None if smoke else 10_000)
     a.max_length = a.max_length or (64 if smoke else 512)
     a.batch_size = a.batch_size or (16 if smoke else 64)
     a.tasks = a.tasks or (2 if smoke else 4)
     a.repeats = a.repeats or (1 if smoke else 3)
+    a.warmup = (0 if smoke else 1) if a.warmup is None else a.warmup
     return a
 
 
@@ -364,10 +408,17 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer, tok_source = build_tokenizer(work, shape["vocab"])
     texts, text_source = make_texts(args.docs, synthetic_vocab="synthetic" in tok_source)
-    model_path = work / f"bert_{'tiny' if args.smoke else 'base'}_{dtype}.onnx"
+    stem = f"bert2_{'tiny' if args.smoke else 'base'}"  # bert2: q/k/v written as Hugging Face's BERT writes them
+    model_path = work / f"{stem}_{dtype}{'_fused' if args.fuse else ''}.onnx"
     torch_model = build_torch_model(shape)
     n_params = sum(p.numel() for p in torch_model.parameters())
-    if not model_path.exists():
+    fused: dict[str, int] = {}
+    plain_fp32 = work / f"{stem}_fp32.onnx"
+    if args.fuse and not plain_fp32.exists():
+        export_onnx(torch_model, plain_fp32, "fp32", "cpu")
+    if args.fuse:
+        fused = fuse_onnx(plain_fp32, model_path, shape, dtype, use_gpu=cuda)
+    elif not model_path.exists():
         export_onnx(torch_model, model_path, dtype, "cuda" if cuda and dtype == "fp16" else "cpu")
     torch_model = torch_model.to(args.device)
     if dtype == "fp16":
@@ -386,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         session = load_session(str(model_path), None, 1)
     batches = token_batches(encoder, texts[:n_base], session)
+    fuse_check = None
+    if args.fuse and session is not None:  # the fused graph against the plain fp32 export, same device
+        plain = load_session(str(plain_fp32), 0 if cuda else None, 1)
+        fuse_check = max_output_difference(plain, session, batches[:2])
+        log(f"fused operators {fused}; max |pooled difference| against the plain fp32 export: {fuse_check:.2e}")
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
 
     sides: dict[str, list[float]] = {}
@@ -453,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_times_s": [round(x, 3) for x in warmup_s],
         "notes": notes,
         "model": {"shape": shape, "parameters": n_params, "dtype": dtype, "file": model_path.name,
-                  "bytes": model_path.stat().st_size},
+                  "bytes": model_path.stat().st_size, "fused_operators": fused, "fused_max_abs_difference": fuse_check},
         "batches": {"max_length": args.max_length, "batch_size": args.batch_size, "baseline_docs": n_base,
                     "tokens_per_doc": round(tokens / max(n_base, 1), 1), "count": len(batches)},
         "tasks": args.tasks,

@@ -45,6 +45,20 @@ def test_gpu_benchmark_smoke_mode_exports_a_model_and_writes_a_result(tmp_path):
     assert d["smoke"] and d["device"] == "cpu" and d["value_source"].startswith("raw onnxruntime")
     assert d["model"]["shape"]["layers"] == 2 and d["batches"]["max_length"] == 64
     assert "skipped" in d["notes"]["annotate"]
+    assert d["model"]["fused_operators"] == {} and d["model"]["fused_max_abs_difference"] is None
+
+
+def test_gpu_benchmark_fuse_gives_one_fused_attention_per_layer_and_the_same_outputs(tmp_path):
+    """``--fuse``: onnxruntime's transformer optimizer recognises the export as BERT; outputs stay the plain export's."""
+    from bench import gpu_annotate
+
+    out = tmp_path / "gpu.json"
+    assert gpu_annotate.main(["--smoke", "--skip-annotate", "--fuse", "--docs", "24", "--work", str(tmp_path / "w"),
+                              "--out", str(out)]) == 0
+    model = json.loads(out.read_text())["details"]["model"]
+    assert model["file"].endswith("_fused.onnx")
+    assert model["fused_operators"]["Attention"] == 2 and model["fused_operators"]["EmbedLayerNormalization"] == 1
+    assert model["fused_max_abs_difference"] < 1e-4
 
 
 @pytest.mark.slow
