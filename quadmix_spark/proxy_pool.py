@@ -32,10 +32,10 @@ from pyspark.sql import types as T
 
 from quadmix_spark.config import QuadmixConfig, local_path
 from quadmix_spark.ingest import DOCUMENTS
+from quadmix_spark.kernel.copies import UNIFORM_SCALE as UNIFORM
 from quadmix_spark.storage import read_table, table_version, write_table
 
 FORMAT = "quadmix-token-pool/1"
-UNIFORM = 2.0**-53
 OFFSETS_SCHEMA = T.StructType([
     T.StructField("doc_id", T.StringType()), T.StructField("doc_hash", T.LongType()),
     T.StructField("domain", T.StringType()), T.StructField("shard", T.IntegerType()),

@@ -27,6 +27,7 @@ from pyspark.sql import functions as F
 
 from quadmix_spark.config import QuadmixConfig
 from quadmix_spark.ingest import DOCUMENTS
+from quadmix_spark.kernel.copies import UNIFORM_SCALE as UNIFORM
 from quadmix_spark.kernel.sampling_fn import expected_from_rank_knots
 from quadmix_spark.kernel.theta import Theta
 from quadmix_spark.normalize import SCORE_KNOTS, criteria_of, load_knots
@@ -45,7 +46,6 @@ from quadmix_spark.storage import is_path, read_table, table_exists, table_versi
 
 ANNOTATIONS, SELECTION, TRAINING_OUTPUT = "annotations", "selection", "training_output"
 PROXY_INDEX, PROXY_THETA_TOKENS = "proxy_index", "proxy_theta_tokens"
-UNIFORM = 2.0**-53
 
 
 class Inputs:
