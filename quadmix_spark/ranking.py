@@ -30,6 +30,8 @@ Python. The numbers are the same bit for bit (a test holds both paths to identic
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -226,6 +228,72 @@ SPLIT_SCHEMA = T.StructType(
 )
 
 
+def _split_rows(
+    stack: ThetaStack, knots: list[Knots], s: RankSettings, bstar: np.ndarray, lookup: tuple | None, keep_all: bool,
+    batches: Iterator[pd.DataFrame],
+) -> Iterator[pd.DataFrame]:
+    """The pandas pass B (any K): σ, q̄ and bins per θ; region rows carry their cell and q̄ for the sort, the
+    rest get S = ε and their copies (and, with ``lookup`` = (mass before, mass, total), an interpolated r̄)."""
+    method, B, M = knots[0].method, s.coarse_bins, len(stack.domains)
+    before, mass, total = lookup if lookup is not None else (None, None, None)
+    for pdf in batches:
+        sig, d = _sigma(pdf, knots), pdf["domain_idx"].to_numpy(np.int64)
+        ids, h, w = pdf["doc_id"].to_numpy(), pdf["doc_hash"].to_numpy(np.int64), pdf["n_tokens"].to_numpy(np.int64)
+        parts_: list[dict] = []
+        for k in range(stack.k):
+            q = merged_score(sig, d, stack.alpha[k])
+            b = _bins(q, method, B)
+            inside = b <= bstar[k, d]
+            idx = np.flatnonzero(inside)
+            if idx.size:
+                ds = d[idx]
+                n = idx.size
+                parts_.append({"theta_idx": np.full(n, k, np.int32), "doc_id": ids[idx], "domain_idx": ds.astype(np.int32),
+                               "n_tokens": w[idx], "rbar": np.zeros(n), "rank_exact": np.ones(n, bool), "S": np.zeros(n),
+                               "copies": np.zeros(n, np.int32), "cell": (k * M + ds) * B + b[idx], "qbar": q[idx], "doc_hash": h[idx]})
+            idx = np.flatnonzero(~inside)
+            if idx.size == 0:
+                continue
+            ds = d[idx]
+            rbar = np.ones(idx.size)
+            if keep_all:
+                frac = _unit(q[idx], method) * B - b[idx]
+                rbar = (before[k, ds, b[idx]] + mass[k, ds, b[idx]] * np.clip(frac, 0, 1)) / np.maximum(total[k, ds], 1)
+            # outside the region r̄ > max(rank_region, ω) >= ω, so S = ε exactly (Eq. 3): no need to evaluate S
+            S = stack.eps[k, ds] + 0.0
+            c = _realize(stack, k, S, h[idx], s)
+            if not keep_all:  # a proxy index keeps only documents with copies (the ε tail is rare)
+                kept = c > 0
+                idx, ds, rbar, S, c = idx[kept], ds[kept], rbar[kept], S[kept], c[kept]
+            n = idx.size
+            parts_.append({"theta_idx": np.full(n, k, np.int32), "doc_id": ids[idx], "domain_idx": ds.astype(np.int32),
+                           "n_tokens": w[idx], "rbar": rbar, "rank_exact": np.zeros(n, bool), "S": S, "copies": c,
+                           "cell": np.full(n, -1, np.int64), "qbar": np.zeros(n), "doc_hash": h[idx]})
+        if parts_:
+            yield pd.DataFrame({key: np.concatenate([p[key] for p in parts_]) for key in parts_[0]})
+
+
+def _finish_region(
+    stack: ThetaStack, s: RankSettings, domain_total: np.ndarray, keep_all: bool, pdf: pd.DataFrame
+) -> pd.DataFrame:
+    """Region rows with their cumulative weight -> r̄ (over the whole domain), S and copies."""
+    ks = pdf["theta_idx"].to_numpy(np.int64)
+    ds = pdf["domain_idx"].to_numpy(np.int64)
+    # the sort holds only the region: r̄ is over the whole domain's tokens
+    rbar = pdf["cum_weight"].to_numpy(np.float64) / domain_total[ks, ds].astype(np.float64)
+    S = np.empty(len(ks))
+    c = np.empty(len(ks), dtype=np.int32)
+    h = pdf["doc_hash"].to_numpy(np.int64)
+    for k in np.unique(ks):
+        m = ks == k
+        S[m], c[m] = _copies(stack, int(k), ds[m], rbar[m], h[m], s)
+    out = pd.DataFrame({
+        "theta_idx": ks.astype(np.int32), "doc_id": pdf["doc_id"].to_numpy(), "domain_idx": ds.astype(np.int32),
+        "n_tokens": pdf["n_tokens"].to_numpy(np.int64), "rbar": rbar, "rank_exact": True, "S": S, "copies": c,
+    })
+    return out if keep_all else out[out["copies"] > 0]
+
+
 @contextmanager
 def rank_and_sample(
     annotations: DataFrame, stack: ThetaStack, knots: list[Knots], s: RankSettings, keep_all: bool
@@ -240,7 +308,7 @@ def rank_and_sample(
     histogram cell (runs of whole cells spread over the partitions from the histogram: no sampling pass,
     no offsets pass), the rest as is.
     """
-    criteria, method, B, M = list(stack.criteria), knots[0].method, s.coarse_bins, len(stack.domains)
+    criteria, B, M = list(stack.criteria), s.coarse_bins, len(stack.domains)
     if [k.criterion for k in knots] != criteria:
         raise ValueError(f"knots criteria {[k.criterion for k in knots]} do not match θ criteria {criteria}")
     prepared = prepare(annotations, list(stack.domains), criteria)
@@ -267,72 +335,20 @@ def rank_and_sample(
         parts = s.n_partitions or int(annotations.sparkSession.conf.get("spark.sql.shuffle.partitions"))
         cuts = cells[balanced_cuts(hist.mass.ravel()[cells], 4 * parts)] if cells.size else np.zeros(1, np.int64)
         # the interpolated r̄ outside the region is stored only in a selection (one θ): ship the lookup only then
-        before, mass, total = (all_before, hist.mass, domain_total) if keep_all else (None, None, None)
-
-        def split(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-            for pdf in batches:
-                sig, d = _sigma(pdf, knots), pdf["domain_idx"].to_numpy(np.int64)
-                ids, h, w = pdf["doc_id"].to_numpy(), pdf["doc_hash"].to_numpy(np.int64), pdf["n_tokens"].to_numpy(np.int64)
-                parts_: list[dict] = []
-                for k in range(stack.k):
-                    q = merged_score(sig, d, stack.alpha[k])
-                    b = _bins(q, method, B)
-                    inside = b <= bstar[k, d]
-                    idx = np.flatnonzero(inside)
-                    if idx.size:
-                        ds = d[idx]
-                        n = idx.size
-                        parts_.append({"theta_idx": np.full(n, k, np.int32), "doc_id": ids[idx], "domain_idx": ds.astype(np.int32),
-                                       "n_tokens": w[idx], "rbar": np.zeros(n), "rank_exact": np.ones(n, bool), "S": np.zeros(n),
-                                       "copies": np.zeros(n, np.int32), "cell": (k * M + ds) * B + b[idx], "qbar": q[idx], "doc_hash": h[idx]})
-                    idx = np.flatnonzero(~inside)
-                    if idx.size == 0:
-                        continue
-                    ds = d[idx]
-                    rbar = np.ones(idx.size)
-                    if keep_all:
-                        frac = _unit(q[idx], method) * B - b[idx]
-                        rbar = (before[k, ds, b[idx]] + mass[k, ds, b[idx]] * np.clip(frac, 0, 1)) / np.maximum(total[k, ds], 1)
-                    # outside the region r̄ > max(rank_region, ω) >= ω, so S = ε exactly (Eq. 3): no need to evaluate S
-                    S = stack.eps[k, ds] + 0.0
-                    c = _realize(stack, k, S, h[idx], s)
-                    if not keep_all:  # a proxy index keeps only documents with copies (the ε tail is rare)
-                        kept = c > 0
-                        idx, ds, rbar, S, c = idx[kept], ds[kept], rbar[kept], S[kept], c[kept]
-                    n = idx.size
-                    parts_.append({"theta_idx": np.full(n, k, np.int32), "doc_id": ids[idx], "domain_idx": ds.astype(np.int32),
-                                   "n_tokens": w[idx], "rbar": rbar, "rank_exact": np.zeros(n, bool), "S": S, "copies": c,
-                                   "cell": np.full(n, -1, np.int64), "qbar": np.zeros(n), "doc_hash": h[idx]})
-                if parts_:
-                    yield pd.DataFrame({key: np.concatenate([p[key] for p in parts_]) for key in parts_[0]})
-
-        def finish(pdf: pd.DataFrame) -> pd.DataFrame:
-            ks = pdf["theta_idx"].to_numpy(np.int64)
-            ds = pdf["domain_idx"].to_numpy(np.int64)
-            # the sort holds only the region: r̄ is over the whole domain's tokens
-            rbar = pdf["cum_weight"].to_numpy(np.float64) / domain_total[ks, ds].astype(np.float64)
-            S = np.empty(len(ks))
-            c = np.empty(len(ks), dtype=np.int32)
-            h = pdf["doc_hash"].to_numpy(np.int64)
-            for k in np.unique(ks):
-                m = ks == k
-                S[m], c[m] = _copies(stack, int(k), ds[m], rbar[m], h[m], s)
-            out = pd.DataFrame({
-                "theta_idx": ks.astype(np.int32), "doc_id": pdf["doc_id"].to_numpy(), "domain_idx": ds.astype(np.int32),
-                "n_tokens": pdf["n_tokens"].to_numpy(np.int64), "rbar": rbar, "rank_exact": True, "S": S, "copies": c,
-            })
-            return out if keep_all else out[out["copies"] > 0]
+        lookup = (all_before, hist.mass, domain_total) if keep_all else None
 
         if on_jvm:
             in_region, region = ranking_sql.split(binned, bstar[0], B)
-            lookup = (before[0], mass[0], total[0]) if keep_all else None
-            rest = ranking_sql.rest_rows(binned, in_region, stack.eps[0], int(stack.keys[0]), s.seed, B, lookup, keep_all)
+            first = tuple(a[0] for a in lookup) if lookup is not None else None
+            rest = ranking_sql.rest_rows(binned, in_region, stack.eps[0], int(stack.keys[0]), s.seed, B, first, keep_all)
         else:
             # one evaluation, read twice (measured: cheaper than evaluating the split for each branch)
+            split = functools.partial(_split_rows, stack, knots, s, bstar, lookup, keep_all)
             split_rows = prepared.mapInPandas(split, SPLIT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
             cached.append(split_rows)
             region = split_rows.where(F.col("rank_exact")).select("theta_idx", "doc_id", "domain_idx", "n_tokens", "cell", "qbar", "doc_hash")
             rest = split_rows.where(~F.col("rank_exact")).select(*RANKED_SCHEMA.names)
+        finish = functools.partial(_finish_region, stack, s, domain_total, keep_all)
         ranked = cell_cumulative(region, "cell", "qbar", "n_tokens", cells, cell_base, cuts, parts, finish=finish, out_schema=RANKED_SCHEMA)
         yield ranked.unionByName(rest)
     finally:
