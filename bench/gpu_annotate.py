@@ -206,12 +206,12 @@ def max_output_difference(a, b, batches: list[dict]) -> float:
     """Largest |difference| of the pooled outputs of two sessions over ``batches`` (inputs cast per session)."""
     import numpy as np
 
+    from quadmix_udfs.onnx_transformer import session_feeds
+
     worst = 0.0
     for feeds in batches:
-        outs = []
-        for s in (a, b):
-            own = {i.name: feeds[i.name].astype(np.int32 if i.type == "tensor(int32)" else np.int64) for i in s.get_inputs()}
-            outs.append(s.run(None, own)[0].astype(np.float32))
+        wide = {k: v.astype(np.int64) for k, v in feeds.items()}
+        outs = [s.run(None, session_feeds(s, wide, "the benchmark model"))[0].astype(np.float32) for s in (a, b)]
         worst = max(worst, float(np.abs(outs[0] - outs[1]).max()))
     return worst
 
@@ -335,14 +335,13 @@ def gpu_facts() -> dict[str, Any]:
             out["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     except ImportError:
         out["torch"] = None
+    from quadmix_udfs.onnx_transformer import preload_cuda_libraries  # the adapter's own loading, as the workers do
+
     try:
         import onnxruntime as ort
 
-        if hasattr(ort, "preload_dlls"):
-            try:
-                ort.preload_dlls()
-            except Exception as e:  # noqa: BLE001 - only a hint
-                out["ort_preload_dlls"] = str(e)[:200]
+        if failed := preload_cuda_libraries(ort):
+            out["ort_preload_dlls"] = failed
         out["onnxruntime"] = ort.__version__
         out["ort_providers"] = ort.get_available_providers()
     except ImportError:

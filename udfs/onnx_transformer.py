@@ -56,7 +56,7 @@ def _load_session(local: str, _size: int, _mtime: int, device_id: int | None, th
                 f"GPU {device_id} was asked for but onnxruntime has no CUDA execution provider "
                 "(install onnxruntime-gpu instead of onnxruntime on the GPU executors)"
             )
-        _preload_cuda_libraries(ort)
+        preload_cuda_libraries(ort)
         providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(local, opts, providers=providers)
@@ -73,15 +73,17 @@ def _load_session(local: str, _size: int, _mtime: int, device_id: int | None, th
     return session
 
 
-def _preload_cuda_libraries(ort) -> None:
-    """Load CUDA/cuDNN from pip's nvidia-* wheels where present (onnxruntime >= 1.21); a no-op otherwise."""
+def preload_cuda_libraries(ort) -> str | None:
+    """Load CUDA/cuDNN from pip's nvidia-* wheels where present (onnxruntime >= 1.21); a no-op otherwise.
+    Returns why it failed, if it did (the libraries may come from LD_LIBRARY_PATH instead)."""
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
-        return
+        return None
     try:
         preload()
-    except Exception:  # noqa: BLE001 - the libraries may come from LD_LIBRARY_PATH instead
-        pass
+    except Exception as e:  # noqa: BLE001 - only a hint: the session creation decides
+        return str(e)[:200]
+    return None
 
 
 def load_tokenizer(path: str, max_length: int):
@@ -195,6 +197,17 @@ def device_for(device: str) -> int | None:
 # ---------------------------------------------------------------- encoder
 
 
+def session_feeds(session, available: dict[str, np.ndarray], model: str) -> dict[str, np.ndarray]:
+    """The inputs ``session`` asks for, from ``available`` int64 arrays (cast to int32 where the graph wants it)."""
+    out = {}
+    for inp in session.get_inputs():
+        if inp.name not in available:
+            raise ModelLoadError(f"ONNX model {model!r} has an input {inp.name!r} this adapter does not provide")
+        arr = available[inp.name]
+        out[inp.name] = arr.astype(np.int32) if inp.type == "tensor(int32)" else arr
+    return out
+
+
 @dataclass(frozen=True)
 class Encoder:
     """Tokenize, length-sort, batch and run an ONNX model; one output array per document, in input order."""
@@ -229,13 +242,7 @@ class Encoder:
             input_ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
         available = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
-        out = {}
-        for inp in session.get_inputs():
-            if inp.name not in available:
-                raise ModelLoadError(f"ONNX model {self.model!r} has an input {inp.name!r} this adapter does not provide")
-            arr = available[inp.name]
-            out[inp.name] = arr.astype(np.int32) if inp.type == "tensor(int32)" else arr
-        return out
+        return session_feeds(session, available, self.model)
 
     def run(self, texts: Sequence[str | None], post: Callable[[np.ndarray, np.ndarray], np.ndarray], session=None) -> np.ndarray:
         """``post(model_output, attention_mask)`` of every document, length-sorted batches, input order restored."""
