@@ -16,7 +16,7 @@ Contract
   ``annotate.rescore``); then only that scorer's columns are recomputed.
 - Deterministic whatever the partitioning: each document's scores depend only on its text (scores are
   rounded so that batch padding cannot show); files and row order of the table may differ.
-- Scalable: documents are scored where they are read (``mapInPandas``), nothing but small aggregates
+- Scalable: documents are scored where they are read (``mapInArrow``), nothing but small aggregates
   (version counts, histogram bins) reaches the driver.
 - GPU scorers (``onnx_transformer``) with ``annotate.stage_level_scheduling`` on a cluster whose executors
   declare GPUs run in their own stage, each task asking for ``annotate.task_gpus`` GPUs, so CPU stages do not
@@ -212,9 +212,9 @@ def score_documents(
 ) -> DataFrame:
     """The planned work with every scorer's columns filled where needed (null elsewhere).
 
-    By default every scorer runs in one ``mapInPandas`` pass over the rows as read. With ``gpu_stage`` the
+    By default every scorer runs in one ``mapInArrow`` pass over the rows as read. With ``gpu_stage`` the
     CPU scorers run first, the rows are hash-partitioned by ``doc_id`` (a stage boundary), and the GPU scorers
-    run in a second ``mapInPandas`` carrying ``gpu_profile``, so only that stage asks for GPUs.
+    run in a second ``mapInArrow`` carrying ``gpu_profile``, so only that stage asks for GPUs.
     """
     limit = text_limit([r for _, _, r in scorers.runs()])
     if limit is not None:  # ship only what some scorer reads to Python: a several-MB page costs max_chars
@@ -231,17 +231,17 @@ def score_documents(
     if not gpu_stage:
         schema = T.StructType(_pass_fields(scorers) + values)
         fn = functools.partial(score_partitions, tuple(r for _, _, r in runs), tuple(schema.fieldNames()))
-        return work.mapInPandas(fn, schema)
+        return work.mapInArrow(fn, schema)
     cpu = [(s, r) for _, s, r in runs if not s.gpu_capable]
     gpu = [(s, r) for _, s, r in runs if s.gpu_capable]
     cpu_fields = [by_col[c] for s, r in cpu for c in r.columns]
     stage1 = T.StructType(_pass_fields(scorers) + [T.StructField("text", T.StringType())] + cpu_fields)
     fn1 = functools.partial(score_partitions, tuple(r for _, r in cpu), tuple(stage1.fieldNames()))
-    first = work.mapInPandas(fn1, stage1)
+    first = work.mapInArrow(fn1, stage1)
     shuffled = first.repartition(partitions or first.rdd.getNumPartitions(), "doc_id")
     stage2 = T.StructType([f for f in stage1.fields if f.name != "text"] + [by_col[c] for s, r in gpu for c in r.columns])
     fn2 = functools.partial(score_partitions, tuple(r for _, r in gpu), tuple(stage2.fieldNames()))
-    return shuffled.mapInPandas(fn2, stage2, profile=gpu_profile).select(*[f.name for f in T.StructType(_pass_fields(scorers) + values).fields])
+    return shuffled.mapInArrow(fn2, stage2, profile=gpu_profile).select(*[f.name for f in T.StructType(_pass_fields(scorers) + values).fields])
 
 
 def gpu_resource_profile(spark: SparkSession, cfg: QuadmixConfig, scorers: ScorerSet):

@@ -81,10 +81,25 @@ def test_fasttext_prepares_lines_and_truncates_huge_documents():
     assert s.score([huge])[0][0] == pytest.approx(s.score([huge[:5000]])[0][0])
 
 
-def test_fasttext_scorers_of_a_batch_share_one_preparation_and_keep_their_own_rows(texts):
-    import pandas as pd
+def test_arrow_lines_prepare_like_python_and_reach_fasttext_as_bytes(texts):
+    import pyarrow as pa
 
-    from quadmix_udfs.scoring import ScorerRun, score_frame
+    from quadmix_udfs.fasttext_scorer import arrow_lines
+
+    sample = ["a\nb\n\nc", None, "", "x" * 50, "héllo wörld\nαβγδεζηθικλμ", *texts]
+    for max_chars in (10, 20_000):
+        for kind in (pa.string(), pa.large_string()):
+            got = arrow_lines(pa.array(sample, type=kind), max_chars)
+            assert got == [line.encode() for line in prepare_lines(sample, max_chars)]
+    s = build_scorer("q", ScorerConfig(type="fasttext", model=LID, label="en")).adapter
+    as_bytes, as_str = s.score_lines(arrow_lines(pa.array(texts), s.max_chars)), s.score(texts)
+    assert as_bytes[0].tolist() == as_str[0].tolist()
+
+
+def test_fasttext_scorers_of_a_batch_share_one_preparation_and_keep_their_own_rows(texts):
+    import pyarrow as pa
+
+    from quadmix_udfs.scoring import ScorerRun, score_batch
 
     en = build_scorer("en", ScorerConfig(type="fasttext", model=LID, label="en")).adapter
     fr = build_scorer("fr", ScorerConfig(type="fasttext", model=LID, label="fr")).adapter
@@ -93,19 +108,24 @@ def test_fasttext_scorers_of_a_batch_share_one_preparation_and_keep_their_own_ro
     n = len(texts)
     rng = np.random.default_rng(3)
     needs = {"en": np.ones(n, bool), "fr": rng.random(n) < 0.5, "en40": rng.random(n) < 0.5, "lang": rng.random(n) < 0.7}
-    pdf = pd.DataFrame({"doc_id": [f"d{i}" for i in range(n)], "text": texts, **{f"_need_{k}": v for k, v in needs.items()}})
+    ids = pa.array([f"d{i}" for i in range(n)])
+    batch = pa.RecordBatch.from_pydict({"doc_id": ids, "text": texts, **{f"_need_{k}": v for k, v in needs.items()}})
     runs = (ScorerRun("lang", top, "label", ("domain", "domain_conf")), ScorerRun("en", en, "score", ("q_en",)),
             ScorerRun("fr", fr, "score", ("q_fr",)), ScorerRun("en40", short, "score", ("q_en40",)))
-    out = score_frame(runs, pdf, ["doc_id", "domain", "domain_conf", "q_en", "q_fr", "q_en40"])
+    out = score_batch(runs, batch, ["doc_id", "domain", "domain_conf", "q_en", "q_fr", "q_en40"])
+    assert out.schema.names == ["doc_id", "domain", "domain_conf", "q_en", "q_fr", "q_en40"]
+    assert out.column("doc_id").equals(ids) and out.column("q_en").type == pa.float64()
     for name, adapter in (("en", en), ("fr", fr), ("en40", short)):
         idx = np.flatnonzero(needs[name])
         expected, _ = adapter.score([texts[i] for i in idx])
-        got = out[f"q_{name}"]
-        assert got.isna().sum() == n - len(idx)
-        assert got.to_numpy(dtype=float, na_value=np.nan)[idx] == pytest.approx(np.round(expected, 6), abs=1e-12)
+        got = out.column(f"q_{name}")
+        assert got.null_count == n - len(idx)
+        assert got.to_numpy(zero_copy_only=False)[idx] == pytest.approx(np.round(expected, 6), abs=1e-12)
     idx = np.flatnonzero(needs["lang"])
     conf, labels = top.score([texts[i] for i in idx])
-    assert out["domain"].to_numpy()[idx].tolist() == labels.tolist() and out["domain"].isna().sum() == n - len(idx)
+    domain = out.column("domain").to_pylist()
+    assert [domain[i] for i in idx] == labels.tolist() and out.column("domain").null_count == n - len(idx)
+    assert out.column("domain_conf").to_numpy(zero_copy_only=False)[idx] == pytest.approx(np.round(conf, 6), abs=1e-12)
 
 
 # ---------------------------------------------------------------- ONNX transformer

@@ -1,10 +1,11 @@
-"""The annotate stage's worker side: several scorers applied to batches of documents (``mapInPandas``).
+"""The annotate stage's worker side: several scorers applied to batches of documents (``mapInArrow``).
 
 Input batches carry ``text`` and one boolean ``_need_<scorer>`` column per scorer (which rows that scorer
-must score: the others get null and cost nothing). Every other input column passes through. Embedding
-scorers that share an encoder (same model, tokenizer, truncation) run the encoder once per batch and
-apply each head to the shared embeddings; fastText scorers with the same ``max_chars`` share one
-preparation of the texts (cut, newlines replaced), so each text is scanned once per batch.
+must score: the others get null and cost nothing). Every other input column passes through untouched (the
+Arrow arrays Spark sent are sent back; nothing goes through pandas). Embedding scorers that share an encoder
+(same model, tokenizer, truncation) run the encoder once per batch and apply each head to the shared
+embeddings; fastText scorers with the same ``max_chars`` share one preparation of the texts (cut, newlines
+replaced, done by Arrow's compute kernels on the batch's buffers), so each text is scanned once per batch.
 
 Everything here is importable (``quadmix_udfs.scoring``) and the adapters are frozen dataclasses holding only
 paths and settings, so what Spark pickles with the function is small; models load once per Python worker
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 
-from quadmix_udfs.fasttext_scorer import FastTextScorer, prepare_lines
+from quadmix_udfs.fasttext_scorer import FastTextScorer, arrow_lines
 from quadmix_udfs.onnx_transformer import OnnxTransformerScorer
 
 
@@ -56,64 +57,62 @@ def _shares_lines(run: ScorerRun) -> bool:
     return type(run.adapter) is FastTextScorer
 
 
-def score_frame(runs: Sequence[ScorerRun], pdf: pd.DataFrame, out_columns: Sequence[str]) -> pd.DataFrame:
-    """Score one batch: every run fills its columns on the rows its ``_need_`` flag selects."""
-    texts = pdf["text"].to_numpy(dtype=object)
-    out = pdf.copy(deep=False)
-    shared: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
-    groups: dict[Any, np.ndarray] = {}
+def _mask(batch: pa.RecordBatch, column: str) -> np.ndarray:
+    return batch.column(column).fill_null(False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
+
+
+def _union(groups: dict[Any, np.ndarray], key: Any, need: np.ndarray) -> None:
+    groups[key] = groups[key] | need if key in groups else need
+
+
+def _subset(rows: np.ndarray, values: Sequence, need: np.ndarray):
+    """``values`` (computed for ``rows``) restricted to the rows ``need`` selects (a subset of ``rows``)."""
+    if len(rows) == int(need.sum()):
+        return values
+    pos = np.searchsorted(rows, np.flatnonzero(need))
+    return values[pos] if isinstance(values, np.ndarray) else [values[i] for i in pos]
+
+
+def score_batch(runs: Sequence[ScorerRun], batch: pa.RecordBatch, out_columns: Sequence[str]) -> pa.RecordBatch:
+    """Score one batch: every run fills its columns (float64 scores, string labels) on the rows its ``_need_``
+    flag selects, null elsewhere; ``out_columns`` that are no scorer's are the batch's own arrays."""
+    text = batch.column("text")
+    needs = {run.name: _mask(batch, run.need_column) for run in runs}
+    encoders: dict[Any, np.ndarray] = {}
+    line_sets: dict[int, np.ndarray] = {}
     for run in runs:
         if _shares_encoder(run):
-            need = pdf[run.need_column].to_numpy(dtype=bool)
-            key = run.adapter.encoder
-            groups[key] = groups[key] | need if key in groups else need
-    lines: dict[int, np.ndarray] = {}  # fastText scorers: each text prepared once per max_chars
+            _union(encoders, run.adapter.encoder, needs[run.name])
+        elif _shares_lines(run):
+            _union(line_sets, run.adapter.max_chars, needs[run.name])
+    embedded = {key: (np.flatnonzero(rows), key.embed(text.filter(rows).to_pylist())) for key, rows in encoders.items() if rows.any()}
+    lines = {key: (np.flatnonzero(rows), arrow_lines(text.filter(rows), key)) for key, rows in line_sets.items() if rows.any()}
+    columns = {}
     for run in runs:
-        if _shares_lines(run):
-            need = pdf[run.need_column].to_numpy(dtype=bool)
-            key = run.adapter.max_chars
-            lines[key] = lines[key] | need if key in lines else need
-    for key, rows in groups.items():
-        if rows.any():
-            shared[key] = (np.flatnonzero(rows), key.embed(texts[rows].tolist()))
-    prepared: dict[int, tuple[np.ndarray, list[str]]] = {}
-    for key, rows in lines.items():
-        if rows.any():
-            prepared[key] = (np.flatnonzero(rows), prepare_lines(texts[rows].tolist(), key))
-    for run in runs:
-        need = pdf[run.need_column].to_numpy(dtype=bool)
-        values = np.full(len(pdf), np.nan)
-        labels = np.full(len(pdf), None, dtype=object)
+        need = needs[run.name]
+        values = np.full(len(need), np.nan)
+        labels = np.full(len(need), None, dtype=object)
         if need.any():
             if _shares_encoder(run):
-                rows, emb = shared[run.adapter.encoder]
-                pos = np.searchsorted(rows, np.flatnonzero(need))
-                scores, names = run.adapter.score_embeddings(emb[pos])
+                scores, names = run.adapter.score_embeddings(_subset(*embedded[run.adapter.encoder], need))
             elif _shares_lines(run):
-                rows, prep = prepared[run.adapter.max_chars]
-                if len(rows) == int(need.sum()):
-                    sel = prep
-                else:
-                    sel = [prep[i] for i in np.searchsorted(rows, np.flatnonzero(need))]
-                scores, names = run.adapter.score_lines(sel)
+                scores, names = run.adapter.score_lines(_subset(*lines[run.adapter.max_chars], need))
             else:
-                scores, names = run.adapter.score(texts[need].tolist())
+                scores, names = run.adapter.score(text.filter(need).to_pylist())
             values[need] = np.round(scores, DECIMALS)
             if names is not None:
                 labels[need] = names
-        col = pd.array(values, dtype="Float64")
-        col[~need] = pd.NA
+        col = pa.array(values, type=pa.float64(), mask=~need)
         if run.output == "label":
-            out[run.columns[0]] = labels
-            out[run.columns[1]] = col
+            columns[run.columns[0]] = pa.array(labels, type=pa.string())
+            columns[run.columns[1]] = col
         else:
-            out[run.columns[0]] = col
-    return out[list(out_columns)]
+            columns[run.columns[0]] = col
+    arrays = [columns[c] if c in columns else batch.column(c) for c in out_columns]
+    return pa.RecordBatch.from_arrays(arrays, names=list(out_columns))
 
 
-def score_partitions(
-    runs: Sequence[ScorerRun], out_columns: Sequence[str], batches: Iterator[pd.DataFrame]
-) -> Iterator[pd.DataFrame]:
-    """``mapInPandas`` body: use as ``functools.partial(score_partitions, runs, out_columns)``."""
-    for pdf in batches:
-        yield score_frame(runs, pdf, out_columns)
+def score_partitions(runs: Sequence[ScorerRun], out_columns: Sequence[str], batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """``mapInArrow`` body: use as ``functools.partial(score_partitions, runs, out_columns)``."""
+    for batch in batches:
+        yield score_batch(runs, batch, out_columns)
