@@ -19,9 +19,14 @@ Two parts, each writing its own result file (``--annotate-parts``, default both)
   pads; tokenization and padding untimed): documents / s of ``session.run`` alone, on
   ``--minilm-baseline-docs`` of the same documents. Goal ratio >= 0.85.
 
-Value and baseline repeats are interleaved (baseline first), after ``--annotate-warmup`` untimed rounds of each
-(default 1: the JVM compiles the stage's code paths there; reported as ``warmup_times_s``); medians. The
-scorer models are trained once and cached under ``$QUADMIX_BENCH_DIR/inputs/annotate-models-*``.
+Value and baseline repeats are interleaved (baseline first, and once more at the end, so every annotate run
+has a baseline run just before and just after it), after ``--annotate-warmup`` untimed rounds of each
+(default 1: the JVM compiles the stage's code paths there; reported as ``warmup_times_s``). The ratio is the
+median over annotate runs of (that run's rate / the mean rate of the two baseline runs beside it): this
+shared VM's speed drifts by tens of percent within minutes, so a run is compared with the machine it had.
+``details`` also keep the plain medians of each side and their ratio (``median_ratio``), and both again per
+CPU second of the process tree. The scorer models are trained once and cached under
+``$QUADMIX_BENCH_DIR/inputs/annotate-models-*``.
 """
 
 from __future__ import annotations
@@ -229,7 +234,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(group, "--annotate-repeats", type=int, default=3, help="timed run_annotate repeats (each part)")
     add_option(group, "--annotate-warmup", type=int, default=1,
                help="untimed warm-up rounds (model + annotate) before the timed repeats (each part)")
-    add_option(group, "--model-repeats", type=int, default=3, help="timed model-alone repeats (each part)")
+    add_option(group, "--model-repeats", type=int, default=None,
+               help="timed model-alone repeats (each part; default: annotate repeats + 1, so a model run brackets "
+                    "every annotate run)")
     add_option(group, "--fasttext-baseline-copies", type=int, default=6,
                help="copies of each page (x 8,712 pages) the fastText baseline predicts on")
     add_option(group, "--minilm-docs", type=int, default=DEFAULT_MINILM_DOCS, help="documents of the MiniLM part")
@@ -292,6 +299,37 @@ def _time_annotate(spark, conf, docs_folder: Path, scorer_args: list[str], n_doc
     return timings, timings["annotate"].results[-1], cpu
 
 
+def _repeats(args) -> tuple[int, int]:
+    """(annotate, model) repeats: the model runs once more, so one model run comes before and one after every
+    annotate run (the interleaving starts with the model)."""
+    annotate = args.repeats or args.annotate_repeats
+    return annotate, args.model_repeats or annotate + 1
+
+
+def bracketed_ratios(values: list[float], baselines: list[float]) -> list[float]:
+    """``values[i] / mean(baselines[i], baselines[i + 1])``: each annotate rate against the model runs just
+    before and after it (the last value uses its only neighbour when there is no later baseline). The speed
+    of a shared VM drifts by tens of percent within minutes; a model run minutes away from an annotate run
+    says little about the machine that run had, the ones beside it do."""
+    out = []
+    for i, v in enumerate(values):
+        near = baselines[i : i + 2] or baselines[-1:]
+        out.append(v / (sum(near) / len(near)))
+    return out
+
+
+def _paired_details(timings: dict, cpu: dict[str, list[float]], n_docs: int, n_base: int) -> dict[str, Any]:
+    import statistics
+
+    ann = [n_docs / t / CORES for t in timings["annotate"].times]
+    mod = [n_base / t for t in timings["model"].times]
+    wall = bracketed_ratios(ann, mod)
+    per_cpu = bracketed_ratios([n_docs / c for c in cpu["annotate"]], [n_base / c for c in cpu["model"]])
+    return {"what": "each annotate run's rate / the mean rate of the model runs just before and after it",
+            "ratios": [round(x, 3) for x in wall], "median": round(statistics.median(wall), 3),
+            "cpu_ratios": [round(x, 3) for x in per_cpu], "cpu_median": round(statistics.median(per_cpu), 3)}
+
+
 def _cpu_details(cpu: dict[str, list[float]], n_docs: int, n_base: int) -> dict[str, Any]:
     """Documents per CPU second (the whole process tree) of both sides, and their ratio: a cross-check of the
     wall-clock ratio that machine load does not move (other jobs on the machine take wall time, not our CPU)."""
@@ -348,9 +386,9 @@ def run_fasttext(args: argparse.Namespace) -> dict[str, Any]:
         return {"topic_s": t1 - t0, "dclm_s": t2 - t1}
 
     try:
-        timings, report, cpu = _time_annotate(spark, conf, folder, scorer_args, docs, args.repeats or args.annotate_repeats,
-                                         baseline, args.repeats or args.model_repeats, args.keep, "fasttext",
-                                         args.annotate_warmup)
+        repeats, model_repeats = _repeats(args)
+        timings, report, cpu = _time_annotate(spark, conf, folder, scorer_args, docs, repeats, baseline, model_repeats,
+                                              args.keep, "fasttext", args.annotate_warmup)
         session = spark_info(spark)
     finally:
         stop_spark()
@@ -364,6 +402,7 @@ def run_fasttext(args: argparse.Namespace) -> dict[str, Any]:
         "annotate": timings["annotate"].as_dict(docs),
         "model": {**timings["model"].as_dict(n_base), "split_s": timings["model"].results, "n_texts": n_base},
         "cpu": _cpu_details(cpu, docs, n_base),
+        "paired": _paired_details(timings, cpu, docs, n_base),
         "report": report.metrics(),
         "scorers": {k: {**v, "model": Path(v["model"]).name} for k, v in scorers.items()},
         "input": {"folder": str(folder), "rows": docs, "partitions": manifest["partitions"], "scheme": manifest["scheme"]},
@@ -371,9 +410,11 @@ def run_fasttext(args: argparse.Namespace) -> dict[str, Any]:
         "spark": session,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    result = write_result(NAME, METRIC, value, base, docs, details, machine=machine_info())
-    log(f"annotate fastText {value:.0f} docs/s/core, model alone {base:.0f} docs/s/core, ratio {result['ratio']:.3f} "
-        f"(per CPU second: {details['cpu']['ratio']:.3f})")
+    details["median_ratio"] = round(value / base, 3)  # medians of the two sides, each taken alone
+    result = write_result(NAME, METRIC, value, base, docs, details, ratio=details["paired"]["median"], machine=machine_info())
+    log(f"annotate fastText {value:.0f} docs/s/core, model alone {base:.0f} docs/s/core, bracketed ratio {result['ratio']:.3f} "
+        f"(per CPU second {details['paired']['cpu_median']:.3f}; of the medians {details['median_ratio']:.3f}, per CPU "
+        f"second {details['cpu']['ratio']:.3f})")
     return result
 
 
@@ -412,9 +453,9 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
             session.run([out_name], feeds)
 
     try:
-        timings, report, cpu = _time_annotate(spark, conf, folder, scorer_args, docs, args.repeats or args.annotate_repeats,
-                                         baseline, args.repeats or args.model_repeats, args.keep, "minilm",
-                                         args.annotate_warmup)
+        repeats, model_repeats = _repeats(args)
+        timings, report, cpu = _time_annotate(spark, conf, folder, scorer_args, docs, repeats, baseline, model_repeats,
+                                              args.keep, "minilm", args.annotate_warmup)
         info = spark_info(spark)
     finally:
         stop_spark()
@@ -428,6 +469,7 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
         "model": {**timings["model"].as_dict(n_base), "n_docs": n_base, "batches": len(batches),
                   "tokens_per_doc": round(tokens / n_base, 1)},
         "cpu": _cpu_details(cpu, docs, n_base),
+        "paired": _paired_details(timings, cpu, docs, n_base),
         "report": report.metrics(),
         "settings": {**MINILM_SETTINGS, "model": "minilm_l6_v2/model_int8.onnx", "intra_op_threads": 1},
         "input": {"folder": str(folder), "rows": docs, "partitions": manifest["partitions"]},
@@ -435,9 +477,11 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
         "spark": info,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    result = write_result(MINILM_NAME, METRIC, value, base, docs, details, machine=machine_info())
-    log(f"annotate MiniLM {value:.1f} docs/s/core, raw session {base:.1f} docs/s/core, ratio {result['ratio']:.3f} "
-        f"(per CPU second: {details['cpu']['ratio']:.3f})")
+    details["median_ratio"] = round(value / base, 3)  # medians of the two sides, each taken alone
+    result = write_result(MINILM_NAME, METRIC, value, base, docs, details, ratio=details["paired"]["median"], machine=machine_info())
+    log(f"annotate MiniLM {value:.1f} docs/s/core, raw session {base:.1f} docs/s/core, bracketed ratio {result['ratio']:.3f} "
+        f"(per CPU second {details['paired']['cpu_median']:.3f}; of the medians {details['median_ratio']:.3f}, per CPU "
+        f"second {details['cpu']['ratio']:.3f})")
     return result
 
 

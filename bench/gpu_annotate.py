@@ -296,10 +296,12 @@ def annotate_runner(work: Path, texts: list[str], scorers: dict[str, dict], task
     shutil.rmtree(docs_path, ignore_errors=True)
     pdf = pd.DataFrame({"doc_id": [f"d{i:07d}" for i in range(len(texts))], "text": texts,
                         "n_tokens": [len(t) // 4 for t in texts]})
-    parts = max(tasks * 4, 1)
-    spark.createDataFrame(pdf).repartition(parts).write.format("delta").save(str(docs_path))
+    # one file per task slot, read as one partition each and scored where it is read: the steady state of a
+    # large table (no `annotate.partitions`: its shuffle would leave the GPU idle first; more, smaller
+    # partitions than slots would leave a tail with fewer tasks feeding the GPU)
+    spark.createDataFrame(pdf).repartition(max(tasks, 1)).write.format("delta").save(str(docs_path))
     scorer_args = [f"scorers={json.dumps(scorers)}", "annotate.domain_scorer=bert_domain",
-                   'annotate.quality_scorers=["bert_quality"]', f"annotate.partitions={parts}"]
+                   'annotate.quality_scorers=["bert_quality"]']
 
     def run(i: int):
         root = work / f"store-{i}"

@@ -30,6 +30,17 @@ def test_annotate_benchmark_options_and_parts():
     with pytest.raises(ValueError, match="unknown"):
         bench_annotate.run(args)
     assert parser.parse_args([]).annotate_parts == "fasttext,minilm"
+    assert bench_annotate._repeats(parser.parse_args([])) == (3, 4)  # a model run before and after each annotate run
+    assert bench_annotate._repeats(parser.parse_args(["--repeats", "2", "--model-repeats", "5"])) == (2, 5)
+
+
+def test_bracketed_ratios_compare_each_run_with_the_baselines_beside_it():
+    from bench.bench_annotate import bracketed_ratios
+
+    # run i is compared with the mean of baselines i and i + 1 (the machine slowed down after run 0)
+    assert bracketed_ratios([0.9, 0.45], [1.0, 1.0, 0.5]) == pytest.approx([0.9, 0.6])
+    assert bracketed_ratios([0.9, 0.45, 0.45], [1.0, 0.5, 0.5, 0.5]) == pytest.approx([1.2, 0.9, 0.9])
+    assert bracketed_ratios([2.0, 4.0], [1.0]) == pytest.approx([2.0, 4.0])  # fewer baselines: the last one
 
 
 def test_gpu_benchmark_smoke_mode_exports_a_model_and_writes_a_result(tmp_path):
