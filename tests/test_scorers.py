@@ -203,6 +203,19 @@ def test_device_is_cpu_without_a_task_gpu_and_cuda_needs_the_provider():
             load_session(ENCODER, device_for("cuda"))
 
 
+def test_a_cuda_session_that_falls_back_to_cpu_is_an_error(monkeypatch):
+    """onnxruntime builds a CPU session, with only a log line, when its CUDA provider cannot load (here: the CPU
+    wheel, told the provider exists so the first check passes); the adapter must refuse to run on it."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a working CUDA provider does not fall back")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="CUDA provider did not load") as err:
+        load_session(ENCODER, device_id=3)
+    assert "CPUExecutionProvider" in str(err.value) and ENCODER in str(err.value)
+
+
 # ---------------------------------------------------------------- onnx_text
 
 
