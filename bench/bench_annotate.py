@@ -330,6 +330,17 @@ def _paired_details(timings: dict, cpu: dict[str, list[float]], n_docs: int, n_b
             "cpu_ratios": [round(x, 3) for x in per_cpu], "cpu_median": round(statistics.median(per_cpu), 3)}
 
 
+def _write(name: str, part: str, baseline: str, value: float, base: float, n_docs: int, details: dict[str, Any],
+           digits: int) -> dict[str, Any]:
+    """The part's result file: ratio = the bracketed median; the plain ratio of the medians kept in details."""
+    details["median_ratio"] = round(value / base, 3)  # medians of the two sides, each taken alone
+    result = write_result(name, METRIC, value, base, n_docs, details, ratio=details["paired"]["median"], machine=machine_info())
+    log(f"annotate {part} {value:.{digits}f} docs/s/core, {baseline} {base:.{digits}f} docs/s/core, bracketed ratio "
+        f"{result['ratio']:.3f} (per CPU second {details['paired']['cpu_median']:.3f}; of the medians "
+        f"{details['median_ratio']:.3f}, per CPU second {details['cpu']['ratio']:.3f})")
+    return result
+
+
 def _cpu_details(cpu: dict[str, list[float]], n_docs: int, n_base: int) -> dict[str, Any]:
     """Documents per CPU second (the whole process tree) of both sides, and their ratio: a cross-check of the
     wall-clock ratio that machine load does not move (other jobs on the machine take wall time, not our CPU)."""
@@ -410,12 +421,7 @@ def run_fasttext(args: argparse.Namespace) -> dict[str, Any]:
         "spark": session,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    details["median_ratio"] = round(value / base, 3)  # medians of the two sides, each taken alone
-    result = write_result(NAME, METRIC, value, base, docs, details, ratio=details["paired"]["median"], machine=machine_info())
-    log(f"annotate fastText {value:.0f} docs/s/core, model alone {base:.0f} docs/s/core, bracketed ratio {result['ratio']:.3f} "
-        f"(per CPU second {details['paired']['cpu_median']:.3f}; of the medians {details['median_ratio']:.3f}, per CPU "
-        f"second {details['cpu']['ratio']:.3f})")
-    return result
+    return _write(NAME, "fastText", "model alone", value, base, docs, details, digits=0)
 
 
 # ---------------------------------------------------------------- MiniLM
@@ -477,12 +483,7 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
         "spark": info,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    details["median_ratio"] = round(value / base, 3)  # medians of the two sides, each taken alone
-    result = write_result(MINILM_NAME, METRIC, value, base, docs, details, ratio=details["paired"]["median"], machine=machine_info())
-    log(f"annotate MiniLM {value:.1f} docs/s/core, raw session {base:.1f} docs/s/core, bracketed ratio {result['ratio']:.3f} "
-        f"(per CPU second {details['paired']['cpu_median']:.3f}; of the medians {details['median_ratio']:.3f}, per CPU "
-        f"second {details['cpu']['ratio']:.3f})")
-    return result
+    return _write(MINILM_NAME, "MiniLM", "raw session", value, base, docs, details, digits=1)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
