@@ -8,13 +8,17 @@ Heads
   attention-masked mean is fed to a small head file (``.npz`` or ``.json``: ``weight [H, C]``, ``bias [C]``,
   ``labels``, ``kind`` = logistic | linear, ``normalize``).
 
-Batching: texts are cut to ``max_chars`` characters, tokenized (truncated to ``max_length`` tokens), sorted by
+Batching: texts are cut to ``max_chars`` characters, tokenized (truncated to ``max_length`` tokens; a long text
+by the head those tokens need when that gives the same ids, see :mod:`quadmix_udfs.token_prefix`), sorted by
 token count so each batch pads little, run ``batch_size`` at a time, and the results put back in input order.
 
 Device: on a Spark executor that assigned this task a GPU (``TaskContext.resources()["gpu"]``) the session
 uses the CUDA execution provider on that GPU; ``device: cuda`` with no GPU resource (local mode on a GPU
 box) uses GPU 0; otherwise CPU with ``intra_op_threads`` threads, so Spark's task slots are not
 oversubscribed. Sessions and tokenizers are loaded once per Python worker (``lru_cache``).
+
+Profiling: with ``QUADMIX_TRACE_DIR`` set on the executors, every tokenization and model call is written as a
+span (:mod:`quadmix_udfs.trace`), which says whether the GPU was kept busy.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from quadmix_udfs import trace
 from quadmix_udfs.fasttext_scorer import ModelLoadError
 from quadmix_udfs.model_cache import stamp
+from quadmix_udfs.token_prefix import PREFIX_CHARS_PER_TOKEN, tokenize_heads, tokenizer_split_characters
 
 
 # ---------------------------------------------------------------- loaders (once per Python worker)
@@ -226,14 +232,19 @@ class Encoder:
         return load_session(self.model, dev, self.intra_op_threads)
 
     def tokenize(self, texts: Sequence[str | None]) -> list[list[int]]:
+        """Token ids of each text cut to ``max_chars``, truncated to ``max_length``. Texts longer than the
+        head that ``max_length`` tokens need are tokenized by their head when that gives the same ids
+        (:mod:`quadmix_udfs.token_prefix`)."""
         tok, _ = load_tokenizer(self.tokenizer, self.max_length)
         mc = self.max_chars
         cut = [("" if t is None else t if len(t) <= mc else t[:mc]) for t in texts]
         encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-        return [e.ids for e in encode(cut, add_special_tokens=True)]
+        head = PREFIX_CHARS_PER_TOKEN * self.max_length
+        chars = tokenizer_split_characters(self.tokenizer) if head < mc else None
+        return tokenize_heads(encode, cut, self.max_length, chars, head)
 
-    def feeds(self, session, ids: list[list[int]]) -> dict[str, np.ndarray]:
-        """Padded model inputs of one batch (``input_ids``, ``attention_mask``, ``token_type_ids`` as the model asks)."""
+    def pad(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(``input_ids``, ``attention_mask``) of one batch, padded to its longest row."""
         _, pad_id = load_tokenizer(self.tokenizer, self.max_length)
         width = max(1, max(len(x) for x in ids))
         input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
@@ -241,21 +252,31 @@ class Encoder:
         for i, row in enumerate(ids):
             input_ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
+        return input_ids, mask
+
+    def feeds(self, session, ids: list[list[int]]) -> dict[str, np.ndarray]:
+        """Padded model inputs of one batch (``input_ids``, ``attention_mask``, ``token_type_ids`` as the model asks)."""
+        return self._feeds(session, *self.pad(ids))
+
+    def _feeds(self, session, input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         available = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
         return session_feeds(session, available, self.model)
 
     def run(self, texts: Sequence[str | None], post: Callable[[np.ndarray, np.ndarray], np.ndarray], session=None) -> np.ndarray:
         """``post(model_output, attention_mask)`` of every document, length-sorted batches, input order restored."""
         session = session or self.session()
-        ids = self.tokenize(texts)
+        with trace.span("tokenize", docs=len(texts)):
+            ids = self.tokenize(texts)
         order = np.argsort(np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)), kind="stable")
         out_name = self.output_name or session.get_outputs()[0].name
         result: np.ndarray | None = None
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            feeds = self.feeds(session, [ids[i] for i in idx])
-            (raw,) = session.run([out_name], feeds)
-            values = post(raw, feeds["attention_mask"])
+            input_ids, mask = self.pad([ids[i] for i in idx])
+            feeds = self._feeds(session, input_ids, mask)
+            with trace.span("model", docs=len(idx), tokens=int(mask.size)):
+                (raw,) = session.run([out_name], feeds)
+            values = post(raw, mask)
             if result is None:
                 result = np.empty((len(ids), *values.shape[1:]), dtype=values.dtype)
             result[idx] = values
