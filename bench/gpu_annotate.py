@@ -22,7 +22,10 @@ What it measures (medians of ``--repeats``, interleaved):
 - **value**: ``run_annotate`` (Delta in, Delta out) on ``local[--tasks]`` with both scorers on ``device: cuda``
   (every Python worker opens its own onnxruntime CUDA session on GPU 0), documents/s: the figure per GPU;
 - **baseline**: a raw onnxruntime CUDA session on the same token batches (``--max-length``,
-  ``--batch-size``, length-sorted, tokenization untimed), documents/s.
+  ``--batch-size``, length-sorted, tokenization untimed), documents/s;
+- **where the stage's time went** (``details.annotate_time``, per timed run): the workers' model-call spans
+  (``quadmix_udfs.trace``): seconds before the first call, with at least one call running (``model_busy_s``),
+  idle between calls, after the last call (write, commit); and NVML's mean GPU utilization where present.
 
 **onnxruntime-gpu must be installed** for the ONNX figures: the CPU-only ``onnxruntime`` wheel has no
 ``CUDAExecutionProvider``, and this script installs nothing (the GPU machine has no network). Install
@@ -280,8 +283,53 @@ def scorer_settings(model: Path, tokenizer: Path, heads: dict[str, str], args) -
             "bert_quality": {**common, "head_file": heads["quality"], "label": "hq"}}
 
 
+class GpuUtilization:
+    """GPU 0's utilization (NVML: the share of each sample period with a kernel running), sampled every
+    ``interval`` s on a thread while the block runs; ``summary()`` is empty when NVML is not there (CPU)."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval, self.samples, self.error = interval, [], None
+        self._stop = None
+
+    def __enter__(self):
+        import threading
+
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception as e:  # noqa: BLE001 - no NVML (CPU machine, no nvidia-ml-py): nothing to sample
+            self.error = f"{type(e).__name__}: {e}"[:200]
+            return self
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(self.interval):
+                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        if not self.samples:
+            return {}
+        return {"gpu_util_mean_pct": round(statistics.fmean(self.samples), 1),
+                "gpu_util_samples": len(self.samples)}
+
+
 def annotate_runner(work: Path, texts: list[str], scorers: dict[str, dict], tasks: int):
-    """(spark, fn(i) -> report): ``run_annotate`` into a fresh annotations table per call."""
+    """(spark, fn(i) -> (seconds, where the time went)): ``run_annotate`` into a fresh annotations table per call.
+
+    The workers trace their model calls (:mod:`quadmix_udfs.trace`, set before the first job so the warm-up's
+    workers are the measured ones); each run's spans are summarized over its own wall-clock window.
+    """
     import shutil
 
     import pandas as pd
@@ -290,8 +338,12 @@ def annotate_runner(work: Path, texts: list[str], scorers: dict[str, dict], task
     from bench.common import bench_config, bench_spark, spark_overrides
     from quadmix_spark.annotate import run_annotate
     from quadmix_spark.scorers import resolve_scorers
+    from quadmix_udfs import trace
 
     spark, _ = bench_spark(work / "session", master=f"local[{tasks}]")
+    trace_root = work / "trace"
+    shutil.rmtree(trace_root, ignore_errors=True)
+    spark.sparkContext.environment[trace.ENV] = str(trace_root)  # shipped with each Python function to its workers
     docs_path = work / "documents"
     shutil.rmtree(docs_path, ignore_errors=True)
     pdf = pd.DataFrame({"doc_id": [f"d{i:07d}" for i in range(len(texts))], "text": texts,
@@ -310,18 +362,27 @@ def annotate_runner(work: Path, texts: list[str], scorers: dict[str, dict], task
         os.symlink(docs_path, root / "tables" / "documents", target_is_directory=True)
         cfg = bench_config(root, *spark_overrides(master=f"local[{tasks}]"), *scorer_args)
         resolved = resolve_scorers(cfg, validate=False)  # the CPU probe of validate() is not what is measured
-        t0 = time.perf_counter()
-        report = run_annotate(spark, cfg, scorers=resolved, histograms=False)
-        seconds = time.perf_counter() - t0
+        with GpuUtilization() as util:
+            w0, t0 = time.time(), time.perf_counter()
+            report = run_annotate(spark, cfg, scorers=resolved, histograms=False)
+            seconds, w1 = time.perf_counter() - t0, time.time()
         if report.new_documents != len(texts):
             raise RuntimeError(f"annotate scored {report.scored}, expected {len(texts)} documents")
         shutil.rmtree(root, ignore_errors=True)
-        return seconds
+        return seconds, {**trace.summarize(trace.read_spans(trace_root), w0, w1), **util.summary()}
 
     return spark, run
 
 
 # ---------------------------------------------------------------- main
+
+
+def median_run(spent: list[dict], seconds: list[float]) -> dict | None:
+    """The ``spent`` entry of the run whose time is the median (the upper middle of an even count)."""
+    if not spent:
+        return None
+    order = sorted(range(len(seconds)), key=seconds.__getitem__)
+    return spent[order[len(order) // 2]]
 
 
 def gpu_facts() -> dict[str, Any]:
@@ -466,15 +527,19 @@ def main(argv: list[str] | None = None) -> int:
         (time_ort(session, batches[:3]) if ort_cuda else time_torch(torch_model, batches[:3], "cuda"))
     warmup_s = []
     for i in range(args.warmup if run_annotate_fn is not None else 0):
-        warmup_s.append(run_annotate_fn(-1 - i))
+        warmup_s.append(run_annotate_fn(-1 - i)[0])
         log(f"warm-up {i + 1}/{args.warmup}: annotate {warmup_s[-1]:.2f} s")
+    where: list[dict] = []
     for i in range(args.repeats):
         if ort_cuda or not cuda:
             sides.setdefault("onnxruntime", []).append(time_ort(session, batches))
         if use_torch:
             sides.setdefault("torch", []).append(time_torch(torch_model, batches, "cuda"))
         if run_annotate_fn is not None:
-            sides.setdefault("annotate", []).append(run_annotate_fn(i))
+            seconds, spent = run_annotate_fn(i)
+            sides.setdefault("annotate", []).append(seconds)
+            where.append(spent)
+            log(f"annotate {i + 1}: " + ", ".join(f"{k} {v}" for k, v in spent.items()))
         log(f"repeat {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in sides.items()))
     if spark is not None:
         stop_spark()
@@ -508,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         "rates_docs_per_s": rates,
         "times_s": {k: [round(x, 3) for x in v] for k, v in sides.items()},
         "warmup_times_s": [round(x, 3) for x in warmup_s],
+        # per timed annotate run, from the workers' model-call spans (udfs/trace.py) and NVML where present
+        "annotate_time": where,
+        "annotate_time_median_run": median_run(where, sides.get("annotate", [])),
         "notes": notes,
         "model": {"shape": shape, "parameters": n_params, "dtype": dtype, "file": model_path.name,
                   "bytes": model_path.stat().st_size, "fused_operators": fused, "fused_max_abs_difference": fuse_check},

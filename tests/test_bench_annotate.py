@@ -81,3 +81,7 @@ def test_gpu_benchmark_smoke_mode_runs_the_annotate_stage(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["details"]["value_source"].startswith("annotate stage") and result["ratio"] > 0
+    (spent,) = result["details"]["annotate_time"]  # the workers' model-call spans of the timed run
+    assert spent["docs"] == 48 and spent["workers"] >= 1 and spent["model_calls"] >= 48 // 16
+    assert 0 < spent["model_busy_s"] <= spent["run_s"] and spent["before_first_model_s"] >= spent["before_first_batch_s"] > 0
+    assert result["details"]["annotate_time_median_run"] == spent
