@@ -23,6 +23,7 @@ BENCHMARKS = {
     "many_theta": "bench.bench_many_theta",
     "rank": "bench.bench_rank",
     "annotate": "bench.bench_annotate",
+    "tokenize": "bench.bench_tokenize",
     "search": "bench.bench_search",
     "proxy": "bench.bench_proxy",
 }

@@ -85,3 +85,18 @@ def test_gpu_benchmark_smoke_mode_runs_the_annotate_stage(tmp_path):
     assert spent["docs"] == 48 and spent["workers"] >= 1 and spent["model_calls"] >= 48 // 16
     assert 0 < spent["model_busy_s"] <= spent["run_s"] and spent["before_first_model_s"] >= spent["before_first_batch_s"] > 0
     assert result["details"]["annotate_time_median_run"] == spent
+
+
+def test_tokenize_benchmark_checks_identical_ids_and_writes_its_result(tmp_path, monkeypatch):
+    import bench.common
+    from bench import bench_tokenize
+
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    parser = argparse.ArgumentParser()
+    bench_tokenize.add_arguments(parser)
+    result = bench_tokenize.run(parser.parse_args(["--tokenize-docs", "300", "--tokenize-repeats", "1",
+                                                   "--tokenize-max-length", "32"]))
+    saved = json.loads((tmp_path / "tokenize_head_docs_per_cpu_s.json").read_text())
+    assert saved["value"] == result["value"] > 0 and saved["n_docs"] == 300
+    d = saved["details"]
+    assert d["identical"] and d["head_chars"] == 256 and d["longer_than_head"] > 200
