@@ -22,7 +22,8 @@ What it measures (medians of ``--repeats``, interleaved):
 - **value**: ``run_annotate`` (Delta in, Delta out) on ``local[--tasks]`` with both scorers on ``device: cuda``
   (every Python worker opens its own onnxruntime CUDA session on GPU 0), documents/s: the figure per GPU;
 - **baseline**: a raw onnxruntime CUDA session on the same token batches (``--max-length``,
-  ``--batch-size``, length-sorted, tokenization untimed), documents/s;
+  ``--batch-size``, length-sorted within each 2,048 documents as a worker sorts its Arrow batch, tokenization
+  untimed), documents/s;
 - **where the stage's time went** (``details.annotate_time``, per timed run): the workers' model-call spans
   (``quadmix_udfs.trace``): seconds before the first call, with at least one call running (``model_busy_s``),
   idle between calls, after the last call (write, commit); and NVML's mean GPU utilization where present.
@@ -244,15 +245,29 @@ class _Int64Inputs:
         return [SimpleNamespace(name=n, type="tensor(int64)") for n in ("input_ids", "attention_mask", "token_type_ids")]
 
 
-def token_batches(encoder, texts: list[str], session) -> list[dict]:
-    """The adapter's own batches: its tokenizer, length-sorted, ``batch_size`` rows, padded as it pads."""
+def arrow_batch_rows() -> int:
+    """Rows per Arrow batch the annotate stage's workers receive (the project's session setting)."""
+    try:
+        from quadmix_spark.session import ARROW_CONFS
+    except ImportError:  # no pyspark here: the raw-session figures only; the project's value
+        return 2048
+    return int(ARROW_CONFS["spark.sql.execution.arrow.maxRecordsPerBatch"])
+
+
+def token_batches(encoder, texts: list[str], session, window: int | None = None) -> list[dict]:
+    """The adapter's own batches: its tokenizer, length-sorted within each ``window`` documents (the Arrow
+    batch a worker scores at once, :func:`arrow_batch_rows`), ``batch_size`` rows, padded as it pads."""
     import numpy as np
 
     session = session or _Int64Inputs()
-    ids = encoder.tokenize(texts)
-    order = np.argsort([len(x) for x in ids], kind="stable")
+    window = window or arrow_batch_rows()
     bs = encoder.batch_size
-    return [encoder.feeds(session, [ids[i] for i in order[s : s + bs]]) for s in range(0, len(ids), bs)]
+    out = []
+    for w in range(0, len(texts), window):
+        ids = encoder.tokenize(texts[w : w + window])
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        out += [encoder.feeds(session, [ids[i] for i in order[s : s + bs]]) for s in range(0, len(ids), bs)]
+    return out
 
 
 def time_ort(session, batches: list[dict]) -> float:

@@ -100,3 +100,16 @@ def test_tokenize_benchmark_checks_identical_ids_and_writes_its_result(tmp_path,
     assert saved["value"] == result["value"] > 0 and saved["n_docs"] == 300
     d = saved["details"]
     assert d["identical"] and d["head_chars"] == 256 and d["longer_than_head"] > 200
+
+
+def test_gpu_benchmark_baseline_batches_are_sorted_within_each_arrow_batch_as_the_workers_sort():
+    from bench.gpu_annotate import arrow_batch_rows, token_batches
+    from quadmix_udfs.onnx_transformer import Encoder
+    from tests.test_scorers import BERT_TOK
+
+    assert arrow_batch_rows() == 2048
+    texts = [" ".join(["word"] * n) for n in (9, 1, 5, 3, 7, 2, 8, 4, 6, 10, 1, 2)]
+    enc = Encoder("unused.onnx", BERT_TOK, max_length=64, batch_size=2)
+    widths = [b["input_ids"].shape[1] - 2 for b in token_batches(enc, texts, None, window=5)]  # words per row, [CLS]/[SEP] off
+    assert widths == [3, 7, 9, 4, 8, 10, 2]  # windows (9 1 5 3 7) (2 8 4 6 10) (1 2), each sorted, cut in twos
+    assert len(token_batches(enc, texts, None)) == 6  # one window: the 12 sorted together
