@@ -32,7 +32,7 @@ def awkward_texts(rng: random.Random, n: int, max_chars: int) -> list[str]:
     """Texts mixing what can go wrong at a cut: whitespace runs of every kind, words far longer than a token
     (BERT makes a 100+ character word one [UNK]), unspaced CJK, emoji, non-breaking spaces, digits."""
     pieces = ["word", "Tokenization", "don't", "3.14159", "e-mail", "日本語のテキスト", "中文", "🙂🙃", "naïve",
-              "\u00a0", "  ", "\n\n", "\t", " \r\n ", "!!!", "http://example.com/a?b=c", "Q" * 150, "ab" * 40]
+              "\u00a0", "  ", "\n\n", "\t", " \r\n ", "\x0b", "\x0c", "\u3000", "!!!", "http://example.com/a?b=c", "Q" * 150, "ab" * 40]
     out = []
     for _ in range(n):
         parts, size = [], rng.randint(0, max_chars)
@@ -65,6 +65,17 @@ def test_head_tokenization_equals_whole_text_tokenization(path, max_length):
     texts = web_texts(1_500) + EDGE_CASES + awkward_texts(rng, 300, 12 * max_length)
     enc = Encoder("unused.onnx", path, max_chars=20_000, max_length=max_length)
     assert enc.tokenize(texts) == full_ids(path, [t[:20_000] for t in texts], max_length)
+
+
+def test_characters_a_normalizer_removes_are_not_boundaries():
+    """BERT's normalizer drops \\x0b (a control character): "fo\\x0bur" is the word "four", not "fo" + "ur"."""
+    text = "one two three fo\x0bur five six seven eight nine ten eleven"
+    tok = Tokenizer.from_file(BERT_TOK)
+    tok.no_padding()
+    tok.enable_truncation(6)
+    assert tok.encode(text).tokens[4] == "four"
+    for head in (17, 18, 24):  # heads ending at, just after and past the control character
+        assert tokenize_heads(tok.encode_batch, [text], 6, WHITESPACE, head) == [tok.encode(text).ids]
 
 
 def test_the_head_is_what_gets_tokenized_and_the_whole_only_when_it_falls_short():

@@ -24,7 +24,8 @@ from quadmix_udfs.model_cache import stamp
 # 512 tokens of the shared web pages covered at most 3,494 characters (6.8 per token; p99 5.5)
 PREFIX_CHARS_PER_TOKEN = 8
 
-WHITESPACE = " \t\n\r\x0b\x0c"
+# whitespace every accepted normalizer keeps as whitespace (BERT's removes \x0b and \x0c as control characters)
+WHITESPACE = " \t\n\r"
 
 # pre-tokenizers that always split at these characters (as the text is after normalization)
 _SPLIT_AT = {"BertPreTokenizer": WHITESPACE, "Whitespace": WHITESPACE, "WhitespaceSplit": WHITESPACE}
