@@ -34,7 +34,7 @@ import numpy as np
 from quadmix_udfs import trace
 from quadmix_udfs.fasttext_scorer import ModelLoadError
 from quadmix_udfs.model_cache import stamp
-from quadmix_udfs.token_prefix import PREFIX_CHARS_PER_TOKEN, tokenize_heads, tokenizer_split_characters
+from quadmix_udfs.token_prefix import PREFIX_CHARS_PER_TOKEN, tokenize_heads, tokenizer_split_rule
 
 
 # ---------------------------------------------------------------- loaders (once per Python worker)
@@ -240,8 +240,9 @@ class Encoder:
         cut = [("" if t is None else t if len(t) <= mc else t[:mc]) for t in texts]
         encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
         head = PREFIX_CHARS_PER_TOKEN * self.max_length
-        chars = tokenizer_split_characters(self.tokenizer) if head < mc else None
-        return tokenize_heads(encode, cut, self.max_length, chars, head)
+        rule = tokenizer_split_rule(self.tokenizer) if head < mc else None
+        normalize = tok.normalizer.normalize_str if tok.normalizer is not None else None
+        return tokenize_heads(encode, cut, self.max_length, rule, head, normalize)
 
     def pad(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """(``input_ids``, ``attention_mask``) of one batch, padded to its longest row."""
