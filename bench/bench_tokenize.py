@@ -31,10 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--tokenize-repeats", type=int, default=5, help="interleaved runs of each side (default 5)")
 
 
-def _cpu_seconds(fn) -> tuple[float, Any]:
+def _cpu_seconds(fn) -> float:
     t = time.process_time()
-    out = fn()
-    return time.process_time() - t, out
+    fn()
+    return time.process_time() - t
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpu: dict[str, list[float]] = {"head": [], "whole": []}
     for i in range(args.tokenize_repeats):
         for label, fn in (("whole", by_whole), ("head", by_head)):
-            cpu[label].append(_cpu_seconds(fn)[0])
+            cpu[label].append(_cpu_seconds(fn))
         log(f"repeat {i + 1}/{args.tokenize_repeats}: whole {cpu['whole'][-1]:.2f} CPU-s, head {cpu['head'][-1]:.2f} CPU-s")
     n = len(texts)
     value, base = n / statistics.median(cpu["head"]), n / statistics.median(cpu["whole"])

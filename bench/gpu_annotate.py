@@ -303,7 +303,7 @@ class GpuUtilization:
     ``interval`` s on a thread while the block runs; ``summary()`` is empty when NVML is not there (CPU)."""
 
     def __init__(self, interval: float = 0.1) -> None:
-        self.interval, self.samples, self.error = interval, [], None
+        self.interval, self.samples = interval, []
         self._stop = None
 
     def __enter__(self):
@@ -314,8 +314,7 @@ class GpuUtilization:
 
             pynvml.nvmlInit()
             handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        except Exception as e:  # noqa: BLE001 - no NVML (CPU machine, no nvidia-ml-py): nothing to sample
-            self.error = f"{type(e).__name__}: {e}"[:200]
+        except Exception:  # noqa: BLE001 - no NVML (CPU machine, no nvidia-ml-py): nothing to sample
             return self
         self._stop = threading.Event()
 
@@ -329,8 +328,11 @@ class GpuUtilization:
 
     def __exit__(self, *exc) -> None:
         if self._stop is not None:
+            import pynvml
+
             self._stop.set()
             self._thread.join()
+            pynvml.nvmlShutdown()  # nvmlInit counts its callers; one shutdown per init
 
     def summary(self) -> dict[str, float]:
         if not self.samples:

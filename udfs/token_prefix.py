@@ -53,8 +53,8 @@ class SplitRule:
     keeps_whitespace: bool
 
 
-_DROPS_WHITESPACE = SplitRule(WHITESPACE, False)
-_SPLIT_AT = {"BertPreTokenizer": _DROPS_WHITESPACE, "Whitespace": _DROPS_WHITESPACE, "WhitespaceSplit": _DROPS_WHITESPACE}
+# pre-tokenizers that split at whitespace and drop it
+_DROP_WHITESPACE = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
 # normalizers that map characters (or canonical sequences, which never cross whitespace) in place
 _LOCAL_NORMALIZERS = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents", "Strip", "Prepend", "Nmt"}
 
@@ -75,8 +75,8 @@ def _pre_tokenizer_rule(pre: dict | None) -> SplitRule | None:
     if pre is None:
         return None
     kind = pre.get("type")
-    if kind in _SPLIT_AT:
-        return _SPLIT_AT[kind]
+    if kind in _DROP_WHITESPACE:
+        return SplitRule(WHITESPACE, False)
     if kind == "ByteLevel" and pre.get("use_regex", True):  # GPT-2's pattern ends a piece before every \s
         return SplitRule(WHITESPACE, True)
     if kind == "Metaspace" and pre.get("split", True):  # splits before spaces only (turned into "▁")

@@ -54,14 +54,14 @@ def record(kind: str, t0: float, t1: float, **fields) -> None:
 
 
 @contextmanager
-def span(kind: str, **fields) -> Iterator[dict]:
-    """Time the block as one span of ``kind``; the yielded dict can add fields (e.g. a count known only inside)."""
+def span(kind: str, **fields) -> Iterator[None]:
+    """Time the block as one span of ``kind`` with ``fields`` (no-op when tracing is off)."""
     if trace_dir() is None:
-        yield fields
+        yield
         return
     t0 = time.time()
     try:
-        yield fields
+        yield
     finally:
         record(kind, t0, time.time(), **fields)
 
@@ -103,14 +103,15 @@ def summarize(spans: Iterable[dict], start: float, end: float) -> dict[str, floa
     - ``tokenize_sum_s``, ``docs``, ``tokens``, ``model_calls``, ``workers``.
     """
     inside = [s for s in spans if s["t0"] >= start and s["t1"] <= end]
-    model = [(s["t0"], s["t1"]) for s in inside if s["kind"] == "model"]
+    calls = [s for s in inside if s["kind"] == "model"]
+    model = [(s["t0"], s["t1"]) for s in calls]
     window = end - start
     out: dict[str, float | int | None] = {
         "run_s": round(window, 3),
         "model_calls": len(model),
-        "workers": len({s["pid"] for s in inside if s["kind"] == "model"}),
-        "docs": sum(int(s.get("docs", 0)) for s in inside if s["kind"] == "model"),
-        "tokens": sum(int(s.get("tokens", 0)) for s in inside if s["kind"] == "model"),
+        "workers": len({s["pid"] for s in calls}),
+        "docs": sum(int(s.get("docs", 0)) for s in calls),
+        "tokens": sum(int(s.get("tokens", 0)) for s in calls),
         "tokenize_sum_s": round(sum(s["t1"] - s["t0"] for s in inside if s["kind"] == "tokenize"), 3),
         "before_first_batch_s": round(min(s["t0"] for s in inside) - start, 3) if inside else None,
     }
