@@ -31,6 +31,7 @@ from quadmix_spark.inputs import (
     InputFile,
     delta_inputs,
     detect_format,
+    failed_file,
     list_files,
     read_jsonl,
     read_table_input,
@@ -109,25 +110,39 @@ def classify_rows(rows: DataFrame, max_chars: int, id_column: str | None) -> Dat
     for cond, r, d in reversed(checks):
         reason = F.when(cond, r).otherwise(reason)
         detail = F.when(cond, d).otherwise(detail)
-    return rows.withColumn("reason", reason).withColumn("detail", detail)
+    return rows.withColumns({"reason": reason, "detail": detail})
 
 
 def assign_doc_ids(rows: DataFrame, id_column: str | None) -> DataFrame:
-    """``text_hash`` (SHA-256 hex of the text) and ``doc_id`` (given id, or the first 128 bits of the hash)."""
+    """``text_hash`` (SHA-256 hex of the text, usable rows) and ``doc_id`` (the given id, or the first 128 bits
+    of the text's hash), also on rows rejected for their content whenever the id is known, so that a reject
+    can be found again in its source."""
     usable = F.col("reason").isNull()
     text_hash = F.when(usable, F.sha2(F.col("text"), 256))
-    doc_id = F.col("id") if id_column else F.substring(text_hash, 1, 32)
-    return rows.withColumn("text_hash", text_hash).withColumn("doc_id", F.when(usable, doc_id))
+    if id_column:
+        kind = F.col("id_kind")
+        known = (
+            F.col("parse_error").isNull() & kind.isNotNull() & (kind != "VOID")
+            & ~kind.startswith("OBJECT") & ~kind.startswith("ARRAY") & (F.length(F.trim(F.col("id"))) > 0)
+        )
+        doc_id = F.when(known, F.col("id"))
+    else:
+        doc_id = F.when(F.col("text_kind") == "STRING", F.substring(F.sha2(F.col("text"), 256), 1, 32))
+    return rows.withColumns({"text_hash": text_hash, "doc_id": doc_id})
 
 
-def mark_duplicates(rows: DataFrame, existing: DataFrame | None) -> DataFrame:
-    """Reject repeated ids among usable rows and against ``existing`` (doc_id, text_hash, source) documents.
+def mark_duplicates(rows: DataFrame, existing: DataFrame | None, conflicted: DataFrame | None = None) -> DataFrame:
+    """Reject repeated ids among usable rows, against ``existing`` (doc_id, text_hash, source) documents and
+    against ``conflicted`` (doc_id): ids an earlier batch rejected as ``id_conflict`` stay untrusted.
 
     The kept copy of an exact duplicate is the first by (source, row hash): deterministic whatever the
     partitioning. Grouping is by ``doc_id``, so no task holds more than one id's rows.
     """
     usable = F.col("reason").isNull()
-    w = Window.partitionBy("doc_id")
+    # rejected rows take no part in the ranking; keyed by their line hash, they spread over tasks
+    spread = F.xxhash64("unit", "raw_hash", "text", "id").cast("string")
+    rows = rows.withColumns({"_usable": usable, "_group": F.when(usable, F.col("doc_id")).otherwise(spread)})
+    w = Window.partitionBy("_usable", "_group")
     ordered = w.orderBy("unit", "raw_hash", F.to_json("meta"))
     conflict = F.min("text_hash").over(w) != F.max("text_hash").over(w)
     first_source = F.first("unit").over(ordered.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing))
@@ -140,7 +155,13 @@ def mark_duplicates(rows: DataFrame, existing: DataFrame | None) -> DataFrame:
         out = out.join(prior, on="doc_id", how="left")
     else:
         out = out.withColumn("_prior_hash", F.lit(None).cast("string")).withColumn("_prior_source", F.lit(None).cast("string"))
+    if conflicted is not None:
+        out = out.join(conflicted.select("doc_id", F.lit(True).alias("_was_conflict")).distinct(), on="doc_id", how="left")
+    else:
+        out = out.withColumn("_was_conflict", F.lit(None).cast("boolean"))
     rules = [
+        (usable & F.col("_was_conflict").isNotNull(), "id_conflict",
+         F.format_string("id %s was rejected as id_conflict by an earlier input", F.col("doc_id"))),
         (usable & F.col("_conflict"), "id_conflict", F.format_string("id %s has different texts in this input", F.col("doc_id"))),
         (usable & F.col("_prior_hash").isNotNull() & (F.col("_prior_hash") != F.col("text_hash")), "id_conflict",
          F.format_string("id %s already ingested from %s with a different text", F.col("doc_id"), F.col("_prior_source"))),
@@ -152,8 +173,9 @@ def mark_duplicates(rows: DataFrame, existing: DataFrame | None) -> DataFrame:
     for cond, r, d in reversed(rules):
         reason = F.when(cond, F.lit(r)).otherwise(reason)
         detail = F.when(cond, d).otherwise(detail)
-    return out.withColumn("reason", reason).withColumn("detail", detail).drop(
-        "_n", "_conflict", "_first", "_prior_hash", "_prior_source"
+    # both from the same input row: ``detail``'s conditions read the ``reason`` that ``reason`` replaces
+    return out.withColumns({"reason": reason, "detail": detail}).drop(
+        "_usable", "_group", "_n", "_conflict", "_first", "_prior_hash", "_prior_source", "_was_conflict"
     )
 
 
@@ -216,10 +238,15 @@ def stage_batch(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: list[I
     rows = rows.withColumn("source", F.lit(ic.source_name) if ic.source_name else F.col("unit"))
     rows = assign_doc_ids(classify_rows(rows, ic.max_chars, ic.id_column), ic.id_column)
     docs_table = cfg.storage.table(DOCUMENTS)
-    existing = None
+    existing = conflicted = None
     if table_exists(spark, docs_table):
         existing = read_table(spark, docs_table).where(F.col("ingest_batch") != batch_id)
-    rows = mark_duplicates(rows, existing)
+    rejects_table = cfg.storage.table(REJECTS)
+    if table_exists(spark, rejects_table):
+        conflicted = read_table(spark, rejects_table).where(
+            (F.col("reason") == "id_conflict") & (F.col("ingest_batch") != batch_id) & F.col("doc_id").isNotNull()
+        )
+    rows = mark_duplicates(rows, existing, conflicted)
 
     from quadmix_udfs.tokens import token_count_column
 
@@ -233,6 +260,7 @@ def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = Non
         raise IngestInputError("no input: set ingest.input (a path or glob, or a list of them)")
     fmt = detect_format(cfg.ingest.input, cfg.ingest.format, spark)
     units = _input_units(spark, cfg, fmt)
+    check_tokenizer(cfg.ingest.tokenizer)
     log_table = cfg.storage.table(INGEST_LOG)
     done = _logged_keys(spark, log_table)
     new = [u for u in units if u.key not in done]
@@ -243,7 +271,13 @@ def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = Non
     report.batch_id = batch_id
     staged = stage_batch(spark, cfg, fmt, new, batch_id).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        counts = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
+        try:
+            counts = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
+        except Exception as e:  # a file that breaks while read (e.g. a truncated gzip with a configured schema)
+            named = failed_file(e)
+            if named:
+                raise IngestInputError(f"cannot read input {named}") from e
+            raise
         report.input_rows = sum(counts.values())
         report.blank_lines = counts.pop("blank_line", 0)
         report.documents = counts.pop(None, 0)
@@ -277,6 +311,16 @@ def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = Non
     )
     write_table(log_df, log_table, metadata=meta, txn=txn)
     return report
+
+
+def check_tokenizer(path: str) -> None:
+    """Load ``ingest.tokenizer`` on the driver, so a wrong path or file fails before any Spark job."""
+    from quadmix_udfs.tokens import load_tokenizer
+
+    try:
+        load_tokenizer(local_path(path))
+    except Exception as e:  # noqa: BLE001 - FileNotFoundError, or the tokenizers library's own errors
+        raise IngestInputError(f"ingest.tokenizer {path!r} cannot be loaded: {str(e).strip()[:300]}") from None
 
 
 def _canonical(path: str) -> str:

@@ -143,7 +143,7 @@ def infer_json_schema(spark: SparkSession, files: list[str]) -> T.StructType:
     try:
         schema = spark.read.option("mode", "PERMISSIVE").json(files).schema
     except Exception as e:  # noqa: BLE001
-        raise IngestInputError(f"cannot read JSONL input {files[:3]}{'...' if len(files) > 3 else ''}: {_first_line(e)}") from e
+        raise IngestInputError(f"cannot read JSONL input {read_error(e, files)}") from e
     return T.StructType([f for f in schema.fields if f.name != "_corrupt_record"])
 
 
@@ -230,7 +230,7 @@ def read_table_input(
         try:
             df = spark.read.parquet(*[u.path for u in units])
         except Exception as e:  # noqa: BLE001
-            raise IngestInputError(f"cannot read Parquet input {[u.path for u in units][:3]}: {_first_line(e)}") from e
+            raise IngestInputError(f"cannot read Parquet input {read_error(e, [u.path for u in units])}") from e
         df = df.withColumn("unit", F.col("_metadata.file_path"))
         where = units[0].path
     else:
@@ -265,6 +265,39 @@ def read_table_input(
         (F.lit(None) if id_is_struct else id_col).cast("string").alias("id"),
         F.struct(*[F.col(f"`{f.name}`").alias(_safe_name(f.name)) for f in meta_fields]).alias("meta"),
     )
+
+
+def java_causes(e: BaseException) -> list[str]:
+    """The messages of a Py4J error's Java exception and its causes, outermost first (empty for other errors)."""
+    out, je = [], getattr(e, "java_exception", None)
+    while je is not None and len(out) < 20:
+        out.append(str(je.toString()).replace("  SQLSTATE", " SQLSTATE").split(" SQLSTATE:")[0].strip())
+        je = je.getCause()
+    return out
+
+
+_FAILED_FILE = re.compile(r"Encountered error while reading file (\S+?)\.?$")
+
+
+def failed_file(e: BaseException) -> str | None:
+    """``<file>: <root cause>`` when ``e`` is Spark failing to read an input file (for example a truncated
+    gzip), else ``None``."""
+    causes = java_causes(e)
+    for msg in causes:
+        m = _FAILED_FILE.search(msg)
+        if m:
+            return f"{m.group(1)}: {causes[-1] if causes[-1] != msg else 'unreadable'}"
+    return None
+
+
+def read_error(e: BaseException, files: list[str]) -> str:
+    """What failed reading ``files``: the file and its root cause where Spark names one, else the first
+    files and the deepest cause."""
+    named = failed_file(e)
+    if named:
+        return named
+    causes = java_causes(e)
+    return f"{files[:3]}{'...' if len(files) > 3 else ''}: {causes[-1] if causes else _first_line(e)}"
 
 
 def _first_line(e: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import pytest
 from pyspark.sql import functions as F
@@ -70,6 +71,16 @@ def test_bad_rows_go_to_rejects_with_reasons_and_counts_add_up(spark, cfg_factor
     assert "bytes" in by_reason["invalid_utf8"].preview
     assert len(by_reason["too_large"].preview) == 1000 and "20000000 characters" in by_reason["too_large"].detail
     assert "BIGINT" in by_reason["non_string_text"].detail
+    assert by_reason["duplicate"].detail.startswith("same id and text as a row of") and "bad.jsonl" in by_reason["duplicate"].detail
+    conflicts = rejects.where("reason = 'id_conflict'").collect()
+    assert {r.detail for r in conflicts} == {"id c1 has different texts in this input"}
+    # a reject keeps its id wherever the record had a usable one, so it can be found again in the source
+    ids = {r.reason: r.doc_id for r in rejects.collect() if r.reason not in ("duplicate", "id_conflict")}
+    assert ids == {
+        "null_text": "n1", "empty_text": ids["empty_text"], "non_string_text": "x1", "missing_text": "m1",
+        "too_large": "big", "missing_id": None, "malformed_json": None, "not_an_object": None, "invalid_utf8": None,
+    }
+    assert sorted(r.doc_id for r in rejects.where("reason = 'empty_text'").collect()) == ["e1", "w1"]
 
 
 def test_missing_text_column_is_a_clear_error_naming_the_file(spark, cfg_factory, tmp_path):
@@ -85,6 +96,24 @@ def test_unusable_inputs_are_clear_errors(spark, cfg_factory, tmp_path):
     broken.write_bytes(b"\x1f\x8b\x08\x00garbage that is not deflate data" * 10)
     with pytest.raises(IngestInputError, match=r"broken\.jsonl\.gz"):
         run_ingest(spark, cfg_factory(f"ingest.input=[{broken}]"))
+    # a gzip cut short among good files: the error names that file and the cause, whether the schema is
+    # inferred (read while planning) or configured (read while staging)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        with gzip.open(corpus / f"a{i}.jsonl.gz", "wt") as f:
+            f.write(json.dumps({"id": f"a{i}", "text": "fine"}) + "\n")
+    whole = gzip.compress(b"".join(json.dumps({"id": str(i), "text": f"page {i} " * 40}).encode() + b"\n" for i in range(3000)))
+    (corpus / "z.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    for extra in ((), ("ingest.json_schema='id string, text string'",)):
+        with pytest.raises(IngestInputError, match=r"cannot read (JSONL )?input file:/+.*/corpus/z\.jsonl\.gz: java\.io\.EOFException"):
+            run_ingest(spark, cfg_factory(f"ingest.input=[{corpus}]", *extra))
+    good = write_jsonl(tmp_path / "good.jsonl", [{"id": "1", "text": "fine"}])
+    for bad in (tmp_path / "nope.json", broken):  # missing, and not a tokenizer: refused before any Spark job
+        cfg = cfg_factory(f"ingest.input=[{good}]", f"ingest.tokenizer={bad}")
+        with pytest.raises(IngestInputError, match=rf"ingest\.tokenizer '{bad}' cannot be loaded"):
+            run_ingest(spark, cfg)
+        assert not os.path.exists(cfg.storage.table("documents"))
     with pytest.raises(IngestInputError, match="cannot tell the format"):
         run_ingest(spark, cfg_factory(f"ingest.input=[{tmp_path}/data.csv]"))
 
@@ -110,9 +139,26 @@ def test_rerun_changes_nothing_and_a_new_file_adds_only_new_documents(spark, cfg
     assert (second.documents, second.rejects_by_reason) == (1, {"duplicate": 1, "id_conflict": 1})
     docs, rejects = tables(spark, cfg)
     assert docs.count() == 6 and docs.select("doc_id").distinct().count() == 6
-    assert {r.doc_id: r.reason for r in rejects.collect()} == {"0": "duplicate", "1": "id_conflict"}
+    assert {r.doc_id: (r.reason, r.detail) for r in rejects.collect()} == {
+        "0": ("duplicate", f"already ingested from file:{indir}/part-0.jsonl"),
+        "1": ("id_conflict", f"id 1 already ingested from file:{indir}/part-0.jsonl with a different text"),
+    }
     log = read_table(spark, cfg.storage.table("ingest_log"))
     assert log.agg(F.sum("input_rows"), F.sum("documents"), F.sum("rejects")).first() == (8, 6, 2)
+
+
+def test_an_id_rejected_as_conflicting_stays_rejected_in_later_inputs(spark, cfg_factory, tmp_path):
+    indir = tmp_path / "in"
+    indir.mkdir()
+    write_jsonl(indir / "a.jsonl", [{"id": "c", "text": "one text"}, {"id": "c", "text": "another text"}])
+    cfg = cfg_factory(f"ingest.input=[{indir}]")
+    assert run_ingest(spark, cfg).rejects_by_reason == {"id_conflict": 2}
+    write_jsonl(indir / "b.jsonl", [{"id": "c", "text": "one text"}, {"id": "d", "text": "fine"}])
+    later = run_ingest(spark, cfg)
+    assert (later.documents, later.rejects_by_reason) == (1, {"id_conflict": 1})
+    docs, rejects = tables(spark, cfg)
+    assert [r.doc_id for r in docs.collect()] == ["d"]
+    assert rejects.where("ingest_batch = '%s'" % later.batch_id).first().detail == "id c was rejected as id_conflict by an earlier input"
 
 
 def test_exact_duplicates_keep_the_first_file_whatever_the_order(spark, cfg_factory, tmp_path):
