@@ -35,14 +35,19 @@ def _load(files: list[str] | None, overrides: list[str] | None) -> QuadmixConfig
 
 
 @contextmanager
-def _user_errors():
-    """Problems with the user's input (files, names, tables) end the command with their message, not a traceback."""
+def _user_errors(cfg: QuadmixConfig):
+    """Problems with the user's input (files, names, tables, an unreachable tracking server) end the command
+    with their message, not a traceback. The tracking server is checked first, before any Spark work."""
     from quadmix_spark.inputs import IngestInputError
     from quadmix_spark.normalize import KnotsMissingError
+    from quadmix_spark.propose import SearchNotFound
+    from quadmix_spark.tracking import TrackingUnreachable, check_tracking
 
     try:
+        check_tracking(cfg)
         yield
-    except (IngestInputError, KnotsMissingError, FileNotFoundError, ValueError) as e:
+    except (IngestInputError, KnotsMissingError, FileNotFoundError, ValueError,
+            TrackingUnreachable, SearchNotFound, LookupError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 
@@ -80,7 +85,7 @@ def ingest(
         return
     from quadmix_spark.jobs import ingest_job
 
-    with _user_errors():
+    with _user_errors(cfg):
         report = ingest_job(cfg)
     typer.echo(report.summary())
     if not report.balanced:
@@ -96,7 +101,7 @@ def train_scorers(config: ConfigFiles = None, set_: Overrides = None, dry_run: D
         return
     from quadmix_spark.train_scorers import train_scorers_job
 
-    with _user_errors():
+    with _user_errors(cfg):
         report = train_scorers_job(cfg)
     typer.echo(report.summary())
 
@@ -115,7 +120,7 @@ def annotate(
         return
     from quadmix_spark.annotate import annotate_job
 
-    with _user_errors():
+    with _user_errors(cfg):
         report = annotate_job(cfg, rescore=rescore)
     typer.echo(report.summary())
 
@@ -129,7 +134,7 @@ def normalize(config: ConfigFiles = None, set_: Overrides = None, dry_run: DryRu
         return
     from quadmix_spark.jobs import normalize_job
 
-    with _user_errors():
+    with _user_errors(cfg):
         knots, written = normalize_job(cfg)
     state = "written" if written else "already current, unchanged"
     typer.echo(f"normalize: {len(knots)} criteria ({', '.join(k.criterion for k in knots)}), knots {state}")
@@ -156,14 +161,14 @@ def sample(
         if not params:
             _show(cfg)
             return
-        with _user_errors():
+        with _user_errors(cfg):
             report = jobs.sample_dry_run_job(cfg, params)
         typer.echo(report.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
         t = report.sum(numeric_only=True)
         typer.echo(f"total: expected {t.expected_tokens:,.0f} tokens, unique {t.expected_unique_tokens:,.0f}, "
                    f"repetition {t.expected_tokens / max(t.expected_unique_tokens, 1):.2f}")
         return
-    with _user_errors():
+    with _user_errors(cfg):
         if params_set:
             result = jobs.sample_many_job(cfg, params_set)
         else:
@@ -193,7 +198,7 @@ def propose(
         return
     from quadmix_spark.jobs import propose_job
 
-    with _tracking_errors(), _user_errors():
+    with _user_errors(cfg):
         result = propose_job(cfg, n)
     typer.echo(result.summary())
 
@@ -207,7 +212,7 @@ def proxy(config: ConfigFiles = None, set_: Overrides = None, search: SearchName
         return
     from quadmix_spark.jobs import proxy_job
 
-    with _tracking_errors(), _user_errors():
+    with _user_errors(cfg):
         report = proxy_job(cfg)
     typer.echo(report.summary())
     if report.failed:
@@ -228,7 +233,7 @@ def search(
         return
     from quadmix_spark.jobs import search_job
 
-    with _tracking_errors(), _user_errors():
+    with _user_errors(cfg):
         outcome = search_job(cfg, search)
     typer.echo(outcome.summary())
 
@@ -242,21 +247,9 @@ def evaluate(config: ConfigFiles = None, set_: Overrides = None, search: SearchN
         return
     from quadmix_spark.jobs import evaluate_job
 
-    with _tracking_errors(), _user_errors():
+    with _user_errors(cfg):
         result = evaluate_job(cfg)
     typer.echo(result.summary())
-
-
-@contextmanager
-def _tracking_errors():
-    from quadmix_spark.propose import SearchNotFound
-    from quadmix_spark.tracking import TrackingUnreachable
-
-    try:
-        yield
-    except (TrackingUnreachable, SearchNotFound, LookupError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
 
 
 def main(argv: list[str] | None = None) -> None:

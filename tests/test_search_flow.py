@@ -122,8 +122,12 @@ def test_search_refuses_too_few_runs_and_unknown_search(search_env):
     assert "no search named 'nosuch'" in err
 
 
-def test_unreachable_tracking_uri_fails_before_spark(tmp_path):
-    out = invoke("propose", "-c", str(DEFAULT_CONF), "--set", f"storage.root={tmp_path}", "--set",
-                 "tracking.uri=http://127.0.0.1:9", "-n", "2", code=1)
+@pytest.mark.parametrize("stage", [
+    ["ingest"], ["train-scorers"], ["annotate"], ["normalize"], ["sample", "--baseline", "random"],
+    ["sample", "--params", "theta.yaml", "--dry-run"], ["propose", "-n", "2"], ["proxy"], ["search"], ["evaluate"],
+])
+def test_unreachable_tracking_uri_fails_before_spark(tmp_path, stage):
+    out = invoke(stage[0], "-c", str(DEFAULT_CONF), "--set", f"storage.root={tmp_path}", "--set",
+                 "tracking.uri=http://127.0.0.1:9", *stage[1:], code=1)
     assert "unreachable" in out and "127.0.0.1:9" in out
     assert not (tmp_path / "tables").exists()
