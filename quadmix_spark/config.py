@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -218,14 +220,30 @@ def _describe(error: dict[str, Any], data: dict[str, Any]) -> str:
 
 
 def _fields_at(loc: list[str]) -> list[str]:
+    """The keys allowed at ``loc`` (a path of keys; a ``dict[str, Model]`` field takes any key, then Model's)."""
     model: type[BaseModel] = QuadmixConfig
-    for part in loc:
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
         field = model.model_fields.get(part) or next((f for f in model.model_fields.values() if f.alias == part), None)
-        ann = getattr(field, "annotation", None)
+        ann = _model_of(getattr(field, "annotation", None))
+        if typing.get_origin(ann) is dict:
+            if not parts:
+                return []
+            parts.pop(0)  # the user's own key (a scorer's name, say)
+            ann = _model_of(typing.get_args(ann)[1])
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
     return sorted(f.alias or n for n, f in model.model_fields.items())
+
+
+def _model_of(ann: Any) -> Any:
+    """``X`` for ``X | None`` / ``Optional[X]``, else ``ann``."""
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return ann
 
 
 def load_config(files: list[str | Path] | None = None, overrides: list[str] | None = None) -> QuadmixConfig:

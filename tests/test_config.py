@@ -42,6 +42,9 @@ def test_invalid_values_name_the_key_the_value_and_what_is_allowed():
 def test_unknown_keys_list_the_allowed_ones():
     with pytest.raises(ConfigError, match=r"ingest.txt_column: unknown key in ingest \(allowed: .*text_column"):
         load_config([DEFAULT_CONF], ["ingest.txt_column=body"])
+    # inside a named entry (scorers: {name: {...}}), the entry's own keys
+    with pytest.raises(ConfigError, match=r"scorers.dclm.modle: unknown key in scorers.dclm \(allowed: .*, model, "):
+        load_config([DEFAULT_CONF], ["scorers={dclm: {type: fasttext, modle: /x.bin}}"])
     with pytest.raises(ConfigError, match=r"expected section.key=value"):
         parse_override("just-a-word")
     with pytest.raises(ConfigError, match="does not exist"):
