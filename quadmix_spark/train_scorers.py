@@ -416,13 +416,30 @@ def train_model(spark: SparkSession, cfg: QuadmixConfig, name: str, m: TrainMode
                         meta["n_holdout"], meta["labels"], scorer, skipped)
 
 
+def check_training_inputs(spark: SparkSession, cfg: QuadmixConfig, models: dict[str, TrainModelConfig]) -> None:
+    """What every model needs, checked before the first one trains: the documents table, the domain models'
+    label columns and the quality models' reference files."""
+    docs = _documents(spark, cfg)
+    for name, m in models.items():
+        if m.task == "domain" and m.label_column not in docs.columns:
+            raise TrainDataError(
+                f"model {name!r}: documents has no column {m.label_column!r} to learn domains from (columns: "
+                f"{', '.join(docs.columns)}); set train_scorers.models.{name}.label_column to a passthrough column "
+                f"of labels, or enabled: false and give annotate a domain scorer of your own"
+            )
+        for ref in m.positives if m.task == "quality" else []:
+            path = cfg.train_scorers.reference[ref].path
+            if not os.path.exists(path):
+                raise TrainDataError(f"model {name!r}: reference set {ref!r}: {path} does not exist")
+
+
 def run_train_scorers(spark: SparkSession, cfg: QuadmixConfig, log=None) -> TrainReport:
     """Train every enabled model of ``train_scorers.models``; ``log(trained)`` is called after each one."""
     root = models_dir(cfg)
     report = TrainReport(models_dir=str(root))
-    for name, m in cfg.train_scorers.models.items():
-        if not m.enabled:
-            continue
+    enabled = {name: m for name, m in cfg.train_scorers.models.items() if m.enabled}
+    check_training_inputs(spark, cfg, enabled)
+    for name, m in enabled.items():
         trained = train_model(spark, cfg, name, m, root)
         report.models.append(trained)
         if log:

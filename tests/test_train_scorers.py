@@ -17,6 +17,7 @@ from quadmix_spark.train_scorers import (
     TrainDataError,
     chunk_text,
     holdout_flags,
+    models_dir,
     quality_examples,
     run_train_scorers,
     slug,
@@ -167,6 +168,12 @@ def test_bad_training_data_is_a_clear_error(spark, trained, tmp_path):
     no_label = train_config(cfg.storage.root, {"d": {"task": "domain", "model": "fasttext", "label_column": "genre"}})
     with pytest.raises(TrainDataError, match="documents has no column 'genre'"):
         run_train_scorers(spark, no_label)
+    # checked before anything trains: the quality model listed first is not trained when the domain one cannot be
+    first_ok = train_config(cfg.storage.root, {"q_first": small_models()["wiki"], "d": {"task": "domain", "model": "fasttext",
+                                                                                       "label_column": "genre"}})
+    with pytest.raises(TrainDataError, match="model 'd': documents has no column 'genre'"):
+        run_train_scorers(spark, first_ok)
+    assert not (models_dir(first_ok) / "q_first").exists() and (models_dir(first_ok) / "wiki").exists()
     with pytest.raises(TrainDataError, match="no documents table"):
         run_train_scorers(spark, train_config(tmp_path / "empty", {"d": {"task": "domain", "model": "fasttext"}}))
 
