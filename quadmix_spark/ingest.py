@@ -7,7 +7,9 @@ Contract
   SHA-256 of the text (128 bits: no collisions at billions of documents).
 - Idempotent and incremental: inputs are units (a file with its size and modification time, or a Delta
   table version) logged in ``ingest_log``; a rerun skips logged units, so the same input twice changes
-  nothing and a new file adds only its new documents. The appends of one batch use Delta's
+  nothing and a new file adds only its new documents. A file seen again with a new modification time but
+  the same path and size is read once for its content digest (JSONL: every line; Parquet: every row's text
+  and id); when that matches the logged one, the file is logged as unchanged and nothing else is written. The appends of one batch use Delta's
   ``txnAppId``/``txnVersion``, so a retried batch never appends twice.
 - Duplicates: the same id with the same text is kept once (the others are rejected as ``duplicate``); the
   same id with different texts is ambiguous, so every row of that id is rejected as ``id_conflict``.
@@ -20,7 +22,7 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 
 from quadmix_spark.config import QuadmixConfig, local_path
@@ -29,12 +31,16 @@ from quadmix_spark.inputs import (
     PARQUET_SUFFIXES,
     IngestInputError,
     InputFile,
+    canonical,
+    content_digest,
     delta_inputs,
     detect_format,
+    digest_aggregates,
     failed_file,
     list_files,
     read_jsonl,
     read_table_input,
+    unit_digests,
 )
 from quadmix_spark.storage import read_table, table_exists, write_table
 
@@ -62,6 +68,7 @@ class IngestReport:
     format: str
     files_new: int
     files_skipped: int
+    files_unchanged: int = 0  # new modification time, same path, size and content: logged, nothing written
     input_rows: int = 0
     blank_lines: int = 0
     documents: int = 0
@@ -76,8 +83,9 @@ class IngestReport:
         if self.batch_id is None:
             return f"ingest: nothing new ({self.files_skipped} input units already ingested)"
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.rejects_by_reason.items())) or "none"
+        unchanged = f", {self.files_unchanged} of them touched but unchanged" if self.files_unchanged else ""
         return (
-            f"ingest batch {self.batch_id}: {self.files_new} new input units ({self.files_skipped} already ingested)\n"
+            f"ingest batch {self.batch_id}: {self.files_new} new input units{unchanged} ({self.files_skipped} already ingested)\n"
             f"  input rows {self.input_rows} = documents {self.documents} + rejects {self.rejects}"
             f" + blank lines {self.blank_lines}  [{'OK' if self.balanced else 'MISMATCH'}]\n"
             f"  rejects by reason: {reasons}"
@@ -222,10 +230,33 @@ def _input_units(spark: SparkSession, cfg: QuadmixConfig, fmt: str) -> list[Inpu
     return delta_inputs(spark, cfg.ingest.input)
 
 
-def _logged_keys(spark: SparkSession, log_table: str) -> set[str]:
+def _logged(spark: SparkSession, log_table: str) -> tuple[set[str], dict[tuple[str, int], set[str]]]:
+    """The logged unit keys, and the content digests logged for each (canonical path, size)."""
     if not table_exists(spark, log_table):
-        return set()
-    return {r.unit_key for r in read_table(spark, log_table).select("unit_key").collect()}
+        return set(), {}
+    log = read_table(spark, log_table)
+    digest = F.col("content_digest") if "content_digest" in log.columns else F.lit(None).cast("string")
+    keys, digests = set(), {}
+    for r in log.select("unit_key", "path", "size", digest.alias("digest")).collect():
+        keys.add(r.unit_key)
+        if r.digest is not None:
+            digests.setdefault((canonical(r.path), r.size), set()).add(r.digest)
+    return keys, digests
+
+
+def unchanged_units(spark: SparkSession, cfg: QuadmixConfig, fmt: str, new: list[InputFile],
+                    digests: dict[tuple[str, int], set[str]]) -> tuple[list[InputFile], dict[str, str]]:
+    """The ``new`` files that an earlier batch ingested with the same content (same path and size, a new
+    modification time: copied or touched), and the digests read. Only such files are read here."""
+    if fmt == "delta":
+        return [], {}
+    suspects = [u for u in new if (canonical(u.path), u.size) in digests]
+    if not suspects:
+        return [], {}
+    ic = cfg.ingest
+    current = unit_digests(spark, fmt, suspects, ic.text_column, ic.id_column)
+    same = [u for u in suspects if current.get(canonical(u.path)) in digests[(canonical(u.path), u.size)]]
+    return same, current
 
 
 def stage_batch(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: list[InputFile], batch_id: str) -> DataFrame:
@@ -262,14 +293,44 @@ def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = Non
     units = _input_units(spark, cfg, fmt)
     check_tokenizer(cfg.ingest.tokenizer)
     log_table = cfg.storage.table(INGEST_LOG)
-    done = _logged_keys(spark, log_table)
+    done, digests = _logged(spark, log_table)
     new = [u for u in units if u.key not in done]
     report = IngestReport(batch_id=None, format=fmt, files_new=len(new), files_skipped=len(units) - len(new))
     if not new:
         return report
     batch_id = batch_id_of(new)
     report.batch_id = batch_id
-    staged = stage_batch(spark, cfg, fmt, new, batch_id).persist(StorageLevel.MEMORY_AND_DISK)
+    meta = {"stage": "ingest", "batch_id": batch_id, "run_id": run_id, "config": cfg.fingerprint()}
+    txn = (f"quadmix-ingest-{batch_id}", 0)
+    same, same_digests = unchanged_units(spark, cfg, fmt, new, digests)
+    report.files_unchanged = len(same)
+    fresh = [u for u in new if u not in same]
+    per_file = stage_and_write(spark, cfg, fmt, fresh, batch_id, report, meta, txn) if fresh else {}
+    log_rows = []
+    for u in new:
+        stats = per_file.get(canonical(f"{u.path}@v{u.mtime}" if fmt == "delta" else u.path))
+        rows, docs, blank = (stats["rows"], stats["documents"], stats["blank_lines"]) if stats and u not in same else (0, 0, 0)
+        if fmt == "delta":
+            digest = None  # a table version never changes: its key says it all
+        elif u in same:
+            digest = same_digests[canonical(u.path)]
+        else:
+            digest = content_digest(rows, stats["hash_sum"] if stats else None)
+        log_rows.append((batch_id, u.key, u.path, u.size, u.mtime, fmt, rows, docs, rows - docs - blank, blank, digest))
+    log_df = spark.createDataFrame(
+        log_rows,
+        "ingest_batch string, unit_key string, path string, size bigint, mtime bigint, format string, "
+        "input_rows bigint, documents bigint, rejects bigint, blank_lines bigint, content_digest string",
+    )
+    write_table(log_df, log_table, metadata=meta, txn=txn, merge_schema=True)
+    return report
+
+
+def stage_and_write(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: list[InputFile], batch_id: str,
+                    report: IngestReport, meta: dict, txn: tuple[str, int]) -> dict[str, Row]:
+    """Stage ``units``, append their documents and rejects, fill ``report``'s counts; per-file statistics
+    (rows, documents, blank lines, the content digest's hash sum) keyed by canonical path."""
+    staged = stage_batch(spark, cfg, fmt, units, batch_id).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         try:
             counts = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
@@ -283,34 +344,18 @@ def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = Non
         report.documents = counts.pop(None, 0)
         report.rejects_by_reason = counts
         report.rejects = sum(counts.values())
-        meta = {"stage": "ingest", "batch_id": batch_id, "run_id": run_id, "config": cfg.fingerprint()}
-        txn = (f"quadmix-ingest-{batch_id}", 0)
         write_table(documents_frame(staged, batch_id), cfg.storage.table(DOCUMENTS), metadata=meta, txn=txn, merge_schema=True)
         write_table(rejects_frame(staged, batch_id), cfg.storage.table(REJECTS), metadata=meta, txn=txn, merge_schema=True)
-        per_file = {
-            _canonical(r["unit"]): r
+        return {
+            canonical(r["unit"]): r
             for r in staged.groupBy("unit").agg(
-                F.count("*").alias("rows"),
+                *digest_aggregates(),
                 F.sum(F.when(F.col("reason").isNull(), 1).otherwise(0)).alias("documents"),
                 F.sum(F.when(F.col("reason") == "blank_line", 1).otherwise(0)).alias("blank_lines"),
             ).collect()
         }
     finally:
         staged.unpersist()
-    log_rows = []
-    for u in new:
-        stats = per_file.get(_canonical(f"{u.path}@v{u.mtime}" if fmt == "delta" else u.path))
-        rows = stats["rows"] if stats else 0
-        docs = stats["documents"] if stats else 0
-        blank = stats["blank_lines"] if stats else 0
-        log_rows.append((batch_id, u.key, u.path, u.size, u.mtime, fmt, rows, docs, rows - docs - blank, blank))
-    log_df = spark.createDataFrame(
-        log_rows,
-        "ingest_batch string, unit_key string, path string, size bigint, mtime bigint, format string, "
-        "input_rows bigint, documents bigint, rejects bigint, blank_lines bigint",
-    )
-    write_table(log_df, log_table, metadata=meta, txn=txn)
-    return report
 
 
 def check_tokenizer(path: str) -> None:
@@ -321,13 +366,6 @@ def check_tokenizer(path: str) -> None:
         load_tokenizer(local_path(path))
     except Exception as e:  # noqa: BLE001 - FileNotFoundError, or the tokenizers library's own errors
         raise IngestInputError(f"ingest.tokenizer {path!r} cannot be loaded: {str(e).strip()[:300]}") from None
-
-
-def _canonical(path: str) -> str:
-    """``file:/x``, ``file:///x`` and ``/x`` name the same file."""
-    if path.startswith("file:"):
-        path = "/" + path.removeprefix("file:").lstrip("/")
-    return path
 
 
 def report_dict(report: IngestReport) -> dict:

@@ -257,7 +257,7 @@ def read_table_input(
     return df.select(
         "unit",
         F.lit(None).cast("string").alias("raw"),
-        F.lit(None).cast("bigint").alias("raw_hash"),
+        table_row_hash(text_column, id_column).alias("raw_hash"),
         F.lit(None).cast("string").alias("parse_error"),
         F.when(F.col(text_column).isNull(), F.lit("VOID")).otherwise(F.lit("STRING")).alias("text_kind"),
         F.col(text_column).alias("text"),
@@ -265,6 +265,43 @@ def read_table_input(
         (F.lit(None) if id_is_struct else id_col).cast("string").alias("id"),
         F.struct(*[F.col(f"`{f.name}`").alias(_safe_name(f.name)) for f in meta_fields]).alias("meta"),
     )
+
+
+# ---------------------------------------------------------------- content digests of input files
+
+
+def table_row_hash(text_column: str, id_column: str | None) -> Column:
+    """A Parquet row's hash (its text and id): what a file's content digest sums for table inputs."""
+    return F.xxhash64(F.col(f"`{text_column}`"), F.col(f"`{id_column}`") if id_column else F.lit(None))
+
+
+def digest_aggregates() -> list[Column]:
+    """Per-file aggregates of ``raw_hash`` (a hash of each JSONL line, or of each Parquet row's text and id):
+    the row count and the hash sum. Order-independent, so any partitioning of the file gives the same."""
+    return [F.count("*").alias("rows"), F.sum(F.col("raw_hash").cast("decimal(38,0)")).alias("hash_sum")]
+
+
+def content_digest(rows: int, hash_sum) -> str:
+    return f"{rows}:{hash_sum if hash_sum is not None else 0}"
+
+
+def unit_digests(spark: SparkSession, fmt: str, units: list[InputFile], text_column: str, id_column: str | None) -> dict[str, str]:
+    """The content digest of each file of ``units`` (keyed by canonical path), reading nothing but the lines
+    (JSONL) or the text and id columns (Parquet): no parsing, no joins, no tokenizing."""
+    paths = [u.path for u in units]
+    if fmt == "jsonl":
+        df = spark.read.text(paths).select(F.xxhash64("value").alias("raw_hash"), F.col("_metadata.file_path").alias("unit"))
+    else:
+        df = spark.read.parquet(*paths).select(table_row_hash(text_column, id_column).alias("raw_hash"),
+                                               F.col("_metadata.file_path").alias("unit"))
+    return {canonical(r["unit"]): content_digest(r["rows"], r["hash_sum"]) for r in df.groupBy("unit").agg(*digest_aggregates()).collect()}
+
+
+def canonical(path: str) -> str:
+    """``file:/x``, ``file:///x`` and ``/x`` name the same file."""
+    if path.startswith("file:"):
+        path = "/" + path.removeprefix("file:").lstrip("/")
+    return path
 
 
 def java_causes(e: BaseException) -> list[str]:

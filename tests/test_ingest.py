@@ -161,6 +161,44 @@ def test_an_id_rejected_as_conflicting_stays_rejected_in_later_inputs(spark, cfg
     assert rejects.where("ingest_batch = '%s'" % later.batch_id).first().detail == "id c was rejected as id_conflict by an earlier input"
 
 
+def _touch(path, seconds=60):
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+def test_a_touched_file_with_the_same_content_is_logged_as_unchanged_and_writes_nothing(spark, cfg_factory, tmp_path):
+    indir = tmp_path / "in"
+    indir.mkdir()
+    lines = [{"id": str(i), "text": f"page {i} " + "words " * (i % 7)} for i in range(400)]
+    part = write_jsonl(indir / "part-0.jsonl", lines, raw_lines=[b"", b"not json {"])
+    cfg = cfg_factory(f"ingest.input=[{indir}]")
+    assert run_ingest(spark, cfg).documents == 400
+    tables_ = ("documents", "rejects")
+    versions = [table_version(spark, cfg.storage.table(t)) for t in tables_]
+
+    # the digest read back (a plain file split into many tasks) equals the one logged while staging (one task)
+    before = spark.conf.get("spark.sql.files.maxPartitionBytes")
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "2048")
+    try:
+        _touch(part)
+        again = run_ingest(spark, cfg)
+    finally:
+        spark.conf.set("spark.sql.files.maxPartitionBytes", before)
+    assert (again.files_new, again.files_unchanged, again.input_rows) == (1, 1, 0) and "touched but unchanged" in again.summary()
+    assert [table_version(spark, cfg.storage.table(t)) for t in tables_] == versions
+    log = read_table(spark, cfg.storage.table("ingest_log")).orderBy("mtime").collect()
+    assert len(log) == 2 and log[0].content_digest == log[1].content_digest and log[0].content_digest.startswith("402:")
+    assert (log[1].input_rows, log[1].documents, log[1].rejects) == (0, 0, 0)
+    assert run_ingest(spark, cfg).batch_id is None
+
+    # same path and size, one character changed: ingested as usual (its changed row is a conflict)
+    changed = open(part, "rb").read().replace(b'"page 7 ', b'"page 8 ', 1)
+    open(part, "wb").write(changed)
+    _touch(part, 120)
+    report = run_ingest(spark, cfg)
+    assert (report.files_unchanged, report.documents, report.rejects_by_reason) == (0, 0, {"duplicate": 399, "id_conflict": 1, "malformed_json": 1})
+
+
 def test_exact_duplicates_keep_the_first_file_whatever_the_order(spark, cfg_factory, tmp_path):
     for name in ("b.jsonl", "a.jsonl"):
         write_jsonl(tmp_path / name, [{"id": "same", "text": "identical", "origin": name}])
@@ -197,6 +235,10 @@ def test_parquet_and_delta_inputs(spark, cfg_factory, tmp_path):
     assert (report.documents, report.rejects_by_reason) == (2, {"null_text": 1})
     docs = read_table(spark, cfg.storage.table("documents"))
     assert "input_source" in docs.columns  # an input column named like one of ours is kept, renamed
+    for f in (tmp_path / "pq").glob("*.parquet"):
+        _touch(f)
+    assert run_ingest(spark, cfg).files_unchanged == 1
+    assert read_table(spark, cfg.storage.table("documents")).count() == 2
 
     cfg = cfg_factory(f"ingest.input=[{tmp_path}/dl]", f"storage.root={tmp_path}/store-delta")
     report = run_ingest(spark, cfg)
