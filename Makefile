@@ -55,7 +55,7 @@ demo: setup
 	$(PY) -m quadmix_spark.summary $(DEMO_CONF)
 
 ui: setup
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///$(abspath .quadmix)/mlflow.db
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///$(abspath $(or $(QUADMIX_ROOT),.quadmix))/mlflow.db
 
 wheel: setup
 	$(PY) -m build --wheel --outdir dist .

@@ -137,8 +137,9 @@ class QuadmixConfig(_Section):
         return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
     def resolved(self) -> dict[str, Any]:
-        """The config as plain data, environment references expanded."""
-        return _expand(self.model_dump(by_alias=True))
+        """The config as plain data, environment references expanded, then references to other keys."""
+        data = _expand(self.model_dump(by_alias=True))
+        return _expand_refs(data, data)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()[:12]
@@ -147,6 +148,31 @@ class QuadmixConfig(_Section):
 # ---------------------------------------------------------------- loading
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+# ``${section.key}``: the value of another key of the config (at least one dot, unlike environment names)
+_KEY_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)+)\}")
+
+
+def _expand_refs(value: Any, root: dict[str, Any], where: str = "", depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return _KEY_REF.sub(lambda m: _ref_value(m.group(1), root, where, depth), value)
+    if isinstance(value, dict):
+        return {k: _expand_refs(v, root, f"{where}.{k}" if where else k, depth) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_refs(v, root, where, depth) for v in value]
+    return value
+
+
+def _ref_value(path: str, root: dict[str, Any], where: str, depth: int) -> str:
+    node: Any = root
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node is None or isinstance(node, (dict, list)):
+        raise ConfigError(f"{where}: ${{{path}}} names no key with a value (a string or number) in the config")
+    if depth > 8:
+        raise ConfigError(f"{where}: ${{{path}}}: references nest too deeply (a cycle?)")
+    return str(_expand_refs(node, root, path, depth + 1))
 
 
 def _expand(value: Any) -> Any:

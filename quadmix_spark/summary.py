@@ -75,8 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     for manifest in sorted(export.glob("*/manifest.json")) if export.exists() else []:
         m = json.loads(manifest.read_text())
         print(f"  export {manifest.parent.name}: {m['rows']:,} documents, {m['tokens']:,} tokens in {len(m['shards'])} shards ({manifest})")
-    print("MLflow UI: make ui   (serves http://127.0.0.1:5000 over the local store; open experiment "
-          f"{cfg.tracking.experiment!r}, search runs nest their proxies)")
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:"):
+        how = f"mlflow ui --backend-store-uri {uri}" if Path(cfg.storage.root).resolve() != Path(".quadmix").resolve() else "make ui"
+        print(f"MLflow UI: {how}   (http://127.0.0.1:5000; open experiment {cfg.tracking.experiment!r}, search runs nest their proxies)")
+    else:
+        print(f"MLflow runs: {uri}, experiment {cfg.tracking.experiment!r}")
 
 
 if __name__ == "__main__":

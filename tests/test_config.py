@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -79,3 +81,13 @@ def test_cli_dry_run_prints_the_resolved_config_without_running(tmp_path):
     assert result.exit_code == 0
     assert "- x.jsonl" in result.output and f"would ingest ['x.jsonl'] into {tmp_path}/tables/documents" in result.output
     assert not (tmp_path / "tables").exists()
+
+
+def test_strings_may_reference_other_keys_of_the_config(tmp_path):
+    scorers = Path(DEFAULT_CONF).parent / "scorers.yaml"
+    moved = load_config([DEFAULT_CONF, scorers], [f"storage.root={tmp_path}/store"])
+    assert moved.scorers["dclm"].model == f"{tmp_path}/store/models/dclm/current/model.bin"
+    with pytest.raises(ConfigError, match=r"ingest.tokenizer: \$\{storage.nope\} names no key"):
+        load_config([DEFAULT_CONF], ["ingest.tokenizer=${storage.nope}/t.json"])
+    with pytest.raises(ConfigError, match="nest too deeply"):
+        load_config([DEFAULT_CONF], ["storage.root=${ingest.tokenizer}", "ingest.tokenizer=${storage.root}"])
