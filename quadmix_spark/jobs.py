@@ -42,9 +42,10 @@ def normalize_job(cfg: QuadmixConfig):
 
 def sample_dry_run_job(cfg: QuadmixConfig, params: str):
     from quadmix_spark.sample import dry_run_report, load_inputs
-    from quadmix_spark.thetas import load_one
+    from quadmix_spark.thetas import check_file, load_one
     from quadmix_spark.tracking import configure_mlflow
 
+    check_file(params)
     configure_mlflow(cfg)
     spark = get_spark(cfg)
     inp = load_inputs(spark, cfg)
@@ -60,10 +61,11 @@ def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | No
 
     from quadmix_spark.sample import ANNOTATIONS, load_inputs, plot_report, run_sample
     from quadmix_spark.storage import table_version
-    from quadmix_spark.thetas import load_one, theta_params
-
+    from quadmix_spark.thetas import check_file, load_one, theta_params
     from quadmix_spark.tracking import configure_mlflow
 
+    if params:
+        check_file(params)
     configure_mlflow(cfg)  # --params may name an MLflow run (a search fit's θ*)
     spark = get_spark(cfg)
     theta = None

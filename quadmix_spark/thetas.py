@@ -39,6 +39,14 @@ def load_one(path: str, domains: list[str], criteria: list[str]) -> Theta:
         return Theta.from_dict(json.loads(Path(local).read_text()), domains=domains, criteria=criteria)
 
 
+def check_file(path: str) -> None:
+    """Read a θ given as a file (not an MLflow run) before any Spark work: a missing file, bad YAML/JSON,
+    unknown keys or invalid values fail at once. The names are matched to the data later, by ``load_one``."""
+    if (_RUN_ID.match(path) and not Path(path).exists()) or path.startswith("search:"):
+        return
+    load_theta(path)
+
+
 def _from_document(doc, domains, criteria, where: str) -> list[Theta]:
     items = doc.get("thetas") if isinstance(doc, dict) else doc
     if not isinstance(items, list) or not items:

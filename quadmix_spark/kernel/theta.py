@@ -108,10 +108,10 @@ class Theta:
             row = alpha[i]
             for j, crit in enumerate(criteria):
                 if not np.isfinite(row[j]) or row[j] < 0:
-                    raise ValueError(f"alpha[{dom!r}][{crit!r}] = {row[j]!r} must be finite and >= 0")
+                    raise ValueError(f"alpha[{dom!r}][{crit!r}] = {float(row[j])!r} must be finite and >= 0")
             if abs(row.sum() - 1.0) > SIMPLEX_TOL:
                 raise ValueError(
-                    f"alpha[{dom!r}] sums to {row.sum()!r}; each domain's alpha must sum to 1 "
+                    f"alpha[{dom!r}] sums to {float(row.sum())!r}; each domain's alpha must sum to 1 "
                     f"within {SIMPLEX_TOL}"
                 )
             checks = (
@@ -122,7 +122,7 @@ class Theta:
             )
             for label, value, ok, rule in checks:
                 if not (np.isfinite(value) and ok):
-                    raise ValueError(f"{label}[{dom!r}] = {value!r} must be finite and {rule}")
+                    raise ValueError(f"{label}[{dom!r}] = {float(value)!r} must be finite and {rule}")
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -225,6 +225,7 @@ class Theta:
         """
         if not isinstance(d, Mapping) or not isinstance(d.get("domains"), Mapping):
             raise ValueError("a theta dict needs a 'domains' mapping of domain name -> parameters")
+        _no_unknown_keys(d, TOP_KEYS, "the theta")
         per_domain: Mapping[str, Any] = d["domains"]
         file_domains = [str(k) for k in per_domain]
         if not file_domains:
@@ -238,6 +239,7 @@ class Theta:
             entry = per_domain[dom]
             if not isinstance(entry, Mapping) or not isinstance(entry.get("alpha"), Mapping):
                 raise ValueError(f"domain {dom!r} needs an 'alpha' mapping of criterion -> weight")
+            _no_unknown_keys(entry, DOMAIN_KEYS, f"domain {dom!r}")
             missing, extra = _mismatch(file_criteria, [str(c) for c in entry["alpha"]])
             if missing or extra:
                 raise ThetaMismatchError(
@@ -285,6 +287,16 @@ class Theta:
         return theta
 
 
+TOP_KEYS = ("format", "theta_id", "criteria", "domains")
+DOMAIN_KEYS = ("alpha", "lambda", "omega", "eta", "epsilon")
+
+
+def _no_unknown_keys(d: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    unknown = [str(k) for k in d if k not in allowed]
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} (allowed: {', '.join(allowed)})")
+
+
 def save_theta(theta: Theta, path: str | Path) -> Path:
     """Write ``theta.to_dict()`` to ``.yaml``/``.yml``/``.json`` (chosen by extension)."""
     path = Path(path)
@@ -306,14 +318,18 @@ def load_theta(
     """Read a θ file written by :func:`save_theta` (or by hand); see :meth:`Theta.from_dict`."""
     path = Path(path)
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
-    if suffix in (".yaml", ".yml"):
-        d = yaml.safe_load(text)
-    elif suffix == ".json":
-        d = json.loads(text)
-    else:
+    if suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"theta file must end in .yaml, .yml or .json, got {path.name!r}")
-    return Theta.from_dict(d, domains=domains, criteria=criteria)
+    if not path.is_file():
+        raise FileNotFoundError(f"theta file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+        d = yaml.safe_load(text) if suffix in (".yaml", ".yml") else json.loads(text)
+        return Theta.from_dict(d, domains=domains, criteria=criteria)
+    except ThetaMismatchError as e:
+        raise ThetaMismatchError(f"theta file {str(path)!r}: {e}") from None
+    except (ValueError, yaml.YAMLError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"theta file {str(path)!r}: {e}") from None
 
 
 # -- Algorithm 1 ------------------------------------------------------------------------------
