@@ -427,6 +427,17 @@ def plot_score_histograms(hist: pd.DataFrame, bins: int):
 # ---------------------------------------------------------------- the stage
 
 
+def rescore_allowed(cfg: QuadmixConfig, scorers: ScorerSet, rescore: list[str] | None) -> set[str]:
+    """The scorers allowed to replace older versions' columns (``annotate.rescore`` and ``--rescore``); a name
+    annotate does not use is an error."""
+    allowed = set(cfg.annotate.rescore) | set(rescore or [])
+    names = {s.name for s in scorers.by_key().values()}
+    unknown = sorted(n for n in allowed if n != "all" and n not in names)
+    if unknown:
+        raise ScorerError(f"rescore names scorer(s) not used by annotate: {', '.join(unknown)}")
+    return allowed
+
+
 def run_annotate(
     spark: SparkSession,
     cfg: QuadmixConfig,
@@ -438,11 +449,7 @@ def run_annotate(
     """The annotate stage: score what is missing for the current scorer versions, MERGE it; then, when the
     table changed and ``histograms``, the per-domain score histograms (``report.histograms``)."""
     scorers = scorers or resolve_scorers(cfg)
-    allowed = set(cfg.annotate.rescore) | set(rescore or [])
-    names = {s.name for s in scorers.by_key().values()}
-    unknown = sorted(n for n in allowed if n != "all" and n not in names)
-    if unknown:
-        raise ScorerError(f"rescore names scorer(s) not used by annotate: {', '.join(unknown)}")
+    allowed = rescore_allowed(cfg, scorers, rescore)
     docs_table, table = cfg.storage.table(DOCUMENTS), cfg.storage.table(ANNOTATIONS)
     if not table_exists(spark, docs_table):
         raise ScorerError(f"no documents table at {docs_table}: run `quadmix ingest` first")
@@ -499,6 +506,7 @@ def annotate_job(cfg: QuadmixConfig, rescore: list[str] | None = None) -> Annota
     from quadmix_spark.tracking import stage_run
 
     scorers = resolve_scorers(cfg)  # every model file checked before Spark starts
+    rescore_allowed(cfg, scorers, rescore)
     spark = get_spark(cfg)
     with stage_run(cfg, "annotate") as run:
         report = run_annotate(spark, cfg, rescore, run.info.run_id, scorers)

@@ -166,7 +166,11 @@ def sample(
         typer.echo(report.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
         t = report.sum(numeric_only=True)
         typer.echo(f"total: expected {t.expected_tokens:,.0f} tokens, unique {t.expected_unique_tokens:,.0f}, "
-                   f"repetition {t.expected_tokens / max(t.expected_unique_tokens, 1):.2f}")
+                   f"repetition {t.expected_tokens / max(t.expected_unique_tokens, 1):.2f} (estimates from the rank histogram)")
+        budget = cfg.sampling.budget_tokens
+        if budget:
+            typer.echo(f"the training output is then fitted to sampling.budget_tokens = {budget:,} "
+                       f"({budget / max(t.expected_tokens, 1):.2f} x the expected selection)")
         return
     with _user_errors(cfg):
         if params_set:

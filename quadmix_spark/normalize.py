@@ -130,7 +130,8 @@ def run_normalize(spark: SparkSession, annotations_table: str, knots_table: str,
         current = load_knots(spark, knots_table)
         row = read_table(spark, knots_table).select("annotations_version", "n_knots", "method").first()
         if row and row.annotations_version == version and row.method == method and row.n_knots == n_knots:
-            return current, False
+            by_name = {k.criterion: k for k in current}  # stored rows come back in any order: the columns' order
+            return [by_name[c] for c in criteria_of(read_table(spark, annotations_table, version=version)) if c in by_name], False
     annotations = read_table(spark, annotations_table, version=version)
     criteria = criteria_of(annotations)
     if method == "percentile":

@@ -31,13 +31,17 @@ def test_normalize_then_sample_logs_everything(spark, tmp_path):
 
     cfg = make_config(root)
     data = make_corpus(spark, cfg, n=600)
-    assert "knots written" in invoke("normalize", *base)
-    assert "already current" in invoke("normalize", *base)
+    first, again = invoke("normalize", *base), invoke("normalize", *base)
+    assert "knots written" in first and "already current" in again
+    criteria = [line.split(")")[0] for out in (first, again) for line in out.splitlines() if line.startswith("normalize:")]
+    assert len(criteria) == 2 and criteria[0] == criteria[1]  # the same criteria, in the annotations' column order
 
     theta = a_theta(sorted(set(data["domains"])), seed=21)
     save_theta(theta, tmp_path / "theta.yaml")
     dry = invoke("sample", *base, "--params", str(tmp_path / "theta.yaml"), "--dry-run")
-    assert "expected_tokens" in dry and "total: expected" in dry
+    assert "expected_tokens" in dry and "total: expected" in dry and "fitted to" not in dry
+    dry = invoke("sample", *base, "--params", str(tmp_path / "theta.yaml"), "--dry-run", "--set", "sampling.budget_tokens=5000")
+    assert "fitted to sampling.budget_tokens = 5,000" in dry
     assert not (root / "tables" / "selection").exists()  # a dry run writes nothing
 
     out = invoke("sample", *base, "--set", "sampling.run=cli", "--params", str(tmp_path / "theta.yaml"))
@@ -74,3 +78,26 @@ def test_a_theta_with_other_domain_names_is_an_error(spark, tmp_path):
     save_theta(a_theta(["dom0", "dom1", "elsewhere", "dom3", "dom4"]), tmp_path / "bad.yaml")
     result = CliRunner().invoke(app, ["sample", "-c", str(DEFAULT_CONF), "--set", f"storage.root={root}", "--params", str(tmp_path / "bad.yaml")])
     assert result.exit_code == 1 and "extra" in result.output and "elsewhere" in result.output
+
+
+def test_a_bad_theta_file_is_refused_before_spark_naming_the_file_and_the_key(tmp_path):
+    import yaml
+
+    theta = a_theta(["news", "science"], seed=3).to_dict()
+    theta["domains"]["news"]["epsilom"] = 0.1
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(theta))
+    store = tmp_path / "store"  # no tables: the refusal comes before any data (or Spark) is needed
+    base = ["-c", str(DEFAULT_CONF), "--set", f"storage.root={store}"]
+    for extra in ([], ["--dry-run"]):
+        result = CliRunner().invoke(app, ["sample", *base, "--params", str(path), *extra])
+        assert result.exit_code == 1, result.output
+        assert f"theta file '{path}': domain 'news': unknown key(s) ['epsilom']" in result.output
+    theta["domains"]["news"].pop("epsilom")
+    theta["domains"]["news"]["alpha"] = {c: 0.9 for c in theta["criteria"]}
+    path.write_text(yaml.safe_dump(theta))
+    result = CliRunner().invoke(app, ["sample", *base, "--params", str(path)])
+    assert result.exit_code == 1 and "alpha['news'] sums to " in result.output and "np.float64" not in result.output
+    result = CliRunner().invoke(app, ["sample", *base, "--params", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1 and f"theta file '{tmp_path / 'nope.yaml'}' does not exist" in result.output
+    assert not (store / "tables").exists()
