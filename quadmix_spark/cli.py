@@ -38,6 +38,7 @@ def _load(files: list[str] | None, overrides: list[str] | None) -> QuadmixConfig
 def _user_errors(cfg: QuadmixConfig):
     """Problems with the user's input (files, names, tables, an unreachable tracking server) end the command
     with their message, not a traceback. The tracking server is checked first, before any Spark work."""
+    from quadmix_spark.evaluate import ThetaStarMissing
     from quadmix_spark.inputs import IngestInputError
     from quadmix_spark.normalize import KnotsMissingError
     from quadmix_spark.propose import SearchNotFound
@@ -47,7 +48,7 @@ def _user_errors(cfg: QuadmixConfig):
         check_tracking(cfg)
         yield
     except (IngestInputError, KnotsMissingError, FileNotFoundError, ValueError,
-            TrackingUnreachable, SearchNotFound, LookupError) as e:
+            TrackingUnreachable, SearchNotFound, ThetaStarMissing) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 

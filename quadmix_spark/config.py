@@ -150,13 +150,20 @@ class QuadmixConfig(_Section):
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-# ``${section.key}``: the value of another key of the config (at least one dot, unlike environment names)
+# ``${section.key}``: the value of another key of the config (at least one dot, unlike environment names).
+# Names whose first part is no section of ours (``${hadoop.tmp.dir}``) and Spark's own confs (which have
+# their own ``${...}`` substitution) are left as written.
 _KEY_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)+)\}")
+_VERBATIM = "spark.conf"
 
 
 def _expand_refs(value: Any, root: dict[str, Any], where: str = "", depth: int = 0) -> Any:
+    if where == _VERBATIM:
+        return value
     if isinstance(value, str):
-        return _KEY_REF.sub(lambda m: _ref_value(m.group(1), root, where, depth), value)
+        return _KEY_REF.sub(
+            lambda m: _ref_value(m.group(1), root, where, depth) if m.group(1).split(".")[0] in root else m.group(0), value
+        )
     if isinstance(value, dict):
         return {k: _expand_refs(v, root, f"{where}.{k}" if where else k, depth) for k, v in value.items()}
     if isinstance(value, list):

@@ -25,12 +25,16 @@ ROLE_EVALUATE, ROLE_EVALUATE_PROXY = "evaluate", "evaluate-proxy"
 THETA_STAR_ARTIFACT = "theta_star.json"
 
 
+class ThetaStarMissing(LookupError):
+    """A search has no fitted θ* yet."""
+
+
 def latest_theta_star(client, exp_id: str, search: str) -> tuple[str, dict]:
     """(run id, θ* dict) of the newest search fit of ``search``."""
     runs = client.search_runs([exp_id], filter_string=f"tags.`quadmix.role` = 'search-fit' and tags.`quadmix.search` = '{search}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise LookupError(f"search {search!r} has no fitted θ*: run `quadmix search --search {search}` first")
+        raise ThetaStarMissing(f"search {search!r} has no fitted θ*: run `quadmix search --search {search}` first")
     run_id = runs[0].info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         local = client.download_artifacts(run_id, THETA_STAR_ARTIFACT, tmp)

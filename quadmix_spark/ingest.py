@@ -9,7 +9,8 @@ Contract
   table version) logged in ``ingest_log``; a rerun skips logged units, so the same input twice changes
   nothing and a new file adds only its new documents. A file seen again with a new modification time but
   the same path and size is read once for its content digest (JSONL: every line; Parquet: every row's text
-  and id); when that matches the logged one, the file is logged as unchanged and nothing else is written. The appends of one batch use Delta's
+  and id; and the reading settings); when that matches the logged one, the file is logged as unchanged and
+  nothing else is written. The appends of one batch use Delta's
   ``txnAppId``/``txnVersion``, so a retried batch never appends twice.
 - Duplicates: the same id with the same text is kept once (the others are rejected as ``duplicate``); the
   same id with different texts is ambiguous, so every row of that id is rejected as ``id_conflict``.
@@ -33,6 +34,7 @@ from quadmix_spark.inputs import (
     InputFile,
     canonical,
     content_digest,
+    metadata_path,
     delta_inputs,
     detect_format,
     digest_aggregates,
@@ -126,17 +128,15 @@ def assign_doc_ids(rows: DataFrame, id_column: str | None) -> DataFrame:
     of the text's hash), also on rows rejected for their content whenever the id is known, so that a reject
     can be found again in its source."""
     usable = F.col("reason").isNull()
-    text_hash = F.when(usable, F.sha2(F.col("text"), 256))
     if id_column:
         kind = F.col("id_kind")
         known = (
             F.col("parse_error").isNull() & kind.isNotNull() & (kind != "VOID")
             & ~kind.startswith("OBJECT") & ~kind.startswith("ARRAY") & (F.length(F.trim(F.col("id"))) > 0)
         )
-        doc_id = F.when(known, F.col("id"))
-    else:
-        doc_id = F.when(F.col("text_kind") == "STRING", F.substring(F.sha2(F.col("text"), 256), 1, 32))
-    return rows.withColumns({"text_hash": text_hash, "doc_id": doc_id})
+        return rows.withColumns({"text_hash": F.when(usable, F.sha2(F.col("text"), 256)), "doc_id": F.when(known, F.col("id"))})
+    sha = rows.withColumn("_sha", F.when(F.col("text_kind") == "STRING", F.sha2(F.col("text"), 256)))  # hashed once
+    return sha.withColumns({"text_hash": F.when(usable, F.col("_sha")), "doc_id": F.substring(F.col("_sha"), 1, 32)}).drop("_sha")
 
 
 def mark_duplicates(rows: DataFrame, existing: DataFrame | None, conflicted: DataFrame | None = None) -> DataFrame:
@@ -144,10 +144,10 @@ def mark_duplicates(rows: DataFrame, existing: DataFrame | None, conflicted: Dat
     against ``conflicted`` (doc_id): ids an earlier batch rejected as ``id_conflict`` stay untrusted.
 
     The kept copy of an exact duplicate is the first by (source, row hash): deterministic whatever the
-    partitioning. Grouping is by ``doc_id``, so no task holds more than one id's rows.
+    partitioning. Usable rows are grouped by ``doc_id``; rejected rows, which take no part in the ranking, by
+    a hash of their file and content, so they do not all land in one task.
     """
     usable = F.col("reason").isNull()
-    # rejected rows take no part in the ranking; keyed by their line hash, they spread over tasks
     spread = F.xxhash64("unit", "raw_hash", "text", "id").cast("string")
     rows = rows.withColumns({"_usable": usable, "_group": F.when(usable, F.col("doc_id")).otherwise(spread)})
     w = Window.partitionBy("_usable", "_group")
@@ -167,14 +167,14 @@ def mark_duplicates(rows: DataFrame, existing: DataFrame | None, conflicted: Dat
         out = out.join(conflicted.select("doc_id", F.lit(True).alias("_was_conflict")).distinct(), on="doc_id", how="left")
     else:
         out = out.withColumn("_was_conflict", F.lit(None).cast("boolean"))
-    rules = [
-        (usable & F.col("_was_conflict").isNotNull(), "id_conflict",
-         F.format_string("id %s was rejected as id_conflict by an earlier input", F.col("doc_id"))),
+    rules = [  # the first that holds gives the reason
         (usable & F.col("_conflict"), "id_conflict", F.format_string("id %s has different texts in this input", F.col("doc_id"))),
         (usable & F.col("_prior_hash").isNotNull() & (F.col("_prior_hash") != F.col("text_hash")), "id_conflict",
          F.format_string("id %s already ingested from %s with a different text", F.col("doc_id"), F.col("_prior_source"))),
         (usable & F.col("_prior_hash").isNotNull(), "duplicate",
          F.format_string("already ingested from %s", F.col("_prior_source"))),
+        (usable & F.col("_was_conflict").isNotNull(), "id_conflict",
+         F.format_string("id %s was rejected as id_conflict by an earlier input", F.col("doc_id"))),
         (usable & (F.col("_n") > 1), "duplicate", F.format_string("same id and text as a row of %s", F.col("_first"))),
     ]
     reason, detail = F.col("reason"), F.col("detail")
@@ -254,9 +254,18 @@ def unchanged_units(spark: SparkSession, cfg: QuadmixConfig, fmt: str, new: list
     if not suspects:
         return [], {}
     ic = cfg.ingest
-    current = unit_digests(spark, fmt, suspects, ic.text_column, ic.id_column)
-    same = [u for u in suspects if current.get(canonical(u.path)) in digests[(canonical(u.path), u.size)]]
-    return same, current
+    settings = reading_settings(cfg)
+    current = unit_digests(spark, fmt, suspects, ic.text_column, ic.id_column, settings)
+    empty = content_digest(0, None, settings)  # an empty file has no rows to group
+    same = [u for u in suspects if current.get(canonical(u.path), empty) in digests[(canonical(u.path), u.size)]]
+    return same, {canonical(u.path): current.get(canonical(u.path), empty) for u in same}
+
+
+def reading_settings(cfg: QuadmixConfig) -> str:
+    """A short fingerprint of the settings that decide what a file's rows become."""
+    ic = cfg.ingest
+    keys = (ic.text_column, ic.id_column, ic.metadata_columns, ic.max_chars, ic.invalid_utf8, ic.json_schema, ic.tokenizer)
+    return hashlib.sha256(repr(keys).encode()).hexdigest()[:8]
 
 
 def stage_batch(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: list[InputFile], batch_id: str) -> DataFrame:
@@ -291,13 +300,13 @@ def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = Non
         raise IngestInputError("no input: set ingest.input (a path or glob, or a list of them)")
     fmt = detect_format(cfg.ingest.input, cfg.ingest.format, spark)
     units = _input_units(spark, cfg, fmt)
-    check_tokenizer(cfg.ingest.tokenizer)
     log_table = cfg.storage.table(INGEST_LOG)
     done, digests = _logged(spark, log_table)
     new = [u for u in units if u.key not in done]
     report = IngestReport(batch_id=None, format=fmt, files_new=len(new), files_skipped=len(units) - len(new))
     if not new:
         return report
+    check_tokenizer(cfg.ingest.tokenizer)
     batch_id = batch_id_of(new)
     report.batch_id = batch_id
     meta = {"stage": "ingest", "batch_id": batch_id, "run_id": run_id, "config": cfg.fingerprint()}
@@ -315,7 +324,7 @@ def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = Non
         elif u in same:
             digest = same_digests[canonical(u.path)]
         else:
-            digest = content_digest(rows, stats["hash_sum"] if stats else None)
+            digest = content_digest(rows, stats["hash_sum"] if stats else None, reading_settings(cfg))
         log_rows.append((batch_id, u.key, u.path, u.size, u.mtime, fmt, rows, docs, rows - docs - blank, blank, digest))
     log_df = spark.createDataFrame(
         log_rows,
@@ -346,8 +355,9 @@ def stage_and_write(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: li
         report.rejects = sum(counts.values())
         write_table(documents_frame(staged, batch_id), cfg.storage.table(DOCUMENTS), metadata=meta, txn=txn, merge_schema=True)
         write_table(rejects_frame(staged, batch_id), cfg.storage.table(REJECTS), metadata=meta, txn=txn, merge_schema=True)
+        key = canonical if fmt == "delta" else metadata_path  # a table version's unit is ours; a file's is Spark's URI
         return {
-            canonical(r["unit"]): r
+            key(r["unit"]): r
             for r in staged.groupBy("unit").agg(
                 *digest_aggregates(),
                 F.sum(F.when(F.col("reason").isNull(), 1).otherwise(0)).alias("documents"),

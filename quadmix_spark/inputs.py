@@ -257,7 +257,7 @@ def read_table_input(
     return df.select(
         "unit",
         F.lit(None).cast("string").alias("raw"),
-        table_row_hash(text_column, id_column).alias("raw_hash"),
+        table_row_hash(types, text_column, id_column).alias("raw_hash"),
         F.lit(None).cast("string").alias("parse_error"),
         F.when(F.col(text_column).isNull(), F.lit("VOID")).otherwise(F.lit("STRING")).alias("text_kind"),
         F.col(text_column).alias("text"),
@@ -270,9 +270,12 @@ def read_table_input(
 # ---------------------------------------------------------------- content digests of input files
 
 
-def table_row_hash(text_column: str, id_column: str | None) -> Column:
-    """A Parquet row's hash (its text and id): what a file's content digest sums for table inputs."""
-    return F.xxhash64(F.col(f"`{text_column}`"), F.col(f"`{id_column}`") if id_column else F.lit(None))
+def table_row_hash(types: dict[str, T.DataType], text_column: str, id_column: str | None) -> Column:
+    """A Parquet row's hash (its text and its id as a string; null for a nested id, which is rejected):
+    what a file's content digest sums for table inputs."""
+    nested = id_column and isinstance(types.get(id_column), (T.StructType, T.ArrayType, T.MapType))
+    id_col = F.col(f"`{id_column}`").cast("string") if id_column and not nested else F.lit(None).cast("string")
+    return F.xxhash64(F.col(f"`{text_column}`"), id_col)
 
 
 def digest_aggregates() -> list[Column]:
@@ -281,20 +284,30 @@ def digest_aggregates() -> list[Column]:
     return [F.count("*").alias("rows"), F.sum(F.col("raw_hash").cast("decimal(38,0)")).alias("hash_sum")]
 
 
-def content_digest(rows: int, hash_sum) -> str:
-    return f"{rows}:{hash_sum if hash_sum is not None else 0}"
+def content_digest(rows: int, hash_sum, settings: str) -> str:
+    """A file's digest: its row count, the sum of its rows' hashes, and the reading settings it was read with
+    (``settings``), so that a touched file is read again after those change."""
+    return f"{rows}:{hash_sum if hash_sum is not None else 0}:{settings}"
 
 
-def unit_digests(spark: SparkSession, fmt: str, units: list[InputFile], text_column: str, id_column: str | None) -> dict[str, str]:
-    """The content digest of each file of ``units`` (keyed by canonical path), reading nothing but the lines
-    (JSONL) or the text and id columns (Parquet): no parsing, no joins, no tokenizing."""
+def unit_digests(spark: SparkSession, fmt: str, units: list[InputFile], text_column: str, id_column: str | None,
+                 settings: str) -> dict[str, str]:
+    """The content digest of each file of ``units`` (keyed by canonical path; an empty file has none),
+    reading nothing but the lines (JSONL) or the text and id columns (Parquet): no parsing, no joins, no
+    tokenizing. A file that cannot be read so (a bad gzip, a missing column) is left out: the full read
+    that follows reports it."""
     paths = [u.path for u in units]
-    if fmt == "jsonl":
-        df = spark.read.text(paths).select(F.xxhash64("value").alias("raw_hash"), F.col("_metadata.file_path").alias("unit"))
-    else:
-        df = spark.read.parquet(*paths).select(table_row_hash(text_column, id_column).alias("raw_hash"),
-                                               F.col("_metadata.file_path").alias("unit"))
-    return {canonical(r["unit"]): content_digest(r["rows"], r["hash_sum"]) for r in df.groupBy("unit").agg(*digest_aggregates()).collect()}
+    try:
+        if fmt == "jsonl":
+            df = spark.read.text(paths).select(F.xxhash64("value").alias("raw_hash"), F.col("_metadata.file_path").alias("unit"))
+        else:
+            df = spark.read.parquet(*paths)
+            types = {f.name: f.dataType for f in df.schema.fields}
+            df = df.select(table_row_hash(types, text_column, id_column).alias("raw_hash"), F.col("_metadata.file_path").alias("unit"))
+        rows = df.groupBy("unit").agg(*digest_aggregates()).collect()
+    except Exception:  # noqa: BLE001 - see the docstring
+        return {}
+    return {metadata_path(r["unit"]): content_digest(r["rows"], r["hash_sum"], settings) for r in rows}
 
 
 def canonical(path: str) -> str:
@@ -302,6 +315,14 @@ def canonical(path: str) -> str:
     if path.startswith("file:"):
         path = "/" + path.removeprefix("file:").lstrip("/")
     return path
+
+
+def metadata_path(uri: str) -> str:
+    """The canonical path of a ``_metadata.file_path``, which is URL-encoded (a space is ``%20``) where a
+    file listing's path is not."""
+    from urllib.parse import unquote
+
+    return canonical(unquote(uri))
 
 
 def java_causes(e: BaseException) -> list[str]:

@@ -89,5 +89,9 @@ def test_strings_may_reference_other_keys_of_the_config(tmp_path):
     assert moved.scorers["dclm"].model == f"{tmp_path}/store/models/dclm/current/model.bin"
     with pytest.raises(ConfigError, match=r"ingest.tokenizer: \$\{storage.nope\} names no key"):
         load_config([DEFAULT_CONF], ["ingest.tokenizer=${storage.nope}/t.json"])
+    kept = load_config([DEFAULT_CONF], ["spark.conf={spark.hadoop.fs.s3a.buffer.dir: '${hadoop.tmp.dir}/s3a', x.y: '${storage.root}'}",
+                                        "ingest.tokenizer=${hadoop.tmp.dir}/t.json"])
+    assert kept.spark.conf == {"spark.hadoop.fs.s3a.buffer.dir": "${hadoop.tmp.dir}/s3a", "x.y": "${storage.root}"}
+    assert kept.ingest.tokenizer.endswith("${hadoop.tmp.dir}/t.json")  # not a section of ours: as written
     with pytest.raises(ConfigError, match="nest too deeply"):
         load_config([DEFAULT_CONF], ["storage.root=${ingest.tokenizer}", "ingest.tokenizer=${storage.root}"])

@@ -120,6 +120,8 @@ def test_search_refuses_too_few_runs_and_unknown_search(search_env):
     assert "few" in err and "need" in err
     err = invoke("proxy", *base, "--search", "nosuch", code=1)
     assert "no search named 'nosuch'" in err
+    err = invoke("evaluate", *base, "--search", "few", code=1)
+    assert "search 'few' has no fitted θ*" in err
 
 
 @pytest.mark.parametrize("stage", [
