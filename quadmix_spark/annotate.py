@@ -83,8 +83,11 @@ class AnnotateReport:
             head = (
                 f"annotate: {self.new_documents} new documents; rows scored per scorer: {per}"
                 + (f"; rescored: {', '.join(f'{k}={v}' for k, v in self.rescored.items())}" if self.rescored else "")
-                + f"\n  {self.seconds_scoring:.1f} s scoring + merge ({self.docs_per_s:.0f} docs/s);"
-                f" annotations v{self.table_version_before} -> v{self.table_version_after}"
+                + f"\n  {self.seconds_scoring:.1f} s scoring + merge"
+                + (f" ({self.docs_per_s:.0f} docs/s)" if self.docs_per_s else "")
+                + "; annotations "
+                + (f"v{self.table_version_before}" if self.table_version_before is not None else "(new table)")
+                + f" -> v{self.table_version_after}"
             )
         versions = "\n".join(f"  {k:<16} {v}" for k, v in self.versions.items())
         return f"{head}\n  rows {self.rows}, domains {self.domains}; GPU stage: {self.gpu_profile}\n{versions}"

@@ -240,6 +240,7 @@ def test_annotate_job_logs_versions_counts_and_histograms_to_mlflow(spark, corpu
     cfg = store_for(spark, corpus, tmp_path, fasttext_scorers(corpus), "topic", ["en", "fr"], "annotate.histogram_bins=10")
     report = annotate_job(cfg)
     assert "rows scored per scorer: topic=84, en=84, fr=84" in report.summary()
+    assert "docs/s); annotations (new table) -> v" in report.summary()
     client = mlflow.MlflowClient(cfg.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("quadmix").experiment_id], "tags.`quadmix.stage` = 'annotate'")
     assert run.data.params["quadmix.scorer.q_en"] == report.versions["q_en"]
