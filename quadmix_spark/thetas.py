@@ -51,7 +51,13 @@ def _from_document(doc, domains, criteria, where: str) -> list[Theta]:
     items = doc.get("thetas") if isinstance(doc, dict) else doc
     if not isinstance(items, list) or not items:
         raise ValueError(f"{where}: expected a list of θ (or {{thetas: [...]}})")
-    return [Theta.from_dict(item, domains=domains, criteria=criteria) for item in items]
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(Theta.from_dict(item, domains=domains, criteria=criteria))
+        except ValueError as e:  # ThetaMismatchError included: keep its type, say which θ of which file
+            raise type(e)(f"{where}, θ number {i}: {e}") from None
+    return out
 
 
 def latest_search_fit(client, search: str) -> str:

@@ -101,3 +101,21 @@ def test_a_bad_theta_file_is_refused_before_spark_naming_the_file_and_the_key(tm
     result = CliRunner().invoke(app, ["sample", *base, "--params", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 1 and f"theta file '{tmp_path / 'nope.yaml'}' does not exist" in result.output
     assert not (store / "tables").exists()
+
+
+def test_a_bad_theta_in_a_set_is_named_by_file_and_position(tmp_path):
+    from quadmix_spark.kernel.theta import ThetaMismatchError
+    from quadmix_spark.thetas import load_set
+
+    domains = ["news", "science"]
+    good, bad = a_theta(domains, seed=1).to_dict(), a_theta(domains, seed=2).to_dict()
+    bad["domains"]["news"]["epsilom"] = 0.1
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps({"thetas": [good, bad]}))
+    criteria = list(good["criteria"])
+    with pytest.raises(ValueError, match=r"set\.json, θ number 1: domain 'news': unknown key\(s\) \['epsilom'\]"):
+        load_set(str(path), domains, criteria)
+    path.write_text(json.dumps([good]))
+    with pytest.raises(ThetaMismatchError, match=r"set\.json, θ number 0: theta domains do not match: missing \['sports'\]"):
+        load_set(str(path), [*domains, "sports"], criteria)
+    assert [t.theta_id for t in load_set(str(path), domains, criteria)] == [good["theta_id"]]
