@@ -245,20 +245,19 @@ def _logged(spark: SparkSession, log_table: str) -> tuple[set[str], dict[tuple[s
 
 
 def unchanged_units(spark: SparkSession, cfg: QuadmixConfig, fmt: str, new: list[InputFile],
-                    digests: dict[tuple[str, int], set[str]]) -> tuple[list[InputFile], dict[str, str]]:
+                    digests: dict[tuple[str, int], set[str]], settings: str) -> dict[str, str]:
     """The ``new`` files that an earlier batch ingested with the same content (same path and size, a new
-    modification time: copied or touched), and the digests read. Only such files are read here."""
+    modification time: copied or touched), as unit key -> digest. Only such files are read here."""
     if fmt == "delta":
-        return [], {}
+        return {}
     suspects = [u for u in new if (canonical(u.path), u.size) in digests]
     if not suspects:
-        return [], {}
+        return {}
     ic = cfg.ingest
-    settings = reading_settings(cfg)
     current = unit_digests(spark, fmt, suspects, ic.text_column, ic.id_column, settings)
     empty = content_digest(0, None, settings)  # an empty file has no rows to group
-    same = [u for u in suspects if current.get(canonical(u.path), empty) in digests[(canonical(u.path), u.size)]]
-    return same, {canonical(u.path): current.get(canonical(u.path), empty) for u in same}
+    read = {u: current.get(canonical(u.path), empty) for u in suspects}
+    return {u.key: d for u, d in read.items() if d in digests[(canonical(u.path), u.size)]}
 
 
 def reading_settings(cfg: QuadmixConfig) -> str:
@@ -311,20 +310,21 @@ def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = Non
     report.batch_id = batch_id
     meta = {"stage": "ingest", "batch_id": batch_id, "run_id": run_id, "config": cfg.fingerprint()}
     txn = (f"quadmix-ingest-{batch_id}", 0)
-    same, same_digests = unchanged_units(spark, cfg, fmt, new, digests)
-    report.files_unchanged = len(same)
-    fresh = [u for u in new if u not in same]
+    settings = reading_settings(cfg)
+    unchanged = unchanged_units(spark, cfg, fmt, new, digests, settings)
+    report.files_unchanged = len(unchanged)
+    fresh = [u for u in new if u.key not in unchanged]
     per_file = stage_and_write(spark, cfg, fmt, fresh, batch_id, report, meta, txn) if fresh else {}
     log_rows = []
     for u in new:
         stats = per_file.get(canonical(f"{u.path}@v{u.mtime}" if fmt == "delta" else u.path))
-        rows, docs, blank = (stats["rows"], stats["documents"], stats["blank_lines"]) if stats and u not in same else (0, 0, 0)
+        rows, docs, blank = (stats["rows"], stats["documents"], stats["blank_lines"]) if stats else (0, 0, 0)
         if fmt == "delta":
             digest = None  # a table version never changes: its key says it all
-        elif u in same:
-            digest = same_digests[canonical(u.path)]
+        elif u.key in unchanged:
+            digest = unchanged[u.key]
         else:
-            digest = content_digest(rows, stats["hash_sum"] if stats else None, reading_settings(cfg))
+            digest = content_digest(rows, stats["hash_sum"] if stats else None, settings)
         log_rows.append((batch_id, u.key, u.path, u.size, u.mtime, fmt, rows, docs, rows - docs - blank, blank, digest))
     log_df = spark.createDataFrame(
         log_rows,

@@ -123,9 +123,7 @@ def propose_job(cfg: QuadmixConfig, n: int | None = None):
     from quadmix_spark.propose import propose
     from quadmix_spark.proxy_pool import pool_predicate
     from quadmix_spark.sample import load_inputs
-    from quadmix_spark.tracking import check_tracking
 
-    check_tracking(cfg)
     spark = get_spark(cfg)
     inp = load_inputs(spark, cfg, pool_predicate(cfg))
     return propose(cfg, inp.domains, inp.criteria, n or cfg.search.n_proposals)
@@ -136,9 +134,7 @@ def proxy_job(cfg: QuadmixConfig):
     import mlflow
 
     from quadmix_spark.proxy import outcomes_frame, run_search_proxies
-    from quadmix_spark.tracking import check_tracking
 
-    check_tracking(cfg)
     spark = get_spark(cfg)
     with stage_run(cfg, "proxy", run_name=f"proxy-{cfg.search.name}") as run:
         mlflow.set_tag("quadmix.search", cfg.search.name)
@@ -154,9 +150,8 @@ def proxy_job(cfg: QuadmixConfig):
 def search_job(cfg: QuadmixConfig, names: list[str] | None = None):
     """Fit LightGBM on the finished proxies of one or more searches and derive θ*."""
     from quadmix_spark.search import run_search
-    from quadmix_spark.tracking import check_tracking, configure_mlflow
+    from quadmix_spark.tracking import configure_mlflow
 
-    check_tracking(cfg)
     configure_mlflow(cfg)
     return run_search(cfg, names or [cfg.search.name])
 
@@ -164,9 +159,8 @@ def search_job(cfg: QuadmixConfig, names: list[str] | None = None):
 def evaluate_job(cfg: QuadmixConfig):
     """θ* against the baselines: fresh proxies, several seeds each, at the same token budget."""
     from quadmix_spark.evaluate import run_evaluate
-    from quadmix_spark.tracking import check_tracking, configure_mlflow
+    from quadmix_spark.tracking import configure_mlflow
 
-    check_tracking(cfg)
     configure_mlflow(cfg)
     spark = get_spark(cfg)
     return run_evaluate(spark, cfg)

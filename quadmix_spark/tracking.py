@@ -47,8 +47,8 @@ class TrackingUnreachable(RuntimeError):
 def check_tracking(cfg: QuadmixConfig, timeout_s: float = 10.0) -> str:
     """Fail fast, before any Spark work, when an HTTP tracking server cannot be reached.
 
-    Stages that log from executors (proxies) or depend on runs (search) call this first: a typo in the
-    URI must not surface as a failed task after the pool has been tokenized."""
+    The CLI calls this before every stage (``cli._user_errors``): a typo in the URI must not surface as
+    minutes of MLflow retries, or as a failed task after the pool has been tokenized."""
     uri = cfg.tracking_uri
     if not uri.startswith(("http://", "https://")):
         return uri

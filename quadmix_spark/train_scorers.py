@@ -112,9 +112,8 @@ def _ordered_sample(df: DataFrame, key: str, n: int | None, seed: int) -> DataFr
 
 
 def read_reference(spark: SparkSession, name: str, ref: ReferenceSetConfig, seed: int) -> list[str]:
-    """The texts of a reference set (at most ``max_docs`` documents, deterministic), chunked if asked."""
-    if not os.path.exists(ref.path):
-        raise TrainDataError(f"reference set {name!r}: {ref.path} does not exist")
+    """The texts of a reference set (at most ``max_docs`` documents, deterministic), chunked if asked; its
+    file's existence is checked up front, by ``check_training_inputs``."""
     df = spark.read.json(ref.path)
     if ref.text_field not in df.columns:
         raise TrainDataError(f"reference set {name!r} ({ref.path}): no field {ref.text_field!r} (fields: {', '.join(df.columns)})")
@@ -158,11 +157,10 @@ def quality_examples(spark: SparkSession, cfg: QuadmixConfig, m: TrainModelConfi
 
 
 def domain_examples(spark: SparkSession, cfg: QuadmixConfig, m: TrainModelConfig) -> Examples:
-    """Documents with a non-empty ``label_column`` (at most ``max_docs``), labels slugged; rare labels dropped."""
+    """Documents with a non-empty ``label_column`` (checked up front, by ``check_training_inputs``; at most
+    ``max_docs``), labels slugged; rare labels dropped."""
     ts = cfg.train_scorers
     docs = _documents(spark, cfg)
-    if m.label_column not in docs.columns:
-        raise TrainDataError(f"documents has no column {m.label_column!r} to learn domains from (columns: {', '.join(docs.columns)})")
     labeled = docs.select("doc_id", "text", F.col(m.label_column).cast("string").alias("label")).where(
         F.length(F.trim("label")) > 0
     )
