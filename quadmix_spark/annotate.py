@@ -1,7 +1,7 @@
 """Annotate: ``documents`` -> the ``annotations`` Delta table (domain, quality scores, scorer versions).
 
 Table ``annotations``, one row per ``doc_id``: ``n_tokens`` (from documents), ``domain``, ``domain_conf``,
-``q_<criterion>`` (raw score, higher = better, as the model gives it, rounded to 6 decimals), and
+``q_<criterion>`` (raw score, higher = better, as the model gives it, not rounded), and
 ``scorer_versions`` (map: ``domain`` / ``q_<criterion>`` -> ``<scorer>@<version>``) saying which scorer
 version made each column of the row.
 
@@ -14,8 +14,9 @@ Contract
 - A scorer whose version changed (new model file, new settings, new ``version``) is an error naming the
   column, the old and the new version, unless rescoring it is explicit (``rescore=[name]`` /
   ``annotate.rescore``); then only that scorer's columns are recomputed.
-- Deterministic whatever the partitioning: each document's scores depend only on its text (scores are
-  rounded so that batch padding cannot show); files and row order of the table may differ.
+- Deterministic whatever the partitioning: each document's scores are the same bits whatever documents share
+  its batch, since every model call has a shape fixed by the document alone (:mod:`quadmix_udfs.scoring`);
+  files and row order of the table may differ.
 - Scalable: documents are scored where they are read (``mapInArrow``), nothing but small aggregates
   (version counts, histogram bins) reaches the driver.
 - GPU scorers (``onnx_transformer``) with ``annotate.stage_level_scheduling`` on a cluster whose executors

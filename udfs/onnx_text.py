@@ -7,6 +7,10 @@ classifier node's ``classlabels_*`` attribute. A regressor pipeline gives one nu
 Export pitfalls (see the project's stack notes): use the word analyzer with
 ``tokenexp=r"[\\pL\\pN_]{2,}"`` and ``locale="C.UTF-8"`` on the TF-IDF step, or the ONNX tokenizer disagrees
 with scikit-learn's.
+
+Every model call has ``batch_size`` rows (at least 2; a short batch is filled with empty strings), so a text's
+score does not depend on its batch neighbours, their number or ``batch_size`` (see
+:mod:`quadmix_udfs.onnx_transformer`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 
 from quadmix_udfs.fasttext_scorer import ModelLoadError
 from quadmix_udfs.model_cache import stamp
-from quadmix_udfs.onnx_transformer import load_session
+from quadmix_udfs.onnx_transformer import MIN_ROWS, load_session
 
 
 def model_labels(path: str) -> tuple[str, ...]:
@@ -109,12 +113,22 @@ class OnnxTextScorer:
         arr = np.asarray(raw, dtype=np.float64)
         return arr.reshape(len(texts), -1)
 
+    def _run_fixed(self, session, texts: list[str]) -> np.ndarray:
+        """:meth:`_run` ``batch_size`` texts at a time, a short last batch filled with empty strings: every call
+        has the same shape, so a text's result never depends on how many others came with it. Never one row:
+        onnxruntime's CPU matrix product has a kernel of its own for a single row, which rounds differently."""
+        size = max(self.batch_size, MIN_ROWS)
+        parts = []
+        for i in range(0, len(texts), size):
+            chunk = texts[i : i + size]
+            parts.append(self._run(session, chunk + [""] * (size - len(chunk)))[: len(chunk)])
+        return np.concatenate(parts) if parts else np.empty((0, 1))
+
     def score(self, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray | None]:
         session = load_session(self.model, None, 1)
         mc = self.max_chars
         cut = [("" if t is None else t if len(t) <= mc else t[:mc]) for t in texts]
-        parts = [self._run(session, cut[i : i + self.batch_size]) for i in range(0, len(cut), self.batch_size)]
-        values = np.concatenate(parts) if parts else np.empty((0, 1))
+        values = self._run_fixed(session, cut)
         labels = self.class_labels()
         if not labels:
             return values[:, 0], None

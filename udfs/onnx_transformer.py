@@ -9,8 +9,22 @@ Heads
   ``labels``, ``kind`` = logistic | linear, ``normalize``).
 
 Batching: texts are cut to ``max_chars`` characters, tokenized (truncated to ``max_length`` tokens; a long text
-by the head those tokens need when that gives the same ids, see :mod:`quadmix_udfs.token_prefix`), sorted by
-token count so each batch pads little, run ``batch_size`` at a time, and the results put back in input order.
+by the head those tokens need when that gives the same ids, see :mod:`quadmix_udfs.token_prefix`), grouped by
+length bucket, run ``batch_size`` at a time, and the results put back in input order.
+
+Batch invariance: a document's score does not depend on which documents share its batch, on the batch's
+size or on partitioning. Kernels pick their blocking and accumulation order by the input's *shape* (cuBLAS
+chooses its algorithm by shape; a row's reduction over a longer padded width can group its terms differently),
+never by the other rows' *values*. So every model call has a shape fixed by the document alone:
+``(max(batch_size, 2), width)`` where ``width`` is the document's length bucket (:func:`bucket_width`: 16, 24, 32, 48,
+64, 96, ... up to ``max_length``; its exact length for a model without an ``attention_mask`` input, where
+padding would change the result), and a batch short of ``batch_size`` rows is filled with copies of its first
+row whose outputs are dropped. Never a single row: onnxruntime's CPU matrix product has a kernel of its own
+for one row, which rounds differently from the many-row kernel; with two rows or more the rows' products do not
+depend on their number, so on CPU ``batch_size`` changes speed, not scores. The pooling and the embedding head are computed row by row in numpy for the same
+reason (numpy's matrix product goes through BLAS, whose kernels depend on the number of rows). Left over:
+scores from a CPU and a GPU, or from two CPU instruction sets, can differ in their last bits; and on a GPU a
+changed ``batch_size`` is a changed shape, which may change them too.
 
 Device: on a Spark executor that assigned this task a GPU (``TaskContext.resources()["gpu"]``) the session
 uses the CUDA execution provider on that GPU; ``device: cuda`` with no GPU resource (local mode on a GPU
@@ -55,6 +69,7 @@ def _load_session(local: str, _size: int, _mtime: int, device_id: int | None, th
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    opts.use_deterministic_compute = True  # CUDA kernels without atomics: the same input gives the same bits
     providers: list = ["CPUExecutionProvider"]
     if device_id is not None:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -158,10 +173,15 @@ class EmbeddingHead:
     normalize: bool
 
     def __call__(self, emb: np.ndarray) -> np.ndarray:
+        """The head of each row, computed row by row: ``x @ weight`` over many rows goes through BLAS, whose
+        kernels (and so the last bits of a row's result) depend on how many rows there are."""
         x = emb.astype(np.float32, copy=False)
         if self.normalize:
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        z = x @ self.weight + self.bias
+        z = np.empty((x.shape[0], self.weight.shape[1]), dtype=np.float32)
+        for i in range(x.shape[0]):
+            z[i] = x[i] @ self.weight
+        z += self.bias
         return softmax(z) if self.kind == "logistic" else z
 
 
@@ -244,15 +264,18 @@ class Encoder:
         normalize = tok.normalizer.normalize_str if tok.normalizer is not None else None
         return tokenize_heads(encode, cut, self.max_length, rule, head, normalize)
 
-    def pad(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """(``input_ids``, ``attention_mask``) of one batch, padded to its longest row."""
+    def pad(self, ids: list[list[int]], width: int | None = None, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(``input_ids``, ``attention_mask``) of one batch, padded to ``width`` tokens (default: its longest row)
+        and to ``rows`` rows (default: as many as given) with copies of the first row."""
         _, pad_id = load_tokenizer(self.tokenizer, self.max_length)
-        width = max(1, max(len(x) for x in ids))
-        input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
+        width = width or max(1, max(len(x) for x in ids))
+        n = max(rows or 0, len(ids))
+        input_ids = np.full((n, width), pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
         for i, row in enumerate(ids):
             input_ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
+        input_ids[len(ids):], mask[len(ids):] = input_ids[0], mask[0]
         return input_ids, mask
 
     def feeds(self, session, ids: list[list[int]]) -> dict[str, np.ndarray]:
@@ -264,23 +287,31 @@ class Encoder:
         return session_feeds(session, available, self.model)
 
     def run(self, texts: Sequence[str | None], post: Callable[[np.ndarray, np.ndarray], np.ndarray], session=None) -> np.ndarray:
-        """``post(model_output, attention_mask)`` of every document, length-sorted batches, input order restored."""
+        """``post(model_output, attention_mask)`` of every document, computed at a shape fixed by the document
+        alone (see the module docstring), in input order. ``post`` must work row by row."""
         session = session or self.session()
         with trace.span("tokenize", docs=len(texts)):
             ids = self.tokenize(texts)
-        order = np.argsort(np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)), kind="stable")
+        exact = "attention_mask" not in {i.name for i in session.get_inputs()}
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        widths = lengths if exact else bucket_widths(lengths, self.max_length)
+        order = np.lexsort((np.arange(len(ids)), widths))  # by width, then input position
         out_name = self.output_name or session.get_outputs()[0].name
         result: np.ndarray | None = None
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            input_ids, mask = self.pad([ids[i] for i in idx])
-            feeds = self._feeds(session, input_ids, mask)
-            with trace.span("model", docs=len(idx), tokens=int(mask.size)):
-                (raw,) = session.run([out_name], feeds)
-            values = post(raw, mask)
-            if result is None:
-                result = np.empty((len(ids), *values.shape[1:]), dtype=values.dtype)
-            result[idx] = values
+        rows = max(self.batch_size, MIN_ROWS)
+        bounds = np.flatnonzero(np.diff(widths[order])) + 1
+        for group in np.split(order, bounds) if len(order) else []:
+            width = max(1, int(widths[group[0]]))
+            for start in range(0, len(group), rows):
+                idx = group[start : start + rows]
+                input_ids, mask = self.pad([ids[i] for i in idx], width, rows)
+                feeds = self._feeds(session, input_ids, mask)
+                with trace.span("model", docs=len(idx), tokens=int(mask.size)):
+                    (raw,) = session.run([out_name], feeds)
+                values = post(raw[: len(idx)], mask[: len(idx)])
+                if result is None:
+                    result = np.empty((len(ids), *values.shape[1:]), dtype=values.dtype)
+                result[idx] = values
         if result is None:
             return np.empty((0,), dtype=np.float32)
         return result
@@ -291,10 +322,31 @@ class Encoder:
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Attention-masked mean over tokens, each row on its own (a padded position adds nothing, even a NaN)."""
     if hidden.ndim == 2:
         return hidden.astype(np.float32, copy=False)
-    m = mask.astype(np.float32)[:, :, None]
-    return ((hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)).astype(np.float32)
+    m = mask.astype(bool)
+    out = np.empty((hidden.shape[0], hidden.shape[2]), dtype=np.float32)
+    for i in range(hidden.shape[0]):
+        keep = hidden[i][m[i]]
+        out[i] = keep.sum(axis=0, dtype=np.float32) / np.float32(max(len(keep), 1))
+    return out
+
+
+BUCKET_MIN = 16
+MIN_ROWS = 2  # rows of every model call at least (see the module docstring)
+
+
+def bucket_widths(lengths: np.ndarray, max_length: int) -> np.ndarray:
+    """The padded width of each document: the smallest of 16, 24, 32, 48, 64, 96, ... (2^k and 1.5 * 2^k)
+    that holds it, at most ``max_length`` (which is a width too). A function of the length alone, so a
+    document is always run at the same shape; a row of 16 tokens or more is at most a third padding."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    k = np.ceil(np.log2(np.maximum(lengths, BUCKET_MIN) / BUCKET_MIN)).astype(np.int64)
+    upper = BUCKET_MIN << k  # the power-of-two width
+    mid = (upper // 4) * 3  # 1.5x the next smaller one
+    widths = np.where((mid >= lengths) & (mid >= BUCKET_MIN), mid, upper)
+    return np.minimum(widths, max_length)
 
 
 def _as_logits(raw: np.ndarray, _mask: np.ndarray) -> np.ndarray:

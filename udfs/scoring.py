@@ -7,6 +7,10 @@ Arrow arrays Spark sent are sent back; nothing goes through pandas). Embedding s
 embeddings; fastText scorers with the same ``max_chars`` share one preparation of the texts (cut, newlines
 replaced, done by Arrow's compute kernels on the batch's buffers), so each text is scanned once per batch.
 
+Scores are stored as the adapters compute them, unrounded: every adapter gives a document the same bits
+whatever its batch neighbours, batch size and partitioning (each one's docstring says how), so the
+annotations, and the ranks and selections made from them, do not depend on how Spark cut the work.
+
 Everything here is importable (``quadmix_udfs.scoring``) and the adapters are frozen dataclasses holding only
 paths and settings, so what Spark pickles with the function is small; models load once per Python worker
 through the adapters' ``lru_cache`` loaders.
@@ -23,11 +27,6 @@ import pyarrow as pa
 
 from quadmix_udfs.fasttext_scorer import FastTextScorer, arrow_lines
 from quadmix_udfs.onnx_transformer import OnnxTransformerScorer
-
-
-# Scores are stored rounded: a transformer's output moves in the 7th digit with the padding of its batch,
-# and batches depend on partitioning; rounded, the annotations do not.
-DECIMALS = 6
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def score_batch(runs: Sequence[ScorerRun], batch: pa.RecordBatch, out_columns: S
                 scores, names = run.adapter.score_lines(_subset(*lines[run.adapter.max_chars], need))
             else:
                 scores, names = run.adapter.score(text.filter(need).to_pylist())
-            values[need] = np.round(scores, DECIMALS)
+            values[need] = scores
             if names is not None:
                 labels[need] = names
         col = pa.array(values, type=pa.float64(), mask=~need)
