@@ -9,16 +9,17 @@ last one at or above one of the ``n_knots`` σ levels. The z-score alternative s
 mean and standard deviation.
 
 Criteria are the annotations' ``q_<criterion>`` columns (raw scores, higher = better). A null score is
-left out of the knots and maps to σ = 1 (the worst).
+left out of the knots and maps to the worst σ, stored with the knots (``missing_sigma``: 1 for percentiles,
+the σ of the lowest score for z-scores).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from quadmix_spark.kernel.sigma import Knots
+from quadmix_spark.kernel.sigma import Knots, zscore_missing
 from quadmix_spark.prefix import within_group_cumulative
 from quadmix_spark.storage import read_table, table_exists, table_version, write_table
 
@@ -84,35 +85,48 @@ def percentile_knots_distributed(annotations: DataFrame, criteria: list[str], n_
     return out
 
 
+# Each row's term is a double computed the same way on any executor; cast to a decimal and summed there, the
+# total does not depend on the order Spark adds the partitions in (a double sum does, in its last bits).
+_EXACT_SUM = "decimal(38,12)"
+
+
+def _exact_sum(term: Column) -> Column:
+    return F.sum(term.cast(_EXACT_SUM))
+
+
 def zscore_knots_distributed(annotations: DataFrame, criteria: list[str]) -> list[Knots]:
-    """Token-weighted mean and std of every criterion (the z-score alternative)."""
+    """Token-weighted mean and std of every criterion (the z-score alternative), the same bits for any
+    partitioning (sums of per-row terms in exact decimal arithmetic: each term must stay below 1e26), and
+    the σ a missing score gets (that of each criterion's lowest score)."""
     long = _long_scores(annotations, criteria)
     stats = long.groupBy("crit").agg(
-        F.sum("w").alias("W"), F.sum(F.col("w") * F.col("score")).alias("S1")
+        F.sum("w").alias("W"), _exact_sum(F.col("w") * F.col("score")).alias("S1"), F.min("score").alias("low")
     ).collect()
-    means = {r.crit: r.S1 / r.W for r in stats}
+    means = {r.crit: float(r.S1) / r.W for r in stats}
+    lows = {r.crit: float(r.low) for r in stats}
     # second pass for a numerically stable variance, with each criterion's mean as a literal
     mean_col = F.coalesce(*[F.when(F.col("crit") == i, F.lit(float(m))) for i, m in means.items()])
-    var = {r.crit: r.S2 / r.W for r in long.groupBy("crit").agg(
-        F.sum(F.col("w") * (F.col("score") - mean_col) ** 2).alias("S2"), F.sum("w").alias("W")).collect()}
+    var = {r.crit: float(r.S2) / r.W for r in long.groupBy("crit").agg(
+        _exact_sum(F.col("w") * (F.col("score") - mean_col) ** 2).alias("S2"), F.sum("w").alias("W")).collect()}
     out = []
     for i, name in enumerate(criteria):
         if i not in means:
             raise ValueError(f"criterion {name!r} has no non-null scores")
-        out.append(Knots(name, "zscore", mean=float(means[i]), std=float(np.sqrt(max(var[i], 0.0)))))
+        std = float(np.sqrt(max(var[i], 0.0)))
+        out.append(Knots(name, "zscore", mean=means[i], std=std, missing=zscore_missing(lows[i], means[i], std)))
     return out
 
 
 def knots_frame(spark: SparkSession, knots: list[Knots], annotations_version: int | None, n_knots: int) -> DataFrame:
     rows = [
         (k.criterion, k.method, [float(x) for x in k.xs], [float(y) for y in k.ys], k.mean, k.std, float(k.error_bound),
-         annotations_version, n_knots)
+         annotations_version, n_knots, k.missing_sigma())
         for k in knots
     ]
     return spark.createDataFrame(
         rows,
         "criterion string, method string, xs array<double>, ys array<double>, mean double, std double, "
-        "error_bound double, annotations_version bigint, n_knots int",
+        "error_bound double, annotations_version bigint, n_knots int, missing_sigma double",
     )
 
 
@@ -128,8 +142,10 @@ def run_normalize(spark: SparkSession, annotations_table: str, knots_table: str,
         raise FileNotFoundError(f"no annotations table at {annotations_table}: run `quadmix annotate` first")
     if table_exists(spark, knots_table):
         current = load_knots(spark, knots_table)
-        row = read_table(spark, knots_table).select("annotations_version", "n_knots", "method").first()
-        if row and row.annotations_version == version and row.method == method and row.n_knots == n_knots:
+        stored = read_table(spark, knots_table)
+        row = stored.select("annotations_version", "n_knots", "method").first()
+        current_format = "missing_sigma" in stored.columns  # older tables lack it: made again
+        if row and current_format and row.annotations_version == version and row.method == method and row.n_knots == n_knots:
             by_name = {k.criterion: k for k in current}  # stored rows come back in any order: the columns' order
             return [by_name[c] for c in criteria_of(read_table(spark, annotations_table, version=version)) if c in by_name], False
     annotations = read_table(spark, annotations_table, version=version)
@@ -139,7 +155,7 @@ def run_normalize(spark: SparkSession, annotations_table: str, knots_table: str,
     else:
         knots = zscore_knots_distributed(annotations, criteria)
     meta = {"stage": "normalize", "run_id": run_id, "annotations_version": version}
-    write_table(knots_frame(spark, knots, version, n_knots), knots_table, mode="overwrite", metadata=meta)
+    write_table(knots_frame(spark, knots, version, n_knots), knots_table, mode="overwrite", metadata=meta, merge_schema=True)
     return knots, True
 
 
@@ -154,6 +170,7 @@ def load_knots(spark: SparkSession, knots_table: str, annotations_version: int |
             f"version {annotations_version}: run `quadmix normalize` again"
         )
     return [
-        Knots(r.criterion, r.method, np.array(r.xs or []), np.array(r.ys or []), mean=r.mean, std=r.std, error_bound=r.error_bound)
+        Knots(r.criterion, r.method, np.array(r.xs or []), np.array(r.ys or []), mean=r.mean, std=r.std, error_bound=r.error_bound,
+              missing=r.asDict().get("missing_sigma") if r.method == "zscore" else None)
         for r in rows
     ]

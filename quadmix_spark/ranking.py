@@ -118,12 +118,11 @@ def prepare(annotations: DataFrame, domains: list[str], criteria: list[str]) -> 
 
 
 def _sigma(pdf: pd.DataFrame, knots: list[Knots]) -> np.ndarray:
-    """σ matrix (n, N); a missing score is the worst (σ = 1 for percentiles, the max z otherwise)."""
+    """σ matrix (n, N); a missing score gets the knots' worst σ (:meth:`Knots.missing_sigma`), whatever the batch."""
     cols = []
     for k in knots:
         s = map_scores(pdf[SCORE_PREFIX + k.criterion].to_numpy(np.float64), k)
-        worst = 1.0 if k.method == "percentile" else np.nanmax(np.r_[s, 0.0])
-        cols.append(np.where(np.isnan(s), worst, s))
+        cols.append(np.where(np.isnan(s), k.missing_sigma(), s))
     return np.stack(cols, axis=1)
 
 

@@ -299,6 +299,9 @@ def baseline_selection(inp: Inputs, kind: str, fraction: float, seed: int) -> tu
     name = f"baseline-{kind.replace(':', '-')}-{fraction:g}"
     key = baseline_key(name)
     knots, crit = inp.knots, inp.criteria
+    if kind != "random" and any(k.method != "percentile" for k in knots):
+        raise ValueError(f"baseline {kind!r} keeps the best {fraction:g} of tokens by σ <= {fraction:g}, which needs percentile "
+                         "knots (normalize.method: percentile); z-score σ is not a share of tokens")
 
     def assign(batches):
         for pdf in batches:

@@ -10,7 +10,7 @@ from quadmix_spark.kernel.copies import hash_uniform, realized_copies
 from quadmix_spark.kernel.merge import merged_score
 from quadmix_spark.kernel.rank import within_domain_rank
 from quadmix_spark.kernel.sampling_fn import sampling_value
-from quadmix_spark.kernel.sigma import map_scores, percentile_knots, zscore_params
+from quadmix_spark.kernel.sigma import Knots, map_scores, percentile_knots, zscore_params
 from quadmix_spark.normalize import load_knots, percentile_knots_distributed, run_normalize, zscore_knots_distributed
 from quadmix_spark.ranking import ThetaStack, rank_and_sample
 from quadmix_spark.sample import load_inputs, run_sample, run_sample_many, settings
@@ -234,3 +234,57 @@ def test_sql_sigma_is_numpy_interp_bit_for_bit(spark):
     got = dict(df.select("i", sigma(F.col("q_c"), knots).alias("s")).collect())
     want = _sigma(pd.DataFrame({"q_c": np.r_[scores, np.nan]}), [knots])[:, 0]
     assert np.array_equal(np.array([got[i] for i in range(len(want))]), want)  # exact, missing -> 1
+
+
+@pytest.mark.parametrize("method", ["zscore", "percentile"])
+def test_null_scores_get_the_knots_worst_sigma_for_any_partitioning(spark, corpus, tmp_path, method):
+    """A document without a score (a scorer failed on it) gets σ = the knots' worst whatever its neighbours: the
+    knots, ranks, S and copies of one θ and of many θ are the same bits with 1 and 7 partitions and equal the
+    kernel given that σ."""
+    from quadmix_spark.storage import write_table
+
+    cfg, data = corpus
+    rng = np.random.default_rng(21)
+    nulls = {c: rng.random(len(data["ids"])) < 0.1 for c in CRITERIA}
+    ann = read_table(spark, cfg.storage.table("annotations"))
+    null_ids = {c: [i for i, m in zip(data["ids"], nulls[c]) if m] for c in CRITERIA}
+    ann = ann.select("doc_id", "domain", "domain_conf", "n_tokens", *[
+        F.when(F.col("doc_id").isin(null_ids[c]), F.lit(None).cast("double")).otherwise(F.col(f"q_{c}")).alias(f"q_{c}")
+        for c in CRITERIA])
+    inp0 = load_inputs(spark, cfg)
+    thetas = [a_theta(inp0.domains, seed=31), a_theta(inp0.domains, seed=32, omega=0.1)]
+    results = []
+    for parts in (1, 7):
+        c = cfg.model_copy(deep=True)
+        c.storage.root = str(tmp_path / f"{method}-{parts}")
+        write_table(ann.repartition(parts), c.storage.table("annotations"), mode="overwrite")
+        knots, _ = run_normalize(spark, c.storage.table("annotations"), c.storage.table("score_knots"), method, 101)
+        inp = load_inputs(spark, c)
+        stack = ThetaStack.of(thetas[:1], inp.domains, inp.criteria)
+        with rank_and_sample(inp.annotations.repartition(parts), stack, inp.knots, settings(c), keep_all=True) as ranked:
+            one = sorted(ranked.collect())
+        run_sample_many(spark, c, thetas)
+        many = sorted(read_table(spark, c.storage.table("proxy_index")).collect())
+        results.append(([k.to_dict() for k in knots], one, many))
+    assert results[0] == results[1]
+
+    knots = [Knots.from_dict(d) for d in results[0][0]]
+    worst = {k.criterion: k.missing_sigma() for k in knots}
+    if method == "zscore":
+        for k in knots:
+            present = data["scores"][k.criterion][~nulls[k.criterion]]
+            assert worst[k.criterion] == pytest.approx(-(present.min() - k.mean) / k.std, rel=1e-12)
+    sigma = np.stack([np.where(nulls[k.criterion], worst[k.criterion], map_scores(data["scores"][k.criterion], k)) for k in knots], 1)
+    theta = thetas[0]
+    d = np.searchsorted(theta.domains, np.array(data["domains"])[data["domain_idx"]])
+    rbar = within_domain_rank(merged_score(sigma, d, theta.alpha), d, data["tokens"])
+    S = sampling_value(rbar, theta.lam[d], theta.omega[d], theta.eta[d], theta.eps[d])
+    rows = {r.doc_id: r for r in results[0][1]}
+    exact = np.array([rows[i].rank_exact for i in data["ids"]])
+    assert np.array_equal(np.array([rows[i].rbar for i in data["ids"]])[exact], rbar[exact])
+    assert np.allclose([rows[i].S for i in data["ids"]], S, rtol=0, atol=1e-15)
+    if method == "zscore":  # top-k baselines keep σ <= fraction: a share of tokens only for percentiles
+        from quadmix_spark.sample import baseline_selection
+
+        with pytest.raises(ValueError, match="needs percentile knots"):
+            baseline_selection(inp, "topk:edu", 0.1, 0)

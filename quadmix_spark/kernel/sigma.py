@@ -26,6 +26,11 @@ the reference set::
 
 The alternative σ is a z-score of the flipped raw score, ``-(x - mean) / std`` with token-weighted
 mean and std (:func:`zscore_params`, :func:`zscore_map`): also smaller = better, but unbounded.
+
+**A missing score** (a document a scorer could not score) gets the worst σ of the reference set, fixed
+by the knots alone (:meth:`Knots.missing_sigma`): 1.0 for percentiles, and for z-scores the σ of the
+lowest score seen when the knots were made (stored as ``missing``), so a document's σ never depends on
+which other documents share its batch.
 """
 
 from __future__ import annotations
@@ -75,7 +80,8 @@ class Knots:
     ``method == "percentile"``: ``xs`` (strictly increasing raw scores) and ``ys`` (their σ,
     non-increasing, ``ys[0] == 1``); ``error_bound`` is the guaranteed max error on the
     reference set (see module docstring).  ``method == "zscore"``: ``mean`` and ``std`` are used,
-    ``xs``/``ys`` are empty.
+    ``xs``/``ys`` are empty, and ``missing`` is the σ of a missing score (that of the lowest score of the
+    reference set).
     """
 
     criterion: str
@@ -85,6 +91,7 @@ class Knots:
     mean: float | None = None
     std: float | None = None
     error_bound: float = 0.0
+    missing: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -110,6 +117,19 @@ class Knots:
                 raise ValueError(f"{where}: zscore knots need mean and std")
             if not (np.isfinite(self.mean) and np.isfinite(self.std) and self.std >= 0):
                 raise ValueError(f"{where}: mean must be finite and std finite and >= 0")
+            if self.missing is not None and not np.isfinite(self.missing):
+                raise ValueError(f"{where}: the σ of a missing score must be finite")
+
+    def missing_sigma(self) -> float:
+        """σ of a missing score: the worst σ of the reference set (see the module docstring)."""
+        if self.method == "percentile":
+            return 1.0
+        if self.missing is None:
+            raise ValueError(
+                f"z-score knots of criterion {self.criterion!r} lack the σ of a missing score (made by an older "
+                "version): run `quadmix normalize` again"
+            )
+        return float(self.missing)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON/YAML dict; exact round trip through :meth:`from_dict`."""
@@ -121,6 +141,8 @@ class Knots:
         else:
             d["mean"] = float(self.mean)  # type: ignore[arg-type]
             d["std"] = float(self.std)  # type: ignore[arg-type]
+            if self.missing is not None:
+                d["missing"] = float(self.missing)
         return d
 
     @classmethod
@@ -133,6 +155,7 @@ class Knots:
             mean=None if d.get("mean") is None else float(d["mean"]),
             std=None if d.get("std") is None else float(d["std"]),
             error_bound=float(d.get("error_bound", 0.0)),
+            missing=None if d.get("missing") is None else float(d["missing"]),
         )
 
 
@@ -186,9 +209,15 @@ def zscore_map(scores, mean: float, std: float) -> np.ndarray:
 
 
 def zscore_knots(scores, weights, criterion: str = "") -> Knots:
-    """:class:`Knots` for the z-score alternative (token-weighted mean/std)."""
+    """:class:`Knots` for the z-score alternative (token-weighted mean/std; a missing score gets the σ of
+    the lowest score)."""
     mean, std = zscore_params(scores, weights)
-    return Knots(criterion, "zscore", mean=mean, std=std)
+    return Knots(criterion, "zscore", mean=mean, std=std, missing=zscore_missing(float(np.min(scores)), mean, std))
+
+
+def zscore_missing(lowest: float, mean: float, std: float) -> float:
+    """σ of a missing score under z-score knots: the σ of the lowest score of the reference set."""
+    return float(zscore_map(np.array([lowest]), mean, std)[0])
 
 
 def map_scores(scores, knots: Knots) -> np.ndarray:

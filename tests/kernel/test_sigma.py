@@ -123,3 +123,14 @@ def test_invalid_inputs_raise():
         flipped_percentile([1.0, 2.0], [1.0, -1.0])
     with pytest.raises(ValueError):
         percentile_knots([1.0, 2.0], [1.0, 1.0], n_knots=1)
+
+
+def test_a_missing_score_gets_the_worst_sigma_of_the_knots_alone():
+    scores, weights = np.array([0.2, 0.9, 0.5, 0.7]), np.array([1.0, 2.0, 1.0, 3.0])
+    z = zscore_knots(scores, weights, "c")
+    assert z.missing_sigma() == zscore_map(np.array([0.2]), z.mean, z.std)[0] > 0  # the lowest score's σ: the worst
+    assert z.missing_sigma() == Knots.from_dict(z.to_dict()).missing_sigma()
+    assert percentile_knots(scores, weights, criterion="c").missing_sigma() == 1.0
+    assert zscore_knots(np.array([3.0, 3.0]), np.array([1.0, 1.0])).missing_sigma() == 0.0  # constant criterion
+    with pytest.raises(ValueError, match="run `quadmix normalize` again"):  # knots stored before `missing` existed
+        Knots("c", "zscore", mean=0.5, std=0.1).missing_sigma()
