@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 import pytest
 
 from quadmix_udfs import trace
-from quadmix_udfs.onnx_transformer import Encoder
+from quadmix_udfs.onnx_transformer import Encoder, bucket_widths
 from tests.test_scorers import BERT_TOK, ENCODER, web_texts
 
 
@@ -50,11 +49,13 @@ def test_the_encoder_writes_a_span_per_model_call_only_when_asked(tmp_path, monk
     spans = trace.read_spans(tmp_path / "trace")
     model = [s for s in spans if s["kind"] == "model"]
     assert [s["kind"] for s in spans].count("tokenize") == 1
-    assert len(model) == math.ceil(len(texts) / 5) and sum(s["docs"] for s in model) == len(texts)
+    # one model call per batch of at most 5 documents of one length bucket, each call 5 rows x its bucket width
     ids = enc.tokenize(texts)
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    padded = sum(len(b) * max(len(ids[i]) for i in b) for b in np.array_split(order, range(5, len(order), 5)))
-    assert sum(s["tokens"] for s in model) == padded
+    widths = bucket_widths(np.array([len(x) for x in ids]), enc.max_length)
+    per_width = np.unique(widths, return_counts=True)
+    calls = [(int(w), min(5, int(n) - start)) for w, n in zip(*per_width) for start in range(0, int(n), 5)]
+    assert sorted((s["tokens"] // 5, s["docs"]) for s in model) == sorted(calls)
+    assert sum(s["docs"] for s in model) == len(texts)
     s = trace.summarize(spans, start, end)
     parts = s["before_first_model_s"] + s["model_busy_s"] + s["idle_between_s"] + s["after_last_model_s"]
     assert s["workers"] == 1 and s["model_sum_s"] == pytest.approx(s["model_busy_s"], abs=2e-3)
