@@ -37,16 +37,21 @@ def _load(files: list[str] | None, overrides: list[str] | None) -> QuadmixConfig
 @contextmanager
 def _user_errors(cfg: QuadmixConfig):
     """Problems with the user's input (files, names, tables, an unreachable tracking server) end the command
-    with their message, not a traceback. The tracking server is checked first, before any Spark work."""
+    with their message, not a traceback. The tracking server is checked first, before any Spark work.
+    Another run holding this stage's lease on the store ends it with exit code 75 (try again later)."""
     from quadmix_spark.evaluate import ThetaStarMissing
     from quadmix_spark.inputs import IngestInputError
     from quadmix_spark.normalize import KnotsMissingError
     from quadmix_spark.propose import SearchNotFound
+    from quadmix_spark.run_guard import BUSY_EXIT_CODE, StageBusy
     from quadmix_spark.tracking import TrackingUnreachable, check_tracking
 
     try:
         check_tracking(cfg)
         yield
+    except StageBusy as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(BUSY_EXIT_CODE) from None
     except (IngestInputError, KnotsMissingError, FileNotFoundError, ValueError,
             TrackingUnreachable, SearchNotFound, ThetaStarMissing) as e:
         typer.echo(f"error: {e}", err=True)
@@ -259,6 +264,9 @@ def evaluate(config: ConfigFiles = None, set_: Overrides = None, search: SearchN
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (also used by ``jobs/*.py`` under spark-submit)."""
+    from quadmix_spark.faults import arm
+
+    arm()
     app(args=argv if argv is not None else sys.argv[1:], prog_name="quadmix")
 
 

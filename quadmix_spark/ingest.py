@@ -26,6 +26,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 
+from quadmix_spark import faults
 from quadmix_spark.config import QuadmixConfig, local_path
 from quadmix_spark.inputs import (
     JSONL_SUFFIXES,
@@ -353,7 +354,9 @@ def stage_and_write(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: li
         report.documents = counts.pop(None, 0)
         report.rejects_by_reason = counts
         report.rejects = sum(counts.values())
-        write_table(documents_frame(staged, batch_id), cfg.storage.table(DOCUMENTS), metadata=meta, txn=txn, merge_schema=True)
+        documents = faults.during(documents_frame(staged, batch_id), "ingest.documents.write")
+        write_table(documents, cfg.storage.table(DOCUMENTS), metadata=meta, txn=txn, merge_schema=True)
+        faults.point("ingest.documents.committed")
         write_table(rejects_frame(staged, batch_id), cfg.storage.table(REJECTS), metadata=meta, txn=txn, merge_schema=True)
         key = canonical if fmt == "delta" else metadata_path  # a table version's unit is ours; a file's is Spark's URI
         return {

@@ -19,6 +19,7 @@ import numpy as np
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from quadmix_spark import faults
 from quadmix_spark.kernel.sigma import Knots, zscore_missing
 from quadmix_spark.prefix import within_group_cumulative
 from quadmix_spark.storage import read_table, table_exists, table_version, write_table
@@ -148,7 +149,7 @@ def run_normalize(spark: SparkSession, annotations_table: str, knots_table: str,
         if row and current_format and row.annotations_version == version and row.method == method and row.n_knots == n_knots:
             by_name = {k.criterion: k for k in current}  # stored rows come back in any order: the columns' order
             return [by_name[c] for c in criteria_of(read_table(spark, annotations_table, version=version)) if c in by_name], False
-    annotations = read_table(spark, annotations_table, version=version)
+    annotations = faults.during(read_table(spark, annotations_table, version=version), "normalize.knots.compute")
     criteria = criteria_of(annotations)
     if method == "percentile":
         knots = percentile_knots_distributed(annotations, criteria, n_knots)

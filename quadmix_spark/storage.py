@@ -3,9 +3,45 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pyspark.sql import DataFrame, SparkSession
+
+
+T = TypeVar("T")
+CONFLICT_RETRIES = 5
+
+
+def retry_conflicts(write: Callable[[], T], what: str, attempts: int = CONFLICT_RETRIES) -> T:
+    """Run ``write``, again (up to ``attempts`` in all) when Delta refuses its commit because a concurrent
+    writer committed first; a refused commit has written nothing.
+
+    Only for writes that give the same table whatever ran between two tries (a replaceWhere of the
+    writer's own slice, a MERGE on a key, an append with ``txnAppId``). Each retry is reported on stderr."""
+    from delta.exceptions import (
+        ConcurrentAppendException,
+        ConcurrentDeleteDeleteException,
+        ConcurrentDeleteReadException,
+        ConcurrentTransactionException,
+        ConcurrentWriteException,
+        DeltaConcurrentModificationException,
+        MetadataChangedException,
+        ProtocolChangedException,
+    )
+
+    conflicts = (ConcurrentAppendException, ConcurrentDeleteDeleteException, ConcurrentDeleteReadException,
+                 ConcurrentTransactionException, ConcurrentWriteException, DeltaConcurrentModificationException,
+                 MetadataChangedException, ProtocolChangedException)
+    for attempt in range(2, attempts + 1):
+        try:
+            return write()
+        except conflicts as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            print(f"{what}: a concurrent writer committed first ({type(e).__name__}: {first}); "
+                  f"writing again ({attempt}/{attempts})", file=sys.stderr)
+    return write()
 
 
 def is_path(table: str) -> bool:

@@ -1,4 +1,4 @@
-"""MLflow helpers: one run per stage invocation, the resolved config logged with it."""
+"""MLflow helpers: one run per stage invocation, the resolved config logged with it, under the stage's lease."""
 
 from __future__ import annotations
 
@@ -16,28 +16,49 @@ def configure_mlflow(cfg: QuadmixConfig) -> str:
 
     uri = cfg.tracking_uri
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # job logs, not a terminal
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     name = cfg.tracking.experiment
-    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
-        # keep artifacts beside the local store, not in ./mlruns of whatever folder the job ran from
-        mlflow.create_experiment(name, artifact_location=Path(cfg.storage.path("mlartifacts")).resolve().as_uri())
-    mlflow.set_experiment(name)
+    if not uri.startswith("sqlite:///"):
+        mlflow.set_experiment(name)
+        return uri
+    from quadmix_spark.run_guard import file_lock
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # MLflow creates the database's tables and the experiment without a guard against a second process
+    with file_lock(db.with_name(db.name + ".setup.lock")):
+        if mlflow.get_experiment_by_name(name) is None:
+            # keep artifacts beside the local store, not in ./mlruns of whatever folder the job ran from
+            mlflow.create_experiment(name, artifact_location=Path(cfg.storage.path("mlartifacts")).resolve().as_uri())
+        mlflow.set_experiment(name)
     return uri
 
 
 @contextmanager
-def stage_run(cfg: QuadmixConfig, stage: str, run_name: str | None = None) -> Iterator[object]:
-    """An MLflow run tagged with the stage, carrying the resolved config as ``config.yaml``."""
+def stage_run(cfg: QuadmixConfig, stage: str, run_name: str | None = None, scope: str | None = None) -> Iterator[object]:
+    """An MLflow run tagged with the stage, carrying the resolved config as ``config.yaml``, under the lease
+    of ``scope`` (default: the stage) on this store.
+
+    Raises :class:`~quadmix_spark.run_guard.StageBusy` at once, before the run starts, when another run holds
+    the lease; runs that dead drivers left RUNNING are ended as FAILED first (see :mod:`quadmix_spark.run_guard`).
+    Fault points ``<stage>.start`` and ``<stage>.end`` (:mod:`quadmix_spark.faults`) lie just inside the run."""
     import mlflow
 
+    from quadmix_spark import faults
+    from quadmix_spark.run_guard import end_stale_runs, lease
+
     configure_mlflow(cfg)
-    with mlflow.start_run(run_name=run_name or stage, tags={"quadmix.stage": stage}) as run:
-        mlflow.log_dict(cfg.resolved(), "config.yaml")
-        mlflow.set_tag("quadmix.config_fingerprint", cfg.fingerprint())
-        yield run
+    with lease(cfg, scope or stage, stage) as held:
+        client = mlflow.MlflowClient()
+        end_stale_runs(client, client.get_experiment_by_name(cfg.tracking.experiment).experiment_id, held)
+        with mlflow.start_run(run_name=run_name or stage, tags={"quadmix.stage": stage, **held.tags}) as run:
+            held.record(run.info.run_id)
+            mlflow.log_dict(cfg.resolved(), "config.yaml")
+            mlflow.set_tag("quadmix.config_fingerprint", cfg.fingerprint())
+            faults.point(f"{stage}.start")
+            yield run
+            faults.point(f"{stage}.end")
 
 
 class TrackingUnreachable(RuntimeError):
