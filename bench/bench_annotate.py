@@ -1,6 +1,6 @@
 """Annotate throughput: documents/s per core of ``run_annotate`` (Delta in, Delta out) against the models alone.
 
-Two parts, each writing its own result file (``--annotate-parts``, default both):
+Three parts, each writing its own result file (``--annotate-parts``, default ``fasttext,minilm``):
 
 - ``fasttext`` -> ``annotate_fasttext_docs_per_core``: the annotate stage with two fastText scorers (a
   24-topic domain classifier and a DCLM-style quality classifier, trained like ``quadmix train-scorers`` does)
@@ -18,6 +18,15 @@ Two parts, each writing its own result file (``--annotate-parts``, default both)
   the same token batches (the encoder's tokenizer, length-sorted, ``batch_size`` rows, padded as the adapter
   pads; tokenization and padding untimed): documents / s of ``session.run`` alone, on
   ``--minilm-baseline-docs`` of the same documents. Goal ratio >= 0.85.
+- ``text_stats`` -> ``annotate_text_stats`` (opt-in: ``--annotate-parts text_stats``): the heuristic scorer added
+  to an annotated corpus, the stage's incremental path. Untimed and cached: ``--text-stats-docs`` documents
+  (default 200,000, the same generator) annotated with lid.176 as domain (``output: label``) and as a quality
+  criterion (P(en)). Each timed run copies that table and runs ``run_annotate`` with a ``text_stats`` scorer
+  added: only it scores, every row, and the result is merged in (Delta MERGE). Value: documents / wall s / 2
+  cores. Baseline: the adapter alone (``score_arrow``) on Arrow batches of 2,048 texts of the same table (the
+  first ``--text-stats-baseline-copies`` copies of every page), one core. A third case, the scoring pass alone
+  (documents read and scored by the same ``mapInArrow`` as the stage, written to Spark's ``noop`` sink: no join
+  to the annotations, no MERGE), says how the stage's time splits. Goal: 20,000 documents/s per core.
 
 Value and baseline repeats are interleaved (baseline first, and once more at the end, so every annotate run
 has a baseline run just before and just after it), after ``--annotate-warmup`` untimed rounds of each
@@ -70,6 +79,8 @@ CORES = 2  # local[2]
 MODELS_VERSION = 1  # bump when the training recipe changes (invalidates the cached models)
 
 MINILM_SETTINGS = {"max_length": 128, "max_chars": 1000, "batch_size": 32}
+TEXT_STATS_NAME = "annotate_text_stats"
+DEFAULT_TEXT_STATS_DOCS = 200_000
 
 
 # ---------------------------------------------------------------- CPU accounting
@@ -142,7 +153,7 @@ def _train_models(folder: Path) -> dict[str, Any]:
 
     from bench.sample_data import read_source, source_path
     from quadmix_spark.fasttext_train import train_in_subprocess
-    from quadmix_spark.train_scorers import chunk_text, slug
+    from quadmix_spark.train_scorers import paragraphs, slug
     from quadmix_udfs.fasttext_scorer import prepare_lines
     from quadmix_udfs.onnx_transformer import Encoder
 
@@ -150,7 +161,7 @@ def _train_models(folder: Path) -> dict[str, Any]:
     pages = read_source(source_path())
     ref_dir = shared_dir() / "data" / "reference"
     alpaca = _read_jsonl(ref_dir / "alpaca_eval_outputs.jsonl.gz", "output")
-    wiki = [c for t in _read_jsonl(ref_dir / "enwiki_sample.jsonl.gz", "text") for c in chunk_text(t, 2000)]
+    wiki = [c for t in _read_jsonl(ref_dir / "enwiki_sample.jsonl.gz", "text") for c in paragraphs(t, 2000)]
 
     lines = prepare_lines([p["text"] for p in pages], 20_000)
     with open(folder / "topic.txt", "w") as f:
@@ -230,7 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--event-log", default=None, help="write Spark event logs to this folder (diagnosis; off by default)")
     add_option(parser, "--keep", action="store_true", help="keep the tables written while timing (default: deleted)")
     group = parser.add_argument_group("annotate benchmark")
-    add_option(group, "--annotate-parts", default="fasttext,minilm", help="comma-separated: fasttext, minilm")
+    add_option(group, "--annotate-parts", default="fasttext,minilm", help="comma-separated: fasttext, minilm, text_stats")
     add_option(group, "--annotate-repeats", type=int, default=3, help="timed run_annotate repeats (each part)")
     add_option(group, "--annotate-warmup", type=int, default=1,
                help="untimed warm-up rounds (model + annotate) before the timed repeats (each part)")
@@ -241,6 +252,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="copies of each page (x 8,712 pages) the fastText baseline predicts on")
     add_option(group, "--minilm-docs", type=int, default=DEFAULT_MINILM_DOCS, help="documents of the MiniLM part")
     add_option(group, "--minilm-baseline-docs", type=int, default=500, help="documents the raw onnxruntime baseline runs on")
+    add_option(group, "--text-stats-docs", type=int, default=DEFAULT_TEXT_STATS_DOCS, help="documents of the text_stats part")
+    add_option(group, "--text-stats-baseline-copies", type=int, default=3,
+               help="copies of each page (x 8,712 pages) the text_stats adapter baseline scores")
     add_option(group, "--arrow-batch", type=int, default=None,
                help="spark.sql.execution.arrow.maxRecordsPerBatch for the session (default: the project's)")
 
@@ -292,11 +306,18 @@ def _time_annotate(spark, conf, docs_folder: Path, scorer_args: list[str], n_doc
             if not keep:
                 remove(roots[i])
 
-    clock = CpuClock()
-    cases = {"model": (clock.wrap("model", baseline), baseline_repeats), "annotate": (clock.wrap("annotate", annotate), repeats)}
-    timings = interleave(cases, setup=setup, teardown=teardown, warmup=warmup)
-    cpu = {k: v[warmup:] for k, v in clock.cpu.items()}  # the warm-up rounds' CPU is not counted either
+    cases = {"model": (baseline, baseline_repeats), "annotate": (annotate, repeats)}
+    timings, cpu = timed_cases(cases, setup, teardown, warmup)
     return timings, timings["annotate"].results[-1], cpu
+
+
+def timed_cases(cases: dict, setup, teardown, warmup: int) -> tuple[dict, dict[str, list[float]]]:
+    """``interleave`` of ``{label: (fn, repeats)}``, also recording each timed run's CPU seconds (warm-up rounds
+    not counted): (timings, {label: CPU seconds per run})."""
+    clock = CpuClock()
+    wrapped = {label: (clock.wrap(label, fn), n) for label, (fn, n) in cases.items()}
+    timings = interleave(wrapped, setup=setup, teardown=teardown, warmup=warmup)
+    return timings, {k: v[warmup:] for k, v in clock.cpu.items()}
 
 
 def _repeats(args) -> tuple[int, int]:
@@ -486,20 +507,192 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
     return _write(MINILM_NAME, "MiniLM", "raw session", value, base, docs, details, digits=1)
 
 
+# ---------------------------------------------------------------- text_stats
+
+
+def text_stats_scorers() -> dict[str, dict]:
+    lid = str(shared_dir() / "data" / "models" / "lid" / "lid.176.ftz")
+    return {"lang": {"type": "fasttext", "model": lid, "output": "label"},
+            "lang_en": {"type": "fasttext", "model": lid, "label": "en"},
+            "gopher": {"type": "text_stats"}}
+
+
+def text_stats_breakdown(adapter, batches: list, repeats: int = 5) -> dict[str, float]:
+    """Microseconds per document of each step of the ``text_stats`` adapter: every step timed on its own over all
+    chunks of ``batches`` (its inputs computed beforehand), the minimum of ``repeats`` runs (a shared machine's
+    noise only adds). ``total`` is ``score_arrow``; ``rules, score, Arrow output`` is what it adds to the
+    statistics."""
+    from quadmix_udfs import text_stats as ts
+
+    n_docs = sum(len(b) for b in batches)
+    chunks = [(b, int(off[-1]), off) for batch in batches for _, _, b, off in ts.text_chunks(batch, adapter.max_chars)]
+    cut = [ts._cut(*c) for c in chunks]
+    hashed = [ts._word_hashes(ts._u64_at(c.b), c.starts, c.ends - c.starts) for c in cut]
+    steps = {
+        "total": lambda: [adapter.score_arrow(b) for b in batches],
+        "statistics": lambda: [ts.text_statistics(b, adapter.max_chars) for b in batches],
+        "Arrow cut to max_chars, chunk copies": lambda: [list(ts.text_chunks(b, adapter.max_chars)) for b in batches],
+        "words, letters, characters, lines": lambda: [ts._cut(*c) for c in chunks],
+        "word hashes": lambda: [ts._word_hashes(ts._u64_at(c.b), c.starts, c.ends - c.starts) for c in cut],
+        "bullet / ellipsis / terminal lines": lambda: [ts._line_ends(c) for c in cut],
+        "stop words": lambda: [ts._stop_words(c, f8) for c, (_, f8) in zip(cut, hashed)],
+        "symbols (#, ..., {)": lambda: [ts._symbols(c) for c in cut],
+        "C4 phrases (lorem, javascript, policy)": lambda: [ts._c4_phrases(c) for c in cut],
+        "duplicate lines": lambda: [ts._dup_lines(c, h) for c, (h, _) in zip(cut, hashed)],
+        "top 2-4-grams, repeated 5-10-grams": lambda: [ts._repetition(h, c.cum_chars, c.word_doc, c.nd)
+                                                       for c, (h, _) in zip(cut, hashed)],
+    }
+    best = {name: min(_seconds(fn) for _ in range(repeats)) * 1e6 / n_docs for name, fn in steps.items()}
+    best["rules, score, Arrow output"] = best["total"] - best["statistics"]
+    return {k: round(v, 2) for k, v in best.items()}
+
+
+def _seconds(fn) -> float:
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def _annotated_base(spark, conf, docs_folder: Path, manifest: dict, scorers: dict) -> Path:
+    """The cached storage root whose ``annotations`` hold the domain and lid criterion of every document."""
+    import hashlib
+
+    from bench.sample_data import link_inputs
+    from quadmix_spark.annotate import run_annotate
+    from quadmix_spark.scorers import resolve_scorers
+
+    args = annotate_overrides(scorers, "lang", ["lang_en"])
+    versions = resolve_scorers(bench_config(scratch_dir("runs", "annotate"), *args)).versions()
+    key = json.dumps([docs_folder.name, manifest["rows"], sorted(versions.items())])
+
+    def build(tmp: Path) -> dict[str, Any]:
+        link_inputs(tmp, docs_folder, ("documents",))
+        report = run_annotate(spark, bench_config(tmp, *spark_overrides(conf), *args), histograms=False)
+        (tmp / "tables" / "documents").unlink()
+        files = [str(f.relative_to(tmp)) for f in (tmp / "tables").rglob("*") if f.is_file()]
+        return {"files": files, "versions": versions, "rows": report.new_documents}
+
+    folder, _ = cached_input(f"annotate-text-stats-base-{hashlib.sha256(key.encode()).hexdigest()[:10]}", build)
+    return folder
+
+
+def run_text_stats(args: argparse.Namespace) -> dict[str, Any]:
+    import shutil
+    import statistics
+
+    import pyarrow as pa
+    from pyspark.sql import functions as F
+
+    from bench.sample_data import generate_tables, link_inputs
+    from quadmix_spark.annotate import run_annotate, score_documents
+    from quadmix_spark.scorers import resolve_scorers
+    from quadmix_spark.storage import read_table
+    from quadmix_udfs.scoring import need_column
+
+    t_start = time.perf_counter()
+    docs = args.text_stats_docs
+    spark, conf = _session(args, "text_stats")
+    folder, manifest = generate_tables(spark, docs, DEFAULT_PARTS)
+    scorers = text_stats_scorers()
+    base = _annotated_base(spark, conf, folder, manifest, scorers)
+    scorer_args = annotate_overrides(scorers, "lang", ["lang_en", "gopher"])
+    adapter = resolve_scorers(bench_config(scratch_dir("runs", "annotate"), *scorer_args)).quality[1].adapter
+
+    table = spark.read.format("delta").load(str(folder / "tables" / "documents"))
+    copy_k = F.regexp_extract("doc_id", r"-r(\d+)$", 1).cast("int")
+    texts = pa.array([r[0] for r in table.where(copy_k < args.text_stats_baseline_copies).select("text").collect()])
+    batch = int(conf.get("spark.sql.execution.arrow.maxRecordsPerBatch", 2048))
+    batches = [texts.slice(i, batch) for i in range(0, len(texts), batch)]
+    adapter.score_arrow(batches[0])
+    breakdown = text_stats_breakdown(adapter, batches)
+    log(f"text_stats adapter, µs per document (CPU, min of 5): {breakdown}")
+    log(f"text_stats baseline: {len(texts)} texts in batches of {batch}; annotate: {docs} documents added to a copy of {base}")
+
+    sc = spark.sparkContext
+    roots: dict[int, Path] = {}
+    cfgs: dict[int, Any] = {}
+
+    def setup(case: str, i: int) -> None:
+        sc.setJobDescription(f"{case} r{i}")
+        if case in ("annotate", "scoring"):
+            roots[i] = fresh_dir("runs", "annotate", f"text-stats-{case}-{i}")
+            link_inputs(roots[i], folder, ("documents",))
+            if case == "annotate":
+                shutil.copytree(base / "tables" / "annotations", roots[i] / "tables" / "annotations")
+            cfgs[i] = bench_config(roots[i], *spark_overrides(conf), *scorer_args)
+
+    def annotate(i: int):
+        return run_annotate(spark, cfgs[i], scorers=resolve_scorers(cfgs[i]), histograms=False)
+
+    def scoring(i: int):  # what the stage's scoring pass costs without its join to the annotations and the MERGE
+        resolved = resolve_scorers(cfgs[i])
+        needs = [F.lit(s.name == "gopher").alias(need_column(s.name)) for s in resolved.by_key().values()]
+        work = read_table(spark, cfgs[i].storage.table("documents")).select(
+            "doc_id", "text", F.col("n_tokens").cast("bigint"), F.lit(False).alias("_new"), *needs)
+        score_documents(work, resolved).write.format("noop").mode("overwrite").save()
+
+    def model(_i: int):
+        for b in batches:
+            adapter.score_arrow(b)
+
+    def teardown(case: str, i: int, result) -> None:
+        sc.setJobDescription(None)
+        if case == "annotate" and result.scored != {"lang": 0, "lang_en": 0, "gopher": docs}:
+            raise RuntimeError(f"annotate scored {result.scored}, expected gopher={docs} only\n{result.summary()}")
+        if case in ("annotate", "scoring") and not args.keep:
+            remove(roots[i])
+
+    repeats, model_repeats = _repeats(args)
+    cases = {"model": (model, model_repeats), "annotate": (annotate, repeats), "scoring": (scoring, repeats)}
+    try:
+        timings, cpu = timed_cases(cases, setup, teardown, args.annotate_warmup)
+        session = spark_info(spark)
+    finally:
+        stop_spark()
+    n_base = len(texts)
+    value = timings["annotate"].rate(docs) / CORES
+    base_rate = timings["model"].rate(n_base)
+    details = {
+        "value": f"median run_annotate documents/s / {CORES} cores: a text_stats scorer added to annotations holding "
+                 "the domain and one criterion (only it scores; MERGE into the copied table; histograms off)",
+        "baseline": "median TextStatsScorer.score_arrow documents/s on Arrow batches of the same pages, one core",
+        "annotate": timings["annotate"].as_dict(docs),
+        "scoring_pass": {**timings["scoring"].as_dict(docs), "per_core": round(timings["scoring"].rate(docs) / CORES, 1),
+                         "what": "documents read, every one scored by text_stats alone, written to Spark's noop sink: "
+                                 "the stage's scoring pass without the join to the annotations and the MERGE"},
+        "model": {**timings["model"].as_dict(n_base), "n_texts": n_base, "batch": batch},
+        "adapter_breakdown_us_per_doc": breakdown,
+        "cpu": _cpu_details(cpu, docs, n_base),
+        "paired": _paired_details(timings, cpu, docs, n_base),
+        "cpu_scoring_pass_s": [round(x, 2) for x in cpu["scoring"]],
+        "scoring_pass_docs_per_cpu_s": round(docs / statistics.median(cpu["scoring"]), 1),
+        "goal_docs_per_core": 20_000,
+        "scorers": {k: {**v, "model": Path(v["model"]).name} if "model" in v else v for k, v in scorers.items()},
+        "input": {"folder": str(folder), "rows": docs, "partitions": manifest["partitions"], "base": str(base)},
+        "commit": git_commit(),
+        "spark": session,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    return _write(TEXT_STATS_NAME, "text_stats", "adapter alone", value, base_rate, docs, details, digits=0)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Both parts (``--annotate-parts``); returns the fastText result (the MiniLM one is in its own file)."""
+    """The parts of ``--annotate-parts``; returns the fastText result when it ran (the others are in their own
+    files)."""
     parts = [p.strip() for p in args.annotate_parts.split(",") if p.strip()]
-    unknown = set(parts) - {"fasttext", "minilm"}
+    unknown = set(parts) - {"fasttext", "minilm", "text_stats"}
     if unknown or not parts:
-        raise ValueError(f"--annotate-parts: unknown {sorted(unknown)} (use fasttext, minilm)")
+        raise ValueError(f"--annotate-parts: unknown {sorted(unknown)} (use fasttext, minilm, text_stats)")
     results = {}
     if "minilm" in parts:
         results["minilm"] = run_minilm(args)
     if "fasttext" in parts:
         results["fasttext"] = run_fasttext(args)
+    if "text_stats" in parts:
+        results["text_stats"] = run_text_stats(args)
     for r in results.values():
         log(f"{r['name']}: value {r['value']:.1f}, baseline {r['baseline']:.1f}, ratio {r['ratio']:.3f}")
-    return results.get("fasttext") or results["minilm"]
+    return results.get("fasttext") or results.get("minilm") or results["text_stats"]
 
 
 def main(argv: list[str] | None = None) -> int:

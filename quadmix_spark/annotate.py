@@ -1,9 +1,11 @@
 """Annotate: ``documents`` -> the ``annotations`` Delta table (domain, quality scores, scorer versions).
 
 Table ``annotations``, one row per ``doc_id``: ``n_tokens`` (from documents), ``domain``, ``domain_conf``,
-``q_<criterion>`` (raw score, higher = better, as the model gives it, not rounded), and
-``scorer_versions`` (map: ``domain`` / ``q_<criterion>`` -> ``<scorer>@<version>``) saying which scorer
-version made each column of the row.
+``q_<criterion>`` (raw score, higher = better, as the model gives it, not rounded), a ``text_stats`` scorer's
+``<criterion>_stats`` (struct) and ``<criterion>_rejected`` (array of failed pre-filter rules; see
+:mod:`quadmix_spark.prefilter`), and ``scorer_versions`` (map: ``domain`` / ``q_<criterion>`` ->
+``<scorer>@<version>``) saying which scorer version made each column of the row (a scorer's extra columns go
+with its ``q_`` key).
 
 Contract
 - Incremental: a document is scored by a scorer only when its row lacks that column's current version (a
@@ -38,7 +40,9 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from quadmix_spark import faults
 from quadmix_spark.config import QuadmixConfig
+from quadmix_spark.prefilter import prefilter_counts
 from quadmix_spark.scorers import ScorerError, ScorerSet, resolve_scorers
 from quadmix_spark.storage import is_path, read_table, table_exists, table_version
 from quadmix_udfs.scoring import need_column, score_partitions
@@ -65,6 +69,7 @@ class AnnotateReport:
     domains: int = 0
     gpu_profile: str = "not used"
     histograms: pd.DataFrame | None = field(default=None, repr=False)
+    prefilter: dict[str, dict[str, int]] = field(default_factory=dict)  # scorer -> {rule | "rejected": rows}
 
     @property
     def changed(self) -> bool:
@@ -91,7 +96,12 @@ class AnnotateReport:
                 + f" -> v{self.table_version_after}"
             )
         versions = "\n".join(f"  {k:<16} {v}" for k, v in self.versions.items())
-        return f"{head}\n  rows {self.rows}, domains {self.domains}; GPU stage: {self.gpu_profile}\n{versions}"
+        prefilter = "".join(
+            f"\n  prefilter {name}: {counts['rejected']} of {self.rows} documents rejected"
+            + "".join(f", {rule} {n}" for rule, n in counts.items() if rule != "rejected" and n)
+            for name, counts in self.prefilter.items()
+        )
+        return f"{head}\n  rows {self.rows}, domains {self.domains}; GPU stage: {self.gpu_profile}{prefilter}\n{versions}"
 
     def metrics(self) -> dict[str, float]:
         out = {
@@ -104,6 +114,7 @@ class AnnotateReport:
         }
         out.update({f"scored.{k}": v for k, v in self.scored.items()})
         out.update({f"rescored.{k}": v for k, v in self.rescored.items()})
+        out.update({f"prefilter.{name}.{rule}": n for name, counts in self.prefilter.items() for rule, n in counts.items()})
         return out
 
 
@@ -187,7 +198,7 @@ def work_counts(flagged: DataFrame, scorers: ScorerSet) -> tuple[int, int, dict[
 
 def _value_fields(scorers: ScorerSet) -> list[T.StructField]:
     fields = [T.StructField("domain", T.StringType()), T.StructField("domain_conf", T.DoubleType())]
-    return fields + [T.StructField(f"q_{s.name}", T.DoubleType()) for s in scorers.quality]
+    return fields + scorers.quality_fields()
 
 
 def _pass_fields(scorers: ScorerSet) -> list[T.StructField]:
@@ -475,8 +486,10 @@ def run_annotate(
         profile, report.gpu_profile = gpu_resource_profile(spark, cfg, scorers)
         if existing is None:
             create_annotations(spark, table, scorers)
+            faults.point("annotate.created")
         work = flagged.where(_any_need(scorers))
         scored = score_documents(work, scorers, profile is not None, profile, cfg.annotate.partitions)
+        scored = faults.during(scored, "annotate.scores.write")
         updates = any(n > report.new_documents for n in report.scored.values())
         meta = json.dumps({"stage": "annotate", "run_id": run_id, "config": cfg.fingerprint()})
         t0 = time.perf_counter()
@@ -493,6 +506,7 @@ def run_annotate(
         conf = hist[hist["criterion"] == "domain_conf"]
         report.rows, report.domains = int(conf["count"].sum()), int(conf["domain"].nunique())
         report.histograms = hist
+        report.prefilter = prefilter_counts(read_table(spark, table), scorers.filters())
     elif existing is not None:
         report.rows = sum(existing_versions.get("domain", {}).values())
     return report

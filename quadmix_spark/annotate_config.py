@@ -1,6 +1,7 @@
 """Config sections of the annotate and train-scorers stages: ``scorers``, ``annotate``, ``train_scorers``.
 
-``scorers`` maps a scorer name to a model adapter (``fasttext``, ``onnx_transformer``, ``onnx_text``). The
+``scorers`` maps a scorer name to an adapter (``fasttext``, ``onnx_transformer``, ``onnx_text`` read a model
+file; ``text_stats`` computes heuristic statistics and needs none). The
 ``annotate`` section says which scorer gives the domain and which give the quality criteria (column
 ``q_<scorer name>``). ``train_scorers`` names the reference sets and the models to train.
 """
@@ -15,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from quadmix_spark.config_base import Section
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+TEXT_STATS = "text_stats"
 
 
 def _check_name(name: str, what: str) -> str:
@@ -32,8 +34,8 @@ class ScorerConfig(Section):
     stays the same.
     """
 
-    type: str = Field(..., description="adapter: fasttext | onnx_transformer | onnx_text (or a registered one)")
-    model: str = Field(..., description="model file: fastText .bin/.ftz, or .onnx")
+    type: str = Field(..., description="adapter: fasttext | onnx_transformer | onnx_text | text_stats (or a registered one)")
+    model: str | None = Field(None, description="model file: fastText .bin/.ftz, or .onnx (every type but text_stats)")
     version: str = Field("v1", description="your version label; the recorded version adds a fingerprint of files and settings")
     output: Literal["score", "label"] = Field(
         "score", description="score: one number per document (quality); label: top label + confidence (domain)"
@@ -56,9 +58,34 @@ class ScorerConfig(Section):
         "auto", description="auto: the task's GPU when Spark assigned one, else CPU; cuda: GPU required"
     )
     intra_op_threads: int = Field(1, gt=0, description="onnxruntime threads per Python worker (CPU)")
+    filter: list[str] | Literal["all"] | None = Field(
+        None, description="text_stats: rules a document must pass (names, families or 'all'); failures go to "
+        "<name>_rejected and the sampler leaves those documents out. null = no pre-filter"
+    )
+    thresholds: dict[str, dict[str, float | None]] | None = Field(
+        None, description="text_stats: {rule: {min: x, max: y}} replacing a rule's default bounds"
+    )
 
     @model_validator(mode="after")
     def _fields_of_type(self) -> ScorerConfig:
+        if self.type == TEXT_STATS:
+            from quadmix_udfs.text_stats import MAX_CHARS_LIMIT, resolve_filter, resolve_rules
+
+            for key in ("model", "label", "labels"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"a text_stats scorer reads no model: remove `{key}`")
+            if self.output != "score":
+                raise ValueError("a text_stats scorer gives a score (output=score), not a label")
+            if self.max_chars > MAX_CHARS_LIMIT:
+                raise ValueError(f"a text_stats scorer reads at most {MAX_CHARS_LIMIT:,} characters (max_chars)")
+            resolve_filter(self.filter)
+            resolve_rules(self.thresholds)
+        else:
+            if not self.model:
+                raise ValueError(f"a {self.type} scorer needs `model` (the model file)")
+            for key in ("filter", "thresholds"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"`{key}` is only for text_stats scorers")
         if self.type == "onnx_transformer":
             if not self.tokenizer:
                 raise ValueError("an onnx_transformer scorer needs `tokenizer` (a tokenizer.json)")
@@ -110,7 +137,8 @@ class ReferenceSetConfig(Section):
     path: str
     text_field: str = "text"
     max_docs: int = Field(20_000, gt=0, description="cap on documents read (a deterministic sample, collected to the driver)")
-    chunk_chars: int | None = Field(None, gt=100, description="split long documents at paragraphs into ~this many characters")
+    chunk_chars: int | None = Field(None, gt=100, description="split long documents at paragraphs into ~this many characters "
+                                    "first (every quality model then cuts both classes into its own chunk_chars pieces)")
 
 
 class TrainModelConfig(Section):
@@ -130,6 +158,14 @@ class TrainModelConfig(Section):
     enabled: bool = True
     positives: list[str] = Field(default_factory=list, description="quality: names of train_scorers.reference sets")
     negatives: int = Field(4000, gt=0, description="quality: documents sampled from `documents` as negatives")
+    chunk_chars: int = Field(2000, gt=100, description="quality: positives and negatives are both cut at line breaks into "
+                             "pieces of about this many characters (the same chunking for both classes)")
+    length_match: bool = Field(True, description="quality: keep as many positives as negatives in every length bin, "
+                               "so that length cannot tell the classes apart")
+    negatives_filter: list[str] | Literal["all"] | None = Field(
+        None, description="quality: text_stats rules (names, families or 'all') a document must pass to be a negative: "
+        "well-formed pages, so the model learns content rather than boilerplate; null = any document"
+    )
     label_column: str = Field("topic", description="domain: the documents column holding the class")
     max_docs: int = Field(10_000, gt=0, description="cap on training + held-out examples (collected to the driver)")
     min_class_docs: int = Field(5, gt=0, description="domain: labels with fewer examples are left out")
@@ -167,6 +203,10 @@ class TrainScorersConfig(Section):
     seed: int = 13
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of examples kept out of training for metrics")
     reference: dict[str, ReferenceSetConfig] = Field(default_factory=dict, description="named reference text sets")
+    report_docs: int = Field(2000, ge=0, description="quality models: corpus documents scored for the report (length "
+                             "correlation, domains of the top 10%); 0 = no corpus report")
+    report_domain_column: str | None = Field(None, description="documents column of domains for the report; null = the "
+                                             "label_column of the first enabled domain model, if documents have it")
     models: dict[str, TrainModelConfig] = Field(default_factory=dict, description="model name -> what to train")
 
     @field_validator("models")

@@ -1,14 +1,18 @@
 """Scorer registry: a scorer name and version -> a model adapter (``quadmix_udfs``), with its output columns.
 
-- Adapter types are registered by name (``fasttext``, ``onnx_transformer``, ``onnx_text``); a new type is a
-  function ``ScorerConfig -> adapter`` decorated with :func:`register_adapter`. An adapter has
+- Adapter types are registered by name (``fasttext``, ``onnx_transformer``, ``onnx_text``, ``text_stats``); a
+  new type is a function ``ScorerConfig -> adapter`` decorated with :func:`register_adapter`. An adapter has
   ``validate()`` (driver side: load, probe, raise :class:`ModelLoadError`) and
-  ``score(texts) -> (scores, labels | None)``.
+  ``score(texts) -> (scores, labels | None)``. An adapter that fills more columns than its score
+  (``text_stats``) also has ``extra_columns(name) -> [(column, Arrow type)]`` and
+  ``score_arrow(texts) -> (scores, [Arrow arrays of those columns])``.
 - A scorer's recorded version is ``<config version>.<fingerprint>``; the fingerprint hashes the model files
   (model, tokenizer, head) and every setting that changes the output (not batch size, device or threads),
-  so the meaning of an annotation column never changes silently.
+  plus what the adapter says decides its output (``fingerprint_settings()``: for ``text_stats`` its
+  definitions' version and effective rules), so the meaning of an annotation column never changes silently.
 - Columns: the domain scorer fills ``domain`` and ``domain_conf`` (version key ``domain``); quality scorer
-  ``x`` fills ``q_x`` (version key ``q_x``). Each annotation row records ``{key: "<scorer>@<version>"}``.
+  ``x`` fills ``q_x`` (version key ``q_x``), and its extra columns (``x_stats``, ``x_rejected``) under the same
+  key. Each annotation row records ``{key: "<scorer>@<version>"}``.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from quadmix_udfs.fasttext_scorer import FastTextScorer, ModelLoadError
 from quadmix_udfs.onnx_text import OnnxTextScorer
 from quadmix_udfs.onnx_transformer import Encoder, OnnxTransformerScorer
 from quadmix_udfs.scoring import ScorerRun
+from quadmix_udfs.text_stats import TextStatsScorer, resolve_filter, resolve_rules
 
 DOMAIN_COLUMNS = ("domain", "domain_conf")
 _SCORER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # settings that change how fast a scorer runs, never what it outputs: left out of the fingerprint
 _NOT_IN_FINGERPRINT = {"version", "batch_size", "device", "intra_op_threads"}
+_OPTIONAL = {"model", "filter", "thresholds"}
 
 
 class ScorerError(ConfigError):
@@ -90,6 +96,12 @@ def _onnx_text(c: ScorerConfig) -> OnnxTextScorer:
     )
 
 
+@register_adapter("text_stats")
+def _text_stats(c: ScorerConfig) -> TextStatsScorer:
+    bounds = tuple((r.name, r.lo, r.hi) for r in resolve_rules(c.thresholds))
+    return TextStatsScorer(max_chars=c.max_chars, filter=resolve_filter(c.filter), thresholds=bounds)
+
+
 # ---------------------------------------------------------------- versions
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -112,11 +124,15 @@ def scorer_files(c: ScorerConfig) -> dict[str, str]:
     return {k: v for k, v in (("model", c.model), ("tokenizer", c.tokenizer), ("head_file", c.head_file)) if v}
 
 
-def fingerprint(c: ScorerConfig) -> str:
-    """8 hex digits over the model files' contents and the output-affecting settings."""
-    settings = {k: v for k, v in c.model_dump().items() if k not in _NOT_IN_FINGERPRINT and k not in scorer_files(c)}
+def fingerprint(c: ScorerConfig, adapter: Any = None) -> str:
+    """8 hex digits over the model files' contents, the output-affecting settings and what ``adapter`` says
+    decides its output. Settings left unset that only some types have (``filter``, ``thresholds``, a missing
+    ``model``) are left out, so adding them to the config changed no existing scorer's version."""
+    settings = {k: v for k, v in c.model_dump().items()
+                if k not in _NOT_IN_FINGERPRINT and k not in scorer_files(c) and not (k in _OPTIONAL and v is None)}
     files = {k: file_digest(v) for k, v in scorer_files(c).items()}
-    blob = json.dumps({"settings": settings, "files": files}, sort_keys=True)
+    extra = adapter.fingerprint_settings() if hasattr(adapter, "fingerprint_settings") else None
+    blob = json.dumps({"settings": settings, "files": files, **({"adapter": extra} if extra else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -138,6 +154,11 @@ class Scorer:
     @property
     def gpu_capable(self) -> bool:
         return self.config.type == "onnx_transformer" and self.config.device != "cpu"
+
+    def extra_columns(self) -> list[tuple[str, Any]]:
+        """(column, Arrow type) of what a quality scorer fills besides ``q_<name>`` (none for most)."""
+        extra = getattr(self.adapter, "extra_columns", None)
+        return list(extra(self.name)) if extra else []
 
     def run(self, columns: tuple[str, ...]) -> ScorerRun:
         return ScorerRun(self.name, self.adapter, self.config.output, columns)
@@ -167,7 +188,7 @@ def build_scorer(name: str, c: ScorerConfig, validate: bool = True) -> Scorer:
             adapter.validate()
         except ModelLoadError as e:
             raise ScorerError(f"scorer {name!r}: {e}") from None
-    return Scorer(name, c, adapter, f"{c.version}.{fingerprint(c)}")
+    return Scorer(name, c, adapter, f"{c.version}.{fingerprint(c, adapter)}")
 
 
 @dataclass(frozen=True)
@@ -185,11 +206,28 @@ class ScorerSet:
         return {key: s.tag for key, s in self.by_key().items()}
 
     def value_columns(self) -> list[str]:
-        return [*DOMAIN_COLUMNS, *(f"q_{s.name}" for s in self.quality)]
+        return [*DOMAIN_COLUMNS, *(c for s in self.quality for c in self._columns(s))]
+
+    def quality_fields(self) -> list:
+        """Spark fields of the quality columns in table order: each scorer's ``q_<name>`` (double), then its extra
+        columns (``<name>_stats``, ``<name>_rejected``)."""
+        from pyspark.sql import types as T
+        from pyspark.sql.pandas.types import from_arrow_type
+
+        return [f for s in self.quality for f in [T.StructField(f"q_{s.name}", T.DoubleType()),
+                                                  *(T.StructField(c, from_arrow_type(t)) for c, t in s.extra_columns())]]
+
+    def filters(self) -> dict[str, tuple[str, ...]]:
+        """Quality scorer name -> the pre-filter rules it enforces (``text_stats``; empty for the others)."""
+        return {s.name: tuple(getattr(s.adapter, "filter", ())) for s in self.quality}
+
+    @staticmethod
+    def _columns(s: Scorer) -> tuple[str, ...]:
+        return (f"q_{s.name}", *(c for c, _ in s.extra_columns()))
 
     def runs(self) -> list[tuple[str, Scorer, ScorerRun]]:
         out = [("domain", self.domain, self.domain.run(DOMAIN_COLUMNS))]
-        out += [(f"q_{s.name}", s, s.run((f"q_{s.name}",))) for s in self.quality]
+        out += [(f"q_{s.name}", s, s.run(self._columns(s))) for s in self.quality]
         return out
 
 
@@ -216,4 +254,9 @@ def resolve_scorers(cfg: QuadmixConfig, validate: bool = True) -> ScorerSet:
         raise ScorerError(f"annotate.rescore names unknown scorer(s) {', '.join(unknown)} (defined: {defined})")
     domain = build_scorer(ac.domain_scorer, cfg.scorers[ac.domain_scorer], validate)
     quality = tuple(build_scorer(n, cfg.scorers[n], validate) for n in ac.quality_scorers)
+    for s in quality:
+        clash = [c for c, _ in s.extra_columns() if c.startswith("q_")]
+        if clash:
+            raise ScorerError(f"scorer {s.name!r}: its column(s) {', '.join(clash)} would be read as quality criteria "
+                              "(the q_ prefix): give the scorer a name that does not start with 'q_'")
     return ScorerSet(domain, quality)

@@ -2,7 +2,11 @@
 
 For each enabled entry of ``train_scorers.models``:
 - task=quality: positives are reference texts (``train_scorers.reference`` sets, label ``hq``), negatives
-  documents sampled from the ``documents`` table (label ``cc``); metric: held-out ROC AUC of P(hq);
+  documents sampled from the ``documents`` table (label ``cc``), both cut into pieces the same way and
+  matched in length so that neither length nor layout tells them apart (:mod:`quadmix_spark.quality_examples`);
+  metrics: held-out ROC AUC of P(hq), the same within length bins, and a report on corpus documents (length
+  correlation, domains of the top 10%; :mod:`quadmix_spark.scorer_report`) with warnings when a score is
+  mostly length or one domain;
 - task=domain: the documents' ``label_column`` (e.g. the shared corpus's 24 ``topic`` labels), labels
   slugged (``Science & Technology`` -> ``science_and_technology``); metric: held-out top-1 accuracy.
 Models: ``fasttext`` (supervised fastText, trained in a fresh process so it is deterministic), ``tfidf``
@@ -13,8 +17,9 @@ Models: ``fasttext`` (supervised fastText, trained in a fresh process so it is d
 Held-out metrics are computed with the same adapters annotate uses, on the saved files.
 
 Driver memory: training collects a bounded sample to the driver: at most ``max_docs`` domain examples,
-``negatives`` documents, and each reference set's ``max_docs`` documents (texts, or for ``embedding``
-models one float32 vector per example). Nothing else of the corpus leaves the executors.
+``negatives`` documents (three times that before a ``negatives_filter``), each reference set's ``max_docs``
+documents (texts, or for ``embedding`` models one float32 vector per example) and ``report_docs`` documents
+for the report. Nothing else of the corpus leaves the executors.
 
 Versions: a model's version is a hash of its settings, the seed, the held-out fraction, the encoder files
 and the exact examples (with their split). It is written to ``<models_dir>/<name>/<version>/`` (files plus
@@ -39,6 +44,8 @@ from pyspark.sql import functions as F
 
 from quadmix_spark.annotate_config import ReferenceSetConfig, TrainModelConfig
 from quadmix_spark.config import ConfigError, QuadmixConfig
+from quadmix_spark.quality_examples import chunk_text, match_lengths
+from quadmix_spark.scorer_report import auc, auc_by_length, corpus_report, plot_report, report_warnings
 from quadmix_spark.storage import read_table, table_exists
 from quadmix_udfs.fasttext_scorer import FastTextScorer, prepare_lines
 from quadmix_udfs.onnx_text import OnnxTextScorer
@@ -46,7 +53,7 @@ from quadmix_udfs.onnx_transformer import Encoder, OnnxTransformerScorer
 
 DOCUMENTS = "documents"
 HQ, CC = "hq", "cc"
-FORMAT = 2  # bump when the training code changes what a given config produces
+FORMAT = 3  # bump when the training code changes what a given config produces
 
 
 class TrainDataError(ConfigError):
@@ -85,7 +92,7 @@ def slug(label: str) -> str:
     return s or "unknown"
 
 
-def chunk_text(text: str, chunk_chars: int, min_chars: int = 100) -> list[str]:
+def paragraphs(text: str, chunk_chars: int, min_chars: int = 100) -> list[str]:
     """Split at blank lines into chunks of about ``chunk_chars`` characters (short leftovers dropped)."""
     chunks, cur = [], ""
     for para in text.split("\n\n"):
@@ -121,7 +128,7 @@ def read_reference(spark: SparkSession, name: str, ref: ReferenceSetConfig, seed
     rows = _ordered_sample(texts, "text", ref.max_docs, seed).collect()
     out = [r["text"] for r in rows]
     if ref.chunk_chars:
-        out = [c for t in out for c in chunk_text(t, ref.chunk_chars)]
+        out = [c for t in out for c in paragraphs(t, ref.chunk_chars)]
     if not out:
         raise TrainDataError(f"reference set {name!r} ({ref.path}): no non-empty {ref.text_field!r} values")
     return out
@@ -135,25 +142,61 @@ def _documents(spark: SparkSession, cfg: QuadmixConfig) -> DataFrame:
 
 
 def quality_examples(spark: SparkSession, cfg: QuadmixConfig, m: TrainModelConfig) -> Examples:
-    """Positives (reference sets, ``hq``) and sampled documents (``cc``), at most ``max_docs`` in all."""
+    """Positives (reference sets, ``hq``) and documents (``cc``, well-formed ones when ``negatives_filter``
+    names text_stats rules), both cut into ``chunk_chars`` pieces the same way and, with ``length_match``,
+    matched in length bin by bin (:mod:`quadmix_spark.quality_examples`); at most ``max_docs // 2`` pieces of
+    each class. The held-out split is by source document, so pieces of one document are on one side."""
     ts = cfg.train_scorers
-    pos = [t for name in m.positives for t in read_reference(spark, name, ts.reference[name], ts.seed)]
-    pos_keys = [hashlib.sha1(t.encode()).hexdigest() for t in pos]
-    if len(pos) > m.max_docs // 2:  # keep a deterministic half of the budget for positives
-        keep = sorted(range(len(pos)), key=lambda i: hashlib.sha1(f"{ts.seed}/{pos_keys[i]}".encode()).hexdigest())[: m.max_docs // 2]
-        pos, pos_keys = [pos[i] for i in sorted(keep)], [pos_keys[i] for i in sorted(keep)]
-    n_neg = min(m.negatives, m.max_docs - len(pos))
+    sources = [(f"ref:{hashlib.sha1(t.encode()).hexdigest()}", t, HQ)
+               for name in m.positives for t in read_reference(spark, name, ts.reference[name], ts.seed)]
     docs = _documents(spark, cfg).select("doc_id", "text")
-    neg_rows = _ordered_sample(docs, "doc_id", n_neg, ts.seed).collect()
-    texts = pos + [r["text"] for r in neg_rows]
-    keys = [f"ref:{k}" for k in pos_keys] + [f"doc:{r['doc_id']}" for r in neg_rows]
-    labels = [HQ] * len(pos) + [CC] * len(neg_rows)
-    ex = Examples(texts, labels, keys, holdout_flags(keys, ts.holdout_fraction, ts.seed))
+    want = m.negatives * (3 if m.negatives_filter else 1)  # well-formed pages are a part of the sample
+    rows = _ordered_sample(docs, "doc_id", want, ts.seed).collect()
+    if m.negatives_filter:
+        rows = well_formed(rows, m.negatives_filter)[: m.negatives]
+    sources += [(f"doc:{r['doc_id']}", r["text"], CC) for r in rows]
+    texts, labels, keys, groups = [], [], [], []
+    for group, text, label in sources:
+        for j, piece in enumerate(chunk_text(text, m.chunk_chars)):
+            texts.append(piece)
+            labels.append(label)
+            keys.append(f"{group}#{j}")
+            groups.append(group)
+    positive = np.array([lab == HQ for lab in labels], dtype=bool)
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)
+    if m.length_match:
+        keep = match_lengths(keys, positive, lengths, ts.seed, max_per_class=m.max_docs // 2)
+    else:
+        keep = _cap(keys, positive, m.max_docs // 2, ts.seed)
+    idx = np.flatnonzero(keep)
+    ex = Examples([texts[i] for i in idx], [labels[i] for i in idx], [keys[i] for i in idx],
+                  holdout_flags([groups[i] for i in idx], ts.holdout_fraction, ts.seed))
     for flag, part in ((False, "training"), (True, "held-out")):
-        present = {lab for lab, h in zip(labels, ex.holdout) if h == flag}
+        present = {lab for lab, h in zip(ex.labels, ex.holdout) if h == flag}
         if present != {HQ, CC}:
-            raise TrainDataError(f"quality model: the {part} split lacks {sorted({HQ, CC} - present)} examples (too few documents?)")
+            raise TrainDataError(f"quality model: the {part} split lacks {sorted({HQ, CC} - present)} examples (too few "
+                                 "documents, or too few of matching length?)")
     return ex
+
+
+def _cap(keys: list[str], positive: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Every example, at most ``per_class`` of each class (smallest hashes of (seed, key) first)."""
+    rank = np.array([hashlib.sha1(f"{seed}/{k}".encode()).hexdigest() for k in keys])
+    keep = np.zeros(len(keys), dtype=bool)
+    for cls in (True, False):
+        idx = np.flatnonzero(positive == cls)
+        keep[idx[np.argsort(rank[idx], kind="stable")[:per_class]]] = True
+    return keep
+
+
+def well_formed(rows: list, rules) -> list:
+    """The rows whose text passes every ``rules`` of the heuristic scorer (``text_stats``)."""
+    from quadmix_udfs.text_stats import TextStatsScorer
+
+    if not rows:
+        return rows
+    passed = TextStatsScorer(filter=rules).passes_filter([r["text"] for r in rows])
+    return [r for r, ok in zip(rows, passed) if ok]
 
 
 def domain_examples(spark: SparkSession, cfg: QuadmixConfig, m: TrainModelConfig) -> Examples:
@@ -177,12 +220,14 @@ def domain_examples(spark: SparkSession, cfg: QuadmixConfig, m: TrainModelConfig
 # ---------------------------------------------------------------- models
 
 
-def _metrics(task: str, y_true: list[str], scores: np.ndarray, predicted: np.ndarray | None) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+def _metrics(task: str, y_true: list[str], scores: np.ndarray, predicted: np.ndarray | None,
+             texts: list[str] | None = None) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
 
     if task == "quality":
         y = np.array([lab == HQ for lab in y_true])
-        return {"auc": float(roc_auc_score(y, scores)), "accuracy": float(((scores >= 0.5) == y).mean()),
+        within, _ = auc_by_length(y, scores, np.array([len(t) for t in texts or []]) if texts else np.zeros(len(y)))
+        return {"auc": auc(y, scores), "auc_within_length": within, "accuracy": float(((scores >= 0.5) == y).mean()),
                 "holdout_hq": int(y.sum()), "holdout_cc": int((~y).sum())}
     return {"accuracy": float(accuracy_score(y_true, predicted)), "macro_f1": float(f1_score(y_true, predicted, average="macro")),
             "holdout_classes": len(set(y_true))}
@@ -209,7 +254,7 @@ def train_fasttext(ex: Examples, m: TrainModelConfig, task: str, folder: Path, s
     test_texts, test_labels = ex.part(True)
     if task == "quality":
         scores, _ = FastTextScorer(str(folder / name), "score", HQ, m.max_chars).score(test_texts)
-        metrics, scorer = _metrics(task, test_labels, scores, None), {"type": "fasttext", "label": HQ}
+        metrics, scorer = _metrics(task, test_labels, scores, None, test_texts), {"type": "fasttext", "label": HQ}
     else:
         conf, pred = FastTextScorer(str(folder / name), "label", None, m.max_chars).score(test_texts)
         metrics, scorer = _metrics(task, test_labels, conf, pred), {"type": "fasttext", "output": "label"}
@@ -243,7 +288,7 @@ def train_tfidf(ex: Examples, m: TrainModelConfig, task: str, folder: Path, seed
     path = str(folder / "model.onnx")
     if task == "quality":
         scores, _ = OnnxTextScorer(path, "score", HQ, max_chars=m.max_chars).score(test_texts)
-        metrics = _metrics(task, test_labels, scores, None)
+        metrics = _metrics(task, test_labels, scores, None, test_texts)
         ref = pipe.predict_proba([t[: m.max_chars] for t in test_texts])[:, classes.index(HQ)]
         scorer = {"type": "onnx_text", "label": HQ}
     else:
@@ -299,11 +344,72 @@ def train_embedding_head(
     output, label = ("score", HQ) if task == "quality" else ("label", None)
     scorer_obj = OnnxTransformerScorer(encoder, "embedding", output, label, None, head_path)
     scores, pred = scorer_obj.score_embeddings(emb[ex.holdout])
-    metrics = _metrics(task, [lab for lab, h in zip(ex.labels, ex.holdout) if h], scores, pred)
+    test_texts, test_labels = ex.part(True)
+    metrics = _metrics(task, test_labels, scores, pred, test_texts)
     scorer = {"type": "onnx_transformer", "model": m.encoder, "tokenizer": m.tokenizer, "head": "embedding",
               "head_file": "head.npz", "max_chars": m.max_chars, "max_length": m.max_length, "batch_size": m.batch_size}
     scorer.update({"label": HQ} if task == "quality" else {"output": "label"})
     return {"head_file": "head.npz"}, metrics, scorer
+
+
+# ---------------------------------------------------------------- the quality report
+
+
+def report_domain_column(cfg: QuadmixConfig, columns: list[str]) -> str | None:
+    """The documents column the report reads domains from (see ``train_scorers.report_domain_column``)."""
+    ts = cfg.train_scorers
+    if ts.report_domain_column:
+        if ts.report_domain_column not in columns:
+            raise TrainDataError(f"train_scorers.report_domain_column {ts.report_domain_column!r} is not a documents "
+                                 f"column (columns: {', '.join(columns)})")
+        return ts.report_domain_column
+    return next((m.label_column for m in ts.models.values() if m.enabled and m.task == "domain" and m.label_column in columns), None)
+
+
+def score_texts(spark: SparkSession, scorer: dict, files: dict, folder: Path, texts: list[str]) -> np.ndarray:
+    """The scores a trained model (its files in ``folder``) gives ``texts`` whole, as annotate would."""
+    from quadmix_spark.annotate_config import ScorerConfig
+    from quadmix_spark.scorers import build_scorer
+
+    conf = {**scorer, **{k: str(folder / v) for k, v in files.items()}}
+    adapter = build_scorer("report", ScorerConfig(**conf), validate=False).adapter
+    if isinstance(adapter, OnnxTransformerScorer) and adapter.head == "embedding":
+        return adapter.score_embeddings(compute_embeddings(spark, adapter.encoder, texts))[0]
+    return np.asarray(adapter.score(texts)[0], dtype=np.float64)
+
+
+def quality_report(spark: SparkSession, cfg: QuadmixConfig, name: str, ex: Examples, scorer: dict, files: dict,
+                   folder: Path) -> tuple[dict, dict]:
+    """(numeric metrics, report) of the report's corpus part (:mod:`quadmix_spark.scorer_report`): ``report_docs``
+    documents the model was not trained on, scored whole; ``report.json`` and ``report.png`` are written
+    into ``folder``."""
+    ts = cfg.train_scorers
+    texts, labels = ex.part(True)
+    _, bins = auc_by_length(np.array([lab == HQ for lab in labels]), score_texts(spark, scorer, files, folder, texts),
+                            np.array([len(t) for t in texts]))
+    out: dict = {}
+    domains_table = None
+    scores = lengths = np.zeros(0)
+    if ts.report_docs:
+        docs = _documents(spark, cfg)
+        column = report_domain_column(cfg, docs.columns)
+        used = sorted({k.rsplit("#", 1)[0][len("doc:"):] for k in ex.keys if k.startswith("doc:")})
+        sample = docs.where(~F.col("doc_id").isin(used)) if used else docs
+        cols = ["doc_id", "text", *([F.col(column).cast("string").alias("_domain")] if column else [])]
+        rows = _ordered_sample(sample.select(*cols), "doc_id", ts.report_docs, ts.seed + 1).collect()
+        texts_c = [r["text"] for r in rows]
+        scores = score_texts(spark, scorer, files, folder, texts_c) if rows else np.zeros(0)
+        lengths = np.array([len(t) for t in texts_c])
+        out, domains_table = corpus_report(scores, lengths, np.array([r["_domain"] for r in rows], dtype=object) if column else None)
+    report = {"length_bins": bins.to_dict("records"), "domains": [] if domains_table is None else domains_table.to_dict("records"),
+              "top10_max_domain": out.pop("top10_max_domain", None)}
+    (folder / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    if len(scores):
+        import pandas as pd
+
+        plot_report(name, bins, scores, lengths, domains_table if domains_table is not None else pd.DataFrame(
+            columns=["domain", "share", "top_share"]), folder / "report.png")
+    return out, report
 
 
 # ---------------------------------------------------------------- versions, folders, the stage
@@ -323,13 +429,16 @@ class TrainedModel:
     labels: list[str]
     scorer: dict  # a `scorers.<name>` entry that loads this model from current/
     skipped: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        keys = ("auc", "accuracy") if self.task == "quality" else ("accuracy", "macro_f1", "n_classes")
+        keys = (("auc", "auc_within_length", "accuracy", "spearman_length", "top10_max_domain_share") if self.task == "quality"
+                else ("accuracy", "macro_f1", "n_classes"))
         shown = ", ".join(f"{k}={self.metrics[k]:.4g}" for k in keys if k in self.metrics)
         state = "up to date" if self.skipped else "trained"
-        return (f"  {self.name:<16} {self.task}/{self.model} v{self.version} {state}: held-out {shown} "
-                f"(train {self.n_train}, held-out {self.n_holdout}) -> {self.current}")
+        lines = [f"  {self.name:<16} {self.task}/{self.model} v{self.version} {state}: held-out {shown} "
+                 f"(train {self.n_train}, held-out {self.n_holdout}) -> {self.current}"]
+        return "\n".join(lines + [f"    warning: {w}" for w in self.warnings])
 
 
 @dataclass
@@ -392,8 +501,12 @@ def train_model(spark: SparkSession, cfg: QuadmixConfig, name: str, m: TrainMode
                 files, metrics, scorer = train_embedding_head(spark, ex, m, m.task, work, ts.seed)
             if m.task == "domain":
                 metrics["n_classes"] = len(set(ex.labels))
+            else:
+                corpus, report = quality_report(spark, cfg, name, ex, scorer, files, work)
+                metrics.update(corpus)
+                warnings = report_warnings({**metrics, "top10_max_domain": report["top10_max_domain"]})
             meta = {"name": name, "task": m.task, "model": m.model, "version": version, "files": files,
-                    "metrics": metrics, **ex.counts(), "labels": sorted(set(ex.labels)), "scorer": scorer,
+                    "metrics": metrics, "warnings": warnings if m.task == "quality" else [], **ex.counts(), "labels": sorted(set(ex.labels)), "scorer": scorer,
                     "params": m.model_dump(), "seed": ts.seed, "holdout_fraction": ts.holdout_fraction}
             (work / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
             if folder.exists():  # an unfinished earlier attempt (no meta.json)
@@ -411,7 +524,7 @@ def train_model(spark: SparkSession, cfg: QuadmixConfig, name: str, m: TrainMode
         scorer[key] = str(current / file_name)
     scorer["version"] = version
     return TrainedModel(name, m.task, m.model, version, str(folder), str(current), meta["metrics"], meta["n_train"],
-                        meta["n_holdout"], meta["labels"], scorer, skipped)
+                        meta["n_holdout"], meta["labels"], scorer, skipped, meta.get("warnings", []))
 
 
 def check_training_inputs(spark: SparkSession, cfg: QuadmixConfig, models: dict[str, TrainModelConfig]) -> None:
@@ -466,7 +579,9 @@ def train_scorers_job(cfg: QuadmixConfig) -> TrainReport:
             params.update({f"param.{k}": v for k, v in cfg.train_scorers.models[t.name].model_dump().items() if v is not None})
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_metrics({k: float(v) for k, v in t.metrics.items()})
-            mlflow.log_artifacts(t.folder, artifact_path=f"models/{t.name}")
+            mlflow.log_artifacts(t.folder, artifact_path=f"models/{t.name}")  # with report.json / report.png
+            if t.warnings:
+                mlflow.set_tag("quadmix.train.warnings", " | ".join(t.warnings)[:5000])
         mlflow.log_metrics({f"{t.name}.{k}": float(v) for k, v in t.metrics.items()})
         mlflow.log_param(f"{t.name}.version", t.version)
 

@@ -86,6 +86,7 @@ def configs(heads: dict[str, str], tfidf_model: str) -> dict[str, dict]:
         "embedding_linear": minilm(head="embedding", head_file=heads["linear"]),
         "softmax": minilm(head="softmax", model=heads["softmax"], labels=labels, output="label"),
         "regression": minilm(head="regression", model=heads["regression"]),
+        "text_stats": {"type": "text_stats", "max_chars": 600, "filter": "all"},
     }
 
 
@@ -106,7 +107,7 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 @pytest.mark.parametrize("kind", ["fasttext_score", "fasttext_label", "onnx_text_score", "onnx_text_label", "embedding_logistic",
-                                  "embedding_logistic_score", "embedding_linear", "softmax", "regression"])
+                                  "embedding_logistic_score", "embedding_linear", "softmax", "regression", "text_stats"])
 def test_a_document_scores_the_same_bits_alone_in_any_batch_and_at_any_batch_size(kind, texts, heads, tfidf_model):
     cfg = configs(heads, tfidf_model)[kind]
     alone = [score(cfg, [t]) for t in texts]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -15,9 +16,9 @@ from quadmix_spark.ingest import run_ingest
 from quadmix_spark.scorers import build_scorer
 from quadmix_spark.train_scorers import (
     TrainDataError,
-    chunk_text,
     holdout_flags,
     models_dir,
+    paragraphs,
     quality_examples,
     run_train_scorers,
     slug,
@@ -79,6 +80,35 @@ def test_held_out_metrics_are_sane_on_real_data(trained):
     for t in report.models:
         assert t.n_holdout > 0 and t.n_train > 3 * t.n_holdout
     assert "dclm" in report.summary() and "held-out auc=" in report.summary()
+
+
+@pytest.mark.spark
+def test_quality_models_train_on_length_matched_pieces_and_report_what_they_measure(spark, trained):
+    """Both classes are cut the same way and matched in length; the report (held-out AUC within length bins,
+    length correlation and domains of the top 10% on unseen documents) is stored, logged and plotted."""
+    import mlflow
+
+    from quadmix_spark.quality_examples import length_bins
+
+    cfg, report = trained
+    for t in (m for m in report.models if m.task == "quality"):
+        ex = quality_examples(spark, cfg, cfg.train_scorers.models[t.name])
+        positive = np.array([lab == "hq" for lab in ex.labels])
+        bins = length_bins(np.array([len(x) for x in ex.texts]))
+        for b in np.unique(bins):
+            assert (positive & (bins == b)).sum() == (~positive & (bins == b)).sum()
+        assert max(len(x) for x in ex.texts) <= cfg.train_scorers.models[t.name].chunk_chars
+        for key in ("auc_within_length", "spearman_length", "top10_max_domain_share", "report_docs"):
+            assert key in t.metrics, (t.name, key)
+        assert t.metrics["report_docs"] > 0 and -1 <= t.metrics["spearman_length"] <= 1
+        folder = json.load(open(f"{t.current}/meta.json"))
+        assert "warnings" in folder and {"report.json", "report.png"} <= set(os.listdir(t.current))
+        saved = json.load(open(f"{t.current}/report.json"))
+        assert saved["length_bins"] and saved["domains"] and saved["top10_max_domain"]
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("quadmix").experiment_id],
+                                "tags.`quadmix.model` = 'dclm'")
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "models/dclm")} >= {"models/dclm/report.png"}
 
 
 @pytest.mark.spark
@@ -190,7 +220,7 @@ def test_training_config_errors_name_the_problem(tmp_path):
 def test_slugs_chunks_and_split_are_deterministic():
     assert slug("Science & Technology") == "science_and_technology" and slug("Software Dev.") == "software_dev"
     text = "\n\n".join(f"Paragraph {i} " + "word " * 40 for i in range(20))
-    chunks = chunk_text(text, 500)
+    chunks = paragraphs(text, 500)
     assert all(len(c) >= 500 for c in chunks[:-1]) and "".join(chunks).replace("\n", "") in text.replace("\n", "")
     keys = [f"doc:{i}" for i in range(2000)]
     flags = holdout_flags(keys, 0.2, seed=13)

@@ -6,6 +6,8 @@ Arrow arrays Spark sent are sent back; nothing goes through pandas). Embedding s
 (same model, tokenizer, truncation) run the encoder once per batch and apply each head to the shared
 embeddings; fastText scorers with the same ``max_chars`` share one preparation of the texts (cut, newlines
 replaced, done by Arrow's compute kernels on the batch's buffers), so each text is scanned once per batch.
+Adapters with ``score_arrow`` (``text_stats``) take the Arrow text array itself and fill, besides the score,
+their extra columns (``ScorerRun.columns[1:]``), null on the rows they did not score.
 
 Scores are stored as the adapters compute them, unrounded: every adapter gives a document the same bits
 whatever its batch neighbours, batch size and partitioning (each one's docstring says how), so the
@@ -35,7 +37,7 @@ class ScorerRun:
 
     name: str
     adapter: Any
-    output: str  # "score" -> (q_<name>,) ; "label" -> (domain, domain_conf)
+    output: str  # "score" -> (q_<name>, *extra columns) ; "label" -> (domain, domain_conf)
     columns: tuple[str, ...]
 
     @property
@@ -54,6 +56,18 @@ def _shares_encoder(run: ScorerRun) -> bool:
 def _shares_lines(run: ScorerRun) -> bool:
     # exactly the stock adapter: a subclass may override score() and must keep being called through it
     return type(run.adapter) is FastTextScorer
+
+
+def _scores_arrow(run: ScorerRun) -> bool:
+    return hasattr(run.adapter, "score_arrow")
+
+
+def _spread(values: pa.Array, need: np.ndarray) -> pa.Array:
+    """``values`` (one per row ``need`` selects) placed on those rows of the batch, null on the others."""
+    if need.all():
+        return values
+    where = np.cumsum(need) - 1
+    return values.take(pa.array(where, mask=~need))
 
 
 def _mask(batch: pa.RecordBatch, column: str) -> np.ndarray:
@@ -91,8 +105,12 @@ def score_batch(runs: Sequence[ScorerRun], batch: pa.RecordBatch, out_columns: S
         need = needs[run.name]
         values = np.full(len(need), np.nan)
         labels = np.full(len(need), None, dtype=object)
+        extra = [pa.nulls(len(need), t) for _, t in run.adapter.extra_columns(run.name)] if _scores_arrow(run) else []
         if need.any():
-            if _shares_encoder(run):
+            if _scores_arrow(run):
+                scores, scored = run.adapter.score_arrow(text if need.all() else text.filter(need))
+                extra, names = [_spread(arr, need) for arr in scored], None
+            elif _shares_encoder(run):
                 scores, names = run.adapter.score_embeddings(_subset(*embedded[run.adapter.encoder], need))
             elif _shares_lines(run):
                 scores, names = run.adapter.score_lines(_subset(*lines[run.adapter.max_chars], need))
@@ -107,6 +125,7 @@ def score_batch(runs: Sequence[ScorerRun], batch: pa.RecordBatch, out_columns: S
             columns[run.columns[1]] = col
         else:
             columns[run.columns[0]] = col
+            columns.update(zip(run.columns[1:], extra))
     arrays = [columns[c] if c in columns else batch.column(c) for c in out_columns]
     return pa.RecordBatch.from_arrays(arrays, names=list(out_columns))
 
