@@ -12,7 +12,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 STAMP := $(VENV)/.installed
 JARS_STAMP := $(VENV)/.delta-jars
 
-.PHONY: setup test test-cluster slow bench demo ui wheel clean
+.PHONY: setup test test-cluster test-faults slow bench quality demo ui wheel clean
 setup: $(STAMP) $(JARS_STAMP)
 
 $(STAMP): pyproject.toml requirements/lock.txt
@@ -27,17 +27,25 @@ $(JARS_STAMP): $(STAMP) quadmix_spark/jars.py
 	touch $@
 
 test: setup
-	$(PY) -m pytest -m "not slow and not cluster and not gpu" tests
+	$(PY) -m pytest -m "not slow and not cluster and not gpu and not faults" tests
 
 # A real standalone cluster and an MLflow server on 127.0.0.1, spark-submit, and the MLflow UI in Chromium.
 test-cluster: setup
 	$(PY) -m pytest -m cluster tests/cluster tests/test_ui.py
+
+# Stage drivers SIGKILLed at fault points and rerun, and stages run twice at once (about 25 minutes on 2 cores).
+test-faults: setup
+	$(PY) -m pytest -m faults tests/faults
 
 slow: setup
 	$(PY) -m pytest -m "slow" tests
 
 bench: setup
 	$(PY) -m bench.run
+
+# The selection-quality experiment (hours on 2 cores; resumable: run it again to continue).
+quality: setup
+	$(PY) -m bench.quality $(QUALITY_ARGS)
 
 DEMO_CONF := -c conf/default.yaml -c conf/scorers.yaml -c conf/search-demo.yaml
 
@@ -52,6 +60,7 @@ demo: setup
 	$(VENV)/bin/quadmix search $(DEMO_CONF)
 	$(VENV)/bin/quadmix sample $(DEMO_CONF) --params search:demo --set sampling.run=demo-star --set sampling.budget_tokens=2000000
 	$(VENV)/bin/quadmix evaluate $(DEMO_CONF)
+	$(VENV)/bin/quadmix evaluate $(DEMO_CONF) --set proxy.model.kind=transformer
 	$(PY) -m quadmix_spark.summary $(DEMO_CONF)
 
 ui: setup

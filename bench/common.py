@@ -309,14 +309,18 @@ def write_result(
     assert tuple(result) == RESULT_KEYS
     if extra:
         result["details"] = extra
-    out_dir = results_dir or RESULTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
+    write_json((results_dir or RESULTS_DIR) / f"{name}.json", result)
+    return result
+
+
+def write_json(path: Path, obj: Any, indent: int = 2) -> Path:
+    """``obj`` as JSON at ``path`` (folder created), through a temporary file, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent, default=str) + "\n")
     tmp.replace(path)
     log(f"wrote {path}")
-    return result
+    return path
 
 
 # ---------------------------------------------------------------- Spark

@@ -26,6 +26,7 @@ BENCHMARKS = {
     "tokenize": "bench.bench_tokenize",
     "search": "bench.bench_search",
     "proxy": "bench.bench_proxy",
+    "ngram": "bench.bench_ngram",
 }
 
 

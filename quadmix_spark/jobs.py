@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pyspark.sql import functions as F
+
 from quadmix_spark.config import QuadmixConfig
 from quadmix_spark.ingest import IngestReport, report_dict, run_ingest
 from quadmix_spark.session import get_spark
@@ -11,8 +13,8 @@ from quadmix_spark.tracking import stage_run
 def ingest_job(cfg: QuadmixConfig) -> IngestReport:
     import mlflow
 
-    spark = get_spark(cfg)
-    with stage_run(cfg, "ingest") as run:
+    with stage_run(cfg, "ingest") as run:  # the lease first: a second ingest stops before starting Spark
+        spark = get_spark(cfg)
         report = run_ingest(spark, cfg, run_id=run.info.run_id)
         mlflow.log_params({"ingest.format": report.format, "ingest.batch_id": report.batch_id or "none"})
         mlflow.log_metrics({k: v for k, v in report_dict(report).items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -28,8 +30,8 @@ def normalize_job(cfg: QuadmixConfig):
     from quadmix_spark.normalize import SCORE_KNOTS, run_normalize
     from quadmix_spark.sample import ANNOTATIONS
 
-    spark = get_spark(cfg)
     with stage_run(cfg, "normalize") as run:
+        spark = get_spark(cfg)
         knots, written = run_normalize(
             spark, cfg.storage.table(ANNOTATIONS), cfg.storage.table(SCORE_KNOTS), cfg.normalize.method,
             cfg.normalize.n_knots, run_id=run.info.run_id,
@@ -77,7 +79,7 @@ def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | No
             from quadmix_spark.kernel.theta import sample_thetas
 
             theta = sample_thetas(inp.domains, inp.criteria, 1, random_seed)[0]
-    with stage_run(cfg, "sample", run_name=f"sample-{cfg.sampling.run}") as run:
+    with stage_run(cfg, "sample", run_name=f"sample-{cfg.sampling.run}", scope=f"sample.{cfg.sampling.run}") as run:
         if theta is not None:
             mlflow.log_params(theta_params(theta))
             mlflow.log_dict(theta.to_dict(), "theta.json")
@@ -103,6 +105,8 @@ def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | No
 
 def sample_many_job(cfg: QuadmixConfig, params_set: str):
     """K θ in one job: the proxy index and each θ's realized tokens."""
+    import hashlib
+
     import mlflow
 
     from quadmix_spark.sample import load_inputs, run_sample_many
@@ -111,7 +115,8 @@ def sample_many_job(cfg: QuadmixConfig, params_set: str):
     spark = get_spark(cfg)
     inp = load_inputs(spark, cfg)
     thetas = load_set(params_set, inp.domains, inp.criteria)
-    with stage_run(cfg, "sample-many") as run:
+    ids = sorted(t.theta_id for t in thetas)  # the same θ set twice at once: the second stops
+    with stage_run(cfg, "sample-many", scope=f"sample-many.{hashlib.sha256(' '.join(ids).encode()).hexdigest()[:16]}") as run:
         result = run_sample_many(spark, cfg, thetas, run_id=run.info.run_id)
         mlflow.log_params({"n_theta": len(thetas), "params_set": params_set})
         mlflow.log_table(result.tokens, "theta_tokens.json")
@@ -122,11 +127,17 @@ def propose_job(cfg: QuadmixConfig, n: int | None = None):
     """K θ of search ``search.name`` from Algorithm 1, as MLflow child runs (names from the annotations)."""
     from quadmix_spark.propose import propose
     from quadmix_spark.proxy_pool import pool_predicate
+    from quadmix_spark.run_guard import lease, search_scope
     from quadmix_spark.sample import load_inputs
+    from quadmix_spark.tracking import configure_mlflow
 
-    spark = get_spark(cfg)
-    inp = load_inputs(spark, cfg, pool_predicate(cfg))
-    return propose(cfg, inp.domains, inp.criteria, n or cfg.search.n_proposals)
+    configure_mlflow(cfg)
+    with lease(cfg, search_scope(cfg.search.name), "propose"):  # propose and proxy of one search exclude each other
+        spark = get_spark(cfg)
+        inp = load_inputs(spark, cfg, pool_predicate(cfg))
+        tokens = {r["domain"]: int(r["tokens"]) for r in inp.annotations.groupBy("domain").agg(
+            F.sum("n_tokens").alias("tokens")).collect()}
+        return propose(cfg, inp.domains, inp.criteria, n or cfg.search.n_proposals, domain_tokens=tokens)
 
 
 def proxy_job(cfg: QuadmixConfig):
@@ -135,8 +146,10 @@ def proxy_job(cfg: QuadmixConfig):
 
     from quadmix_spark.proxy import outcomes_frame, run_search_proxies
 
-    spark = get_spark(cfg)
-    with stage_run(cfg, "proxy", run_name=f"proxy-{cfg.search.name}") as run:
+    from quadmix_spark.run_guard import search_scope
+
+    with stage_run(cfg, "proxy", run_name=f"proxy-{cfg.search.name}", scope=search_scope(cfg.search.name)) as run:
+        spark = get_spark(cfg)
         mlflow.set_tag("quadmix.search", cfg.search.name)
         report = run_search_proxies(spark, cfg, run_id=run.info.run_id)
         mlflow.log_metrics({"trained": float(len(report.outcomes) - len(report.failed)), "failed": float(len(report.failed)),

@@ -4,8 +4,10 @@ MLflow contract (what ``quadmix proxy`` writes and ``quadmix search`` reads; use
 fill it in instead, see README "Bring your own trainer"):
 
 - parent run: tags ``quadmix.search=<name>``, ``quadmix.role=search``; params ``search.seed``,
-  ``search.lambda_mode``, ``search.criteria``; artifact ``thetas.json`` (every proposed θ, so that
-  ``quadmix sample --params-set <parent run id>`` reads the set).
+  ``search.lambda_mode``, ``search.criteria`` (and the domains, all criteria and the sampler's version: the
+  settings the θ were drawn with, which ``quadmix search`` checks); artifacts ``thetas.json`` (every proposed
+  θ, so that ``quadmix sample --params-set <parent run id>`` reads the set) and ``domain_tokens.json`` (the
+  pool's tokens per domain).
 - child run per θ: tags ``mlflow.parentRunId``, ``quadmix.search``, ``quadmix.role=proxy``,
   ``quadmix.theta_id``, ``quadmix.proposal_index``, ``quadmix.domains`` / ``quadmix.criteria`` (JSON
   lists) and ``quadmix.proxy.status`` (pending | running | finished | failed); θ as flat params
@@ -29,6 +31,7 @@ from quadmix_spark.kernel.theta import Theta, sample_theta_matrix
 from quadmix_spark.thetas import THETA_ARTIFACT, THETAS_ARTIFACT, theta_params
 
 ROLE_SEARCH, ROLE_PROXY = "search", "proxy"
+SAMPLER_VERSION = "algorithm1/1"  # recorded on a search: a change to the θ sampler's ranges must bump it
 STATUS_TAG = "quadmix.proxy.status"
 PENDING, RUNNING, FINISHED, FAILED = "pending", "running", "finished", "failed"
 
@@ -101,10 +104,18 @@ def _log_params(client, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=items[i:i + 100])
 
 
-def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int) -> ProposeResult:
-    """Make sure search ``cfg.search.name`` has θ number 0..n-1 (creating what is missing)."""
+DOMAIN_TOKENS_ARTIFACT = "domain_tokens.json"
+
+
+def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
+            domain_tokens: dict[str, int] | None = None) -> ProposeResult:
+    """Make sure search ``cfg.search.name`` has θ number 0..n-1 (creating what is missing). ``domain_tokens``
+    (the pool's tokens per domain) is recorded on the parent run: the search derives each θ's domain mix
+    from it (:func:`quadmix_spark.search.mix_features`)."""
     import mlflow
 
+    from quadmix_spark import faults
+    from quadmix_spark.run_guard import resume_search_parent, settle_children
     from quadmix_spark.tracking import configure_mlflow
 
     sc = cfg.search
@@ -117,22 +128,23 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int)
     exp_id = experiment_id(client, cfg.tracking.experiment)
     recorded = {"search.seed": str(sc.seed), "search.lambda_mode": sc.lambda_mode,
                 "search.criteria": json.dumps(sc.criteria), "search.domains": json.dumps(domains),
-                "search.all_criteria": json.dumps(criteria)}
-    parent = find_search(client, exp_id, sc.name)
+                "search.all_criteria": json.dumps(criteria), "search.sampler": SAMPLER_VERSION}
+    parent = resume_search_parent(client, find_search(client, exp_id, sc.name), recorded, cfg.resolved())
     if parent is None:
         parent = client.create_run(exp_id, run_name=f"search-{sc.name}",
                                    tags={"quadmix.search": sc.name, "quadmix.role": ROLE_SEARCH, "quadmix.stage": "propose"})
+        faults.point("propose.parent.created")
         _log_params(client, parent.info.run_id, recorded)
         client.log_dict(parent.info.run_id, cfg.resolved(), "config.yaml")
     else:
         have = parent.data.params
-        differ = {k: (have.get(k), v) for k, v in recorded.items() if have.get(k) != v}
+        differ = {k: (have.get(k), v) for k, v in recorded.items() if k in have and have[k] != v}
         if differ:
             raise ValueError(f"search {sc.name!r} exists with other settings {differ} (recorded, now): "
                              "use another search.name or the recorded settings")
     parent_id = parent.info.run_id
-    existing = {int(r.data.tags["quadmix.proposal_index"]) for r in child_runs(client, exp_id, parent_id)
-                if "quadmix.proposal_index" in r.data.tags}
+    children = settle_children(client, child_runs(client, exp_id, parent_id), sc.metric, repair=True)
+    existing = {int(r.data.tags["quadmix.proposal_index"]) for r in children if "quadmix.proposal_index" in r.data.tags}
     thetas, created = [], 0
     tags_common = {"mlflow.parentRunId": parent_id, "quadmix.search": sc.name, "quadmix.role": ROLE_PROXY,
                    "quadmix.domains": json.dumps(domains), "quadmix.criteria": json.dumps(criteria)}
@@ -143,6 +155,7 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int)
             continue
         child = client.create_run(exp_id, run_name=f"theta-{i:04d}", tags={
             **tags_common, "quadmix.theta_id": theta.theta_id, "quadmix.proposal_index": str(i), STATUS_TAG: PENDING})
+        faults.point("propose.child.created")
         _log_params(client, child.info.run_id, theta_params(theta))
         client.log_dict(child.info.run_id, theta.to_dict(), THETA_ARTIFACT)
         client.update_run(child.info.run_id, status="SCHEDULED")
@@ -150,7 +163,10 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int)
     n_all = max([n, *(i + 1 for i in existing)])
     all_thetas = thetas + [draw_theta(domains, criteria, sc.seed, i, sc.lambda_mode, sc.criteria) for i in range(n, n_all)]
     client.log_dict(parent_id, {"thetas": [t.to_dict() for t in all_thetas]}, THETAS_ARTIFACT)
+    if domain_tokens is not None:
+        client.log_dict(parent_id, {d: int(v) for d, v in sorted(domain_tokens.items())}, DOMAIN_TOKENS_ARTIFACT)
     client.set_tag(parent_id, "quadmix.n_proposals", str(n_all))
+    faults.point("propose.end")
     if parent.info.status == "RUNNING":
         client.set_terminated(parent_id, "FINISHED")
     return ProposeResult(sc.name, parent_id, all_thetas, created)

@@ -27,6 +27,7 @@ import pandas as pd
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from quadmix_spark import faults
 from quadmix_spark.config import QuadmixConfig, local_path
 from quadmix_spark.propose import FAILED, FINISHED, PENDING, RUNNING, STATUS_TAG
 from quadmix_spark.proxy_pool import Pool
@@ -77,6 +78,7 @@ class TaskEnv:
     fail_theta_ids: tuple = ()
     fail_at_step: int = 1
     fingerprint: str = ""
+    extra_evals: tuple = ()  # (name, path) of other target sets, logged as `<name>.<metric>`
 
 
 @dataclass
@@ -92,6 +94,7 @@ class ProxyOutcome:
     label: str = ""
     seed: int = 0
     task_losses: dict = field(default_factory=dict)
+    extra_losses: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- the executor side
@@ -115,20 +118,47 @@ def _device(pref: str) -> str:
     return f"cuda:{gpu}" if gpu is not None and gpu < torch.cuda.device_count() else "cuda:0"
 
 
-def read_plan(plans_dir: str, theta_id: str) -> pd.DataFrame:
-    """The θ's plan in a canonical order (the trainer's shuffles then do not depend on file order).
+DEFAULTS_DIR = "_defaults"  # beside the plan partitions; "_" keeps Spark and pyarrow from reading it as data
 
-    Tail documents (S < 1) were drawn once into the index; they keep that single copy in every epoch
-    (S = 1), while kept documents (S >= 1) redraw their fractional copy each epoch (spec §2.6)."""
+
+def _doc_keys(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """One comparable key per document: (shard, offset, length) (an empty document shares its offset with the next)."""
+    stacked = np.ascontiguousarray(np.stack([cols["shard"], cols["offset"], cols["length"]], axis=1).astype(np.int64))
+    return stacked.view(np.dtype((np.void, 24))).ravel()
+
+
+def read_plan(plans_dir: str, theta_id: str, pool_dir: str | None = None) -> dict[str, np.ndarray]:
+    """Every pool document the θ can draw, with its S, in a canonical order (the trainer's shuffles then do
+    not depend on file order): columns ``doc_hash, S, shard, offset, length``.
+
+    The plan file lists the documents the index kept (S >= 1, and the ε-tail documents its epoch-0 draw
+    picked); every other pool document gets its domain's default S (ε for a θ, the fraction for the random
+    baseline, 0 for the top-k baselines: ``_defaults/<θ id>.json``). The trainer then redraws the fractional
+    copy of every document each epoch, the tail included, as the sample stage does (spec §2.6). Without a
+    defaults file or ``pool_dir`` the plan's rows are all there is."""
     import pyarrow.parquet as pq
 
     path = Path(plans_dir) / f"theta_id={theta_id}"
-    if not path.exists():
+    defaults_path = Path(plans_dir) / DEFAULTS_DIR / f"{theta_id}.json"
+    defaults = json.loads(defaults_path.read_text()) if defaults_path.exists() else {}
+    names = ["doc_hash", "S", "shard", "offset", "length"]
+    if path.exists():
+        table = pq.read_table(path, columns=names)
+        cols = {c: table.column(c).to_numpy().astype(np.float64 if c == "S" else np.int64) for c in names}
+    elif defaults_path.exists():  # the index kept nothing (tiny domains); the tail may still be drawn
+        cols = {c: np.zeros(0, dtype=np.float64 if c == "S" else np.int64) for c in names}
+    else:
         raise FileNotFoundError(f"no plan for θ {theta_id} under {plans_dir}")
-    plan = pq.read_table(path).to_pandas()
-    plan = plan.sort_values(["doc_hash", "shard", "offset"], kind="stable").reset_index(drop=True)
-    plan["S"] = np.where(plan["S"].to_numpy() < 1.0, 1.0, plan["S"].to_numpy())
-    return plan
+    if pool_dir is not None and any(v > 0 for v in defaults.values()):
+        from quadmix_spark.proxy_pool import load_doc_index
+
+        docs = load_doc_index(pool_dir)
+        listed = np.isin(_doc_keys(docs), _doc_keys(cols))
+        default_s = np.array([float(defaults.get(d, 0.0)) for d in docs["domain"]], dtype=np.float64)
+        rest = ~listed & (default_s > 0)
+        cols = {c: np.concatenate([cols[c], default_s[rest] if c == "S" else docs[c][rest]]) for c in cols}
+    order = np.lexsort((cols["offset"], cols["shard"], cols["doc_hash"]))
+    return {c: v[order] for c, v in cols.items()}
 
 
 def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
@@ -162,19 +192,35 @@ def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
             if task.theta_id in env.fail_theta_ids and step >= env.fail_at_step:
                 raise RuntimeError(f"injected failure at step {step} (proxy.fail_theta_ids)")
 
-        result = train_proxy(read_plan(env.plans_dir, task.theta_id), TokenStore.open(env.pool_dir), EvalSet.load(env.eval_path),
-                             ModelShape(**env.shape), settings, task.theta_key, env.sample_seed, device=device,
-                             on_metrics=log_metrics, on_step=on_step, task_weights=env.task_weights)
+        plan, store = read_plan(env.plans_dir, task.theta_id, env.pool_dir), TokenStore.open(env.pool_dir)
+        extra = {name: EvalSet.load(path) for name, path in env.extra_evals}
+        shape = {k: v for k, v in env.shape.items() if k not in ("kind", "order", "ngram_counts")}
+        if env.shape.get("kind") == "ngram":
+            from quadmix_spark.ngram_lm import train_ngram_proxy
+
+            on_step(env.fail_at_step)  # fault injection has no steps to wait for
+            result = train_ngram_proxy(plan, store, EvalSet.load(env.eval_path), settings, task.theta_key, env.sample_seed,
+                                       order=env.shape["order"], vocab_size=shape["vocab_size"], task_weights=env.task_weights,
+                                       seq_len=shape["seq_len"], extra_eval_sets=extra, counts=env.shape["ngram_counts"])
+        else:
+            result = train_proxy(plan, store, EvalSet.load(env.eval_path), ModelShape(**shape), settings, task.theta_key,
+                                 env.sample_seed, device=device, on_metrics=log_metrics, on_step=on_step,
+                                 task_weights=env.task_weights, extra_eval_sets=extra)
         now = int(time.time() * 1000)
         metrics = {env.metric: result.target_loss, "tokens": result.tokens, "steps": result.steps, "epochs": result.epochs,
                    "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "final_train_loss": result.final_train_loss,
                    "params_non_embedding": result.params_non_embedding, "params_total": result.params_total,
                    **{f"{env.metric}.{k}": v for k, v in result.task_losses.items()}}
+        for name, (loss, tasks) in result.extra_losses.items():
+            metrics[f"{name}.{env.metric}"] = loss
+            metrics.update({f"{name}.{env.metric}.{k}": v for k, v in tasks.items()})
         client.log_batch(task.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        faults.point("proxy.trained")
         client.set_tag(task.run_id, STATUS_TAG, FINISHED)
         client.set_terminated(task.run_id, "FINISHED")
         out.status, out.target_loss, out.tokens = FINISHED, result.target_loss, result.tokens
         out.seconds, out.tokens_per_s, out.task_losses = result.seconds, result.tokens_per_s, dict(result.task_losses)
+        out.extra_losses = {name: loss for name, (loss, _) in result.extra_losses.items()}
     except Exception as e:  # recorded on the run; the rerun retries it
         out.error = f"{type(e).__name__}: {e}"
         try:
@@ -194,28 +240,43 @@ def _train_partition(env: TaskEnv, rows):
 # ---------------------------------------------------------------- the driver side
 
 
-def write_plans(spark: SparkSession, cfg: QuadmixConfig, pool: Pool, theta_ids: list[str]) -> str:
-    """One plan per θ (doc_hash, S, shard, offset, length) from its proxy index, as Parquet under the pool."""
+def write_plans(spark: SparkSession, cfg: QuadmixConfig, pool: Pool, defaults: dict[str, dict[str, float]]) -> str:
+    """One plan per θ (doc_hash, S, shard, offset, length) from its proxy index, as Parquet under the pool, and
+    its default S per domain for the pool documents the plan does not list (``{θ id: {domain: S}}``, see
+    :func:`read_plan`)."""
     plans_dir = f"{pool.folder}/plans"
+    theta_ids = list(defaults)
     index = read_table(spark, cfg.storage.table(PROXY_INDEX)).where(F.col("theta_id").isin(theta_ids))
     offsets = read_table(spark, pool.offsets_table).select("doc_id", "doc_hash", "shard", "offset", "length")
     plan = index.select("theta_id", "doc_id", "S").join(offsets, "doc_id", "inner").drop("doc_id")
     n = max(1, min(len(theta_ids), spark.sparkContext.defaultParallelism * 2))
     (plan.repartition(n, "theta_id").write.mode("overwrite").option("partitionOverwriteMode", "dynamic")
      .partitionBy("theta_id").parquet(plans_dir))
-    missing = [t for t in theta_ids if not (Path(plans_dir) / f"theta_id={t}").exists()]
+    missing = [t for t in theta_ids if not (Path(plans_dir) / f"theta_id={t}").exists() and not any(v > 0 for v in defaults[t].values())]
     if missing:
-        raise ValueError(f"θ {missing} select no document of the proxy pool (empty plan): nothing to train on")
+        raise ValueError(f"θ {missing} select no document of the proxy pool (empty plan, no tail): nothing to train on")
+    folder = Path(plans_dir) / DEFAULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for theta_id, values in defaults.items():
+        tmp = folder / f".{theta_id}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({d: float(v) for d, v in values.items()}, sort_keys=True))
+        os.replace(tmp, folder / f"{theta_id}.json")
     return plans_dir
 
 
-def task_env(cfg: QuadmixConfig, pool: Pool, plans_dir: str, eval_path: str) -> TaskEnv:
+def tail_defaults(theta: "Theta") -> dict[str, float]:
+    """The S of a θ's documents beyond its cut-off ω: ε of their domain."""
+    return {d: float(e) for d, e in zip(theta.domains, theta.eps)}
+
+
+def task_env(cfg: QuadmixConfig, pool: Pool, plans_dir: str, eval_path: str, extra_evals: dict[str, str] | None = None) -> TaskEnv:
     pc = cfg.proxy
     return TaskEnv(
         tracking_uri=cfg.tracking_uri, pool_dir=pool.folder, plans_dir=plans_dir, eval_path=eval_path,
         shape=pc.model.model_dump(), train=pc.train.model_dump(), sample_seed=cfg.sampling.seed, device=pc.device,
         cpus=pc.cpus_per_task, metric=cfg.search.metric, task_weights=pc.target.task_weights,
         fail_theta_ids=tuple(pc.fail_theta_ids), fail_at_step=pc.fail_at_step, fingerprint=proxy_fingerprint(cfg),
+        extra_evals=tuple((extra_evals or {}).items()),
     )
 
 
@@ -237,10 +298,22 @@ def task_profile(spark: SparkSession, cfg: QuadmixConfig):
     return ResourceProfileBuilder().require(reqs).build, f"{pc.cpus_per_task} CPU + {pc.gpus_per_task} GPU per task"
 
 
+def build_ngram_index(pool_dir: str, vocab_size: int, order: int) -> None:
+    """The pool's n-gram index, built once on the driver (a no-op when cached) so the tasks only read it."""
+    from quadmix_spark.ngram_lm import ngram_index
+    from quadmix_spark.proxy_train import VocabMap
+    from quadmix_spark.token_store import TokenStore
+
+    store = TokenStore.open(pool_dir)
+    ngram_index(store, VocabMap.build(store.token_counts(), vocab_size, store.eos_id), order)
+
+
 def execute(spark: SparkSession, cfg: QuadmixConfig, tasks: list[ProxyTask], env: TaskEnv) -> list[ProxyOutcome]:
     """Train every task: one Spark task each (one partition per task), or in this process."""
     if not tasks:
         return []
+    if cfg.proxy.model.kind == "ngram":
+        build_ngram_index(env.pool_dir, cfg.proxy.model.vocab_size, cfg.proxy.model.order)
     if cfg.proxy.mode == "local":
         return [train_one(t, env) for t in tasks]
     rdd = spark.sparkContext.parallelize(tasks, len(tasks))
@@ -252,26 +325,34 @@ def execute(spark: SparkSession, cfg: QuadmixConfig, tasks: list[ProxyTask], env
     return [ProxyOutcome(**r) for r in rows]
 
 
-def ensure_eval_set(cfg: QuadmixConfig, pool: Pool) -> str:
-    """The tokenized target set (small, built once on the driver), beside the pool."""
+def ensure_eval_set(cfg: QuadmixConfig, pool: Pool, part: str = "search") -> str:
+    """The tokenized target set's ``part`` (``search``: what search proxies are scored on; ``evaluate``: the
+    held-out part ``quadmix evaluate`` scores θ* on), built once on the driver, beside the pool."""
+    import hashlib
+
     from quadmix_spark.proxy_train import build_eval_set
 
     t = cfg.proxy.target
     max_len = t.max_len or cfg.proxy.model.seq_len
     ident = json.dumps({"kind": t.kind, "tasks": t.tasks, "n": t.max_examples_per_task, "seed": t.seed, "max_len": max_len,
-                        "path": t.bmk_path if t.kind == "bmk" else t.oh_path}, sort_keys=True)
-    import hashlib
-
-    path = Path(pool.folder) / "eval" / f"{t.kind}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}.npz"
+                        "path": t.bmk_path if t.kind == "bmk" else t.oh_path, "part": part, "holdout": t.holdout_fraction},
+                       sort_keys=True)
+    path = Path(pool.folder) / "eval" / f"{t.kind}-{part}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}.npz"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         src = local_path(t.bmk_path if t.kind == "bmk" else t.oh_path)
-        build_eval_set(t.kind, src, pool.meta["tokenizer"], str(path), t.max_examples_per_task, t.seed, max_len, t.tasks)
+        build_eval_set(t.kind, src, pool.meta["tokenizer"], str(path), t.max_examples_per_task, t.seed, max_len, t.tasks,
+                       part=part, holdout_fraction=t.holdout_fraction)
     return str(path)
 
 
 def outcomes_frame(outcomes: list[ProxyOutcome]) -> pd.DataFrame:
-    return pd.DataFrame([{k: v for k, v in asdict(o).items() if k != "task_losses"} for o in outcomes])
+    rows = []
+    for o in outcomes:
+        row = {k: v for k, v in asdict(o).items() if k not in ("task_losses", "extra_losses")}
+        row.update({f"{name}.target_loss": v for name, v in o.extra_losses.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- the stage
@@ -337,12 +418,13 @@ def run_search_proxies(spark: SparkSession, cfg: QuadmixConfig, run_id: str | No
 
     from quadmix_spark.propose import child_runs, experiment_id, require_search
     from quadmix_spark.proxy_pool import pool_predicate
+    from quadmix_spark.run_guard import settle_children
     from quadmix_spark.sample import run_sample_many
 
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
     exp_id = experiment_id(client, cfg.tracking.experiment)
     parent = require_search(client, exp_id, cfg.search.name)
-    children = child_runs(client, exp_id, parent.info.run_id)
+    children = settle_children(client, child_runs(client, exp_id, parent.info.run_id), cfg.search.metric, repair=False)
     todo = [c for c in children if not is_finished(c, cfg.search.metric)]
     skipped = len(children) - len(todo)
     fp = proxy_fingerprint(cfg)
@@ -358,8 +440,8 @@ def run_search_proxies(spark: SparkSession, cfg: QuadmixConfig, run_id: str | No
     for c in todo:
         client.set_tag(c.info.run_id, STATUS_TAG, PENDING)
     run_sample_many(spark, cfg, thetas, run_id=run_id, where=pool_predicate(cfg))
-    ids = [t.theta_id for t in thetas]
-    plans_dir = write_plans(spark, cfg, pool, ids)
+    faults.point("proxy.index.committed")
+    plans_dir = write_plans(spark, cfg, pool, {t.theta_id: tail_defaults(t) for t in thetas})
     env = task_env(cfg, pool, plans_dir, ensure_eval_set(cfg, pool))
     tasks = [ProxyTask(t.theta_id, t.theta_key, c.info.run_id, cfg.proxy.train.seed, c.info.run_name) for t, c in zip(thetas, todo)]
     outcomes = execute(spark, cfg, tasks, env)

@@ -6,6 +6,8 @@ never copied per θ. Layout of ``<storage.root>/proxy/pools/<pool key>/``::
     shards/shard-00000.bin   packed uint16 token ids, documents concatenated (one Spark task each)
     counts/shard-00000.npy   token frequencies of the shard (summed into token_counts.npy)
     offsets/                 Delta table: doc_id, doc_hash, domain, shard, offset, length
+    docs/shard-00000.npz     the same per shard as arrays (doc_hash, offset, length, domain codes and names),
+                             for trainers that read every pool document (the ε tail redrawn each epoch)
     token_counts.npy         frequency of every token id over the pool (vocab compaction)
     pool.json                written last: the pool is complete when it exists
 
@@ -30,12 +32,14 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from quadmix_spark import faults
 from quadmix_spark.config import QuadmixConfig, local_path
 from quadmix_spark.ingest import DOCUMENTS
 from quadmix_spark.kernel.copies import UNIFORM_SCALE as UNIFORM
 from quadmix_spark.storage import read_table, table_version, write_table
 
 FORMAT = "quadmix-token-pool/1"
+DOCS_DIR, DOCS_DONE = "docs", "docs.json"
 OFFSETS_SCHEMA = T.StructType([
     T.StructField("doc_id", T.StringType()), T.StructField("doc_hash", T.LongType()),
     T.StructField("domain", T.StringType()), T.StructField("shard", T.IntegerType()),
@@ -142,7 +146,9 @@ def build_pool(spark: SparkSession, cfg: QuadmixConfig, domains: DataFrame, run_
     folder = local_path(cfg.storage.path("proxy", "pools", key))
     meta_path = Path(folder) / "pool.json"
     if meta_path.exists():
-        return Pool(folder, key, json.loads(meta_path.read_text()))
+        meta = json.loads(meta_path.read_text())
+        write_doc_index(spark, folder, len(meta["shards"]))  # pools made before the index existed
+        return Pool(folder, key, meta)
     if "://" in folder:
         raise ValueError(f"the proxy pool needs a folder every executor can open as a file (got {folder})")
     for sub in ("shards", "counts"):
@@ -160,7 +166,7 @@ def build_pool(spark: SparkSession, cfg: QuadmixConfig, domains: DataFrame, run_
     docs = docs.join(domains.select("doc_id", "domain"), "doc_id", "inner")
     docs = docs.withColumn("doc_hash", F.xxhash64("doc_id")).withColumn("shard", F.pmod(F.col("doc_hash"), F.lit(pc.shards)).cast("int"))
     body = functools.partial(_write_shards, folder, tok_path, pc.batch_size, vocab)
-    offsets = docs.repartition(pc.shards, "shard").mapInPandas(body, OFFSETS_SCHEMA)
+    offsets = faults.during(docs.repartition(pc.shards, "shard").mapInPandas(body, OFFSETS_SCHEMA), "proxy.pool.write")
     write_table(offsets, f"{folder}/offsets", mode="overwrite", metadata={"stage": "proxy-pool", "run_id": run_id, "pool": key})
 
     counts = _sum_counts(spark, folder, pc.shards, vocab)
@@ -171,7 +177,61 @@ def build_pool(spark: SparkSession, cfg: QuadmixConfig, domains: DataFrame, run_
         "tokenizer": tok_path, "shards": [f"shard-{i:05d}.bin" for i in range(pc.shards)], "n_docs": int(stats["docs"]),
         "n_tokens": int(stats["tokens"] or 0), "documents_version": version, "fraction": pc.fraction, "seed": pc.seed,
     }
+    write_doc_index(spark, folder, pc.shards)
     tmp = meta_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_path)
     return Pool(folder, key, meta)
+
+
+# ---------------------------------------------------------------- the pool's documents as arrays
+
+
+def _write_doc_shards(folder: str, batches):
+    """mapInPandas body: one ``docs/shard-NNNNN.npz`` per shard of this partition (sorted by doc_hash, offset)."""
+    frames = [pdf for pdf in batches if len(pdf)]
+    if not frames:
+        return
+    pdf = pd.concat(frames, ignore_index=True)
+    for shard, part in pdf.groupby("shard", sort=True):
+        part = part.sort_values(["doc_hash", "offset"], kind="stable")
+        names, codes = np.unique(part["domain"].astype(str).to_numpy(), return_inverse=True)
+        path = Path(folder, DOCS_DIR, f"shard-{int(shard):05d}.npz")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+        np.savez(tmp, doc_hash=part["doc_hash"].to_numpy(np.int64), offset=part["offset"].to_numpy(np.int64),
+                 length=part["length"].to_numpy(np.int64), domain=codes.astype(np.int32), names=names.astype(str))
+        os.replace(tmp, path)
+        yield pd.DataFrame({"shard": [int(shard)], "docs": [len(part)]})
+
+
+def write_doc_index(spark: SparkSession, folder: str, shards: int) -> None:
+    """``docs/`` of a pool from its offsets table, on the executors (a no-op when ``docs.json`` exists)."""
+    done = Path(folder, DOCS_DONE)
+    if done.exists():
+        return
+    Path(folder, DOCS_DIR).mkdir(parents=True, exist_ok=True)
+    offsets = read_table(spark, f"{folder}/offsets").select("doc_hash", "domain", "shard", "offset", "length")
+    body = functools.partial(_write_doc_shards, folder)
+    written = offsets.repartition(shards, "shard").mapInPandas(body, "shard int, docs long").collect()
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"shards": sorted(int(r.shard) for r in written), "docs": int(sum(r.docs for r in written))}))
+    os.replace(tmp, done)
+
+
+def load_doc_index(folder: str) -> dict[str, np.ndarray]:
+    """Every pool document: ``doc_hash``, ``shard``, ``offset``, ``length`` (int64) and ``domain`` (names,
+    as an object array), shard by shard. Needs no Spark (it runs in a proxy task)."""
+    done = Path(folder, DOCS_DONE)
+    if not done.exists():
+        raise FileNotFoundError(f"the pool at {folder} has no document index ({DOCS_DONE}): run `quadmix proxy` to build it")
+    cols: dict[str, list] = {"doc_hash": [], "shard": [], "offset": [], "length": [], "domain": []}
+    for shard in json.loads(done.read_text())["shards"]:
+        with np.load(Path(folder, DOCS_DIR, f"shard-{shard:05d}.npz"), allow_pickle=False) as z:
+            n = z["doc_hash"].shape[0]
+            for k in ("doc_hash", "offset", "length"):
+                cols[k].append(z[k])
+            cols["shard"].append(np.full(n, shard, dtype=np.int64))
+            cols["domain"].append(z["names"].astype(object)[z["domain"]])
+    if not cols["doc_hash"]:
+        return {k: np.zeros(0, dtype=object if k == "domain" else np.int64) for k in cols}
+    return {k: np.concatenate(v) for k, v in cols.items()}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -335,13 +336,27 @@ def _tokenizer_eos(tok) -> int:
     raise ValueError(f"the tokenizer has no end-of-text token ({', '.join(EOS_NAMES)})")
 
 
+SEARCH_PART, EVALUATE_PART = "search", "evaluate"
+
+
+def target_part(task: str, text: str, holdout_fraction: float) -> str:
+    """Which part of the target set an example belongs to: ``evaluate`` for a ``holdout_fraction`` share by a
+    hash of its task and text (so two copies of one text never land in both parts), ``search`` otherwise."""
+    digest = hashlib.blake2b(f"{task}\0{text}".encode(), digest_size=8).digest()
+    return EVALUATE_PART if int.from_bytes(digest, "little") / 2.0**64 < holdout_fraction else SEARCH_PART
+
+
 def build_eval_set(kind: str, path: str, tokenizer_path: str, out_path: str, max_examples_per_task: int, seed: int,
-                   max_len: int, tasks: list[str] | None = None) -> EvalSet:
+                   max_len: int, tasks: list[str] | None = None, part: str | None = None,
+                   holdout_fraction: float = 0.5) -> EvalSet:
     """Draw, tokenize and save the target set.
 
     ``bmk``: rows of ``target/target_val_texts.jsonl.gz`` (``task``, ``text``), at most
     ``max_examples_per_task`` per task, only ``tasks`` when given.  ``oh``: rows of
     ``reference/alpaca_eval_outputs.jsonl.gz`` rendered with :data:`OH_TEMPLATE`, all one task ``"oh"``.
+    ``part`` (``search`` | ``evaluate``; None = both) keeps only the examples of that part
+    (:func:`target_part`): the search's proxies are scored on one part, ``quadmix evaluate`` on the other,
+    so θ* is judged on text the search never optimised.
     The draw is ``np.random.default_rng([seed, crc32(task)])`` without replacement, kept in file order.
     Each example is ``[eos] + tokens(text)`` truncated to ``max_len`` tokens; examples with fewer than two
     tokens are dropped.
@@ -371,8 +386,12 @@ def build_eval_set(kind: str, path: str, tokenizer_path: str, out_path: str, max
         by_task = {"oh": items}
     else:
         raise ValueError(f"target kind must be 'bmk' or 'oh', got {kind!r}")
+    if part is not None:
+        if part not in (SEARCH_PART, EVALUATE_PART):
+            raise ValueError(f"part must be {SEARCH_PART!r} or {EVALUATE_PART!r}, got {part!r}")
+        by_task = {t: [x for x in items if target_part(t, x[1], holdout_fraction) == part] for t, items in by_task.items()}
     if not any(by_task.values()):
-        raise ValueError(f"no target examples in {path}")
+        raise ValueError(f"no target examples in {path}" + (f" in its {part} part" if part else ""))
 
     tok = Tokenizer.from_file(str(tokenizer_path))
     eos = _tokenizer_eos(tok)
@@ -396,7 +415,8 @@ def build_eval_set(kind: str, path: str, tokenizer_path: str, out_path: str, max
         np.cumsum(lengths[:-1], out=offsets[1:])
     vocab = tok.get_vocab_size(with_added_tokens=True)
     tokens = np.concatenate(seqs).astype(np.uint16 if vocab <= 65536 else np.uint32)
-    meta = {"path": str(path), "tokenizer": str(tokenizer_path), "seed": int(seed), "max_len": int(max_len),
+    meta = {"path": str(path), "tokenizer": str(tokenizer_path), "seed": int(seed), "max_len": int(max_len), "part": part or "all",
+            "holdout_fraction": float(holdout_fraction),
             "max_examples_per_task": int(max_examples_per_task), "template": OH_TEMPLATE if kind == "oh" else "text",
             "examples_per_task": {t: int(np.sum(np.array(task_idx) == i)) for i, t in enumerate(task_names)},
             "tokens": int(tokens.shape[0]), "first_ids": ids[:5]}
@@ -480,6 +500,7 @@ class ProxyResult:
     final_train_loss: float
     params_non_embedding: int
     params_total: int
+    extra_losses: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)  # other target sets
 
 
 def _next_batch(windows: Iterator[np.ndarray], n: int, device: torch.device) -> torch.Tensor:
@@ -557,8 +578,10 @@ class LossModule(torch.nn.Module):
 def train_proxy(plan, store, eval_set: EvalSet, shape: ModelShape, settings: TrainSettings, theta_key: int,
                 sample_seed: int, device: str = "cpu", on_metrics: Callable[[dict, int], None] | None = None,
                 on_step: Callable[[int], None] | None = None,
-                task_weights: dict[str, float] | None = None) -> ProxyResult:
-    """Train one proxy on the θ plan and evaluate it on the target set (spec §3.2).
+                task_weights: dict[str, float] | None = None,
+                extra_eval_sets: dict[str, EvalSet] | None = None) -> ProxyResult:
+    """Train one proxy on the θ plan and evaluate it on the target set (spec §3.2), and on each of
+    ``extra_eval_sets`` (``ProxyResult.extra_losses``).
 
     The vocabulary map comes from ``store.token_counts()`` and ``shape.vocab_size``; torch is seeded with
     ``settings.seed`` (init) and the data order with it too.  Deterministic on CPU for a fixed seed.
@@ -576,6 +599,7 @@ def train_proxy(plan, store, eval_set: EvalSet, shape: ModelShape, settings: Tra
         torch.cuda.synchronize(dev)
     train_s = time.perf_counter() - t_train
     target_loss, task_losses = evaluate(model, eval_set, vocab_map, dev, task_weights=task_weights)
+    extra = {name: evaluate(model, es, vocab_map, dev, task_weights=task_weights) for name, es in (extra_eval_sets or {}).items()}
     return ProxyResult(
         target_loss=target_loss,
         task_losses=task_losses,
@@ -587,4 +611,5 @@ def train_proxy(plan, store, eval_set: EvalSet, shape: ModelShape, settings: Tra
         final_train_loss=out["final_train_loss"],
         params_non_embedding=non_emb,
         params_total=total,
+        extra_losses=extra,
     )

@@ -25,12 +25,14 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from quadmix_spark import faults
 from quadmix_spark.config import QuadmixConfig
 from quadmix_spark.ingest import DOCUMENTS
 from quadmix_spark.kernel.copies import UNIFORM_SCALE as UNIFORM
 from quadmix_spark.kernel.sampling_fn import expected_from_rank_knots
 from quadmix_spark.kernel.theta import Theta
 from quadmix_spark.normalize import SCORE_KNOTS, criteria_of, load_knots
+from quadmix_spark.prefilter import keep_passing
 from quadmix_spark.prefix import by_labels
 from quadmix_spark.ranking_sql import realized_copies
 from quadmix_spark.ranking import (
@@ -42,7 +44,7 @@ from quadmix_spark.ranking import (
     prepare,
     rank_and_sample,
 )
-from quadmix_spark.storage import is_path, read_table, table_exists, table_version, write_table
+from quadmix_spark.storage import is_path, read_table, retry_conflicts, table_exists, table_version, write_table
 
 ANNOTATIONS, SELECTION, TRAINING_OUTPUT = "annotations", "selection", "training_output"
 PROXY_INDEX, PROXY_THETA_TOKENS = "proxy_index", "proxy_theta_tokens"
@@ -67,13 +69,15 @@ class Inputs:
 def load_inputs(spark: SparkSession, cfg: QuadmixConfig, where: F.Column | None = None) -> Inputs:
     """The current annotations (pinned to one version) and their knots; domains are the data's.
 
-    ``where`` restricts the documents (the proxy pool); ranks are then computed inside that subset,
+    Documents a ``text_stats`` pre-filter rejected are left out here, for every sampler (one θ, many θ,
+    baselines, dry run): they get no copies and r̄ is computed among the others (:mod:`quadmix_spark.prefilter`).
+    ``where`` restricts the documents further (the proxy pool); ranks are then computed inside that subset,
     while σ stays the corpus-wide normalization."""
     table = cfg.storage.table(ANNOTATIONS)
     version = table_version(spark, table)
     if version is None:
         raise FileNotFoundError(f"no annotations table at {table}: run `quadmix annotate` first")
-    annotations = read_table(spark, table, version=version)
+    annotations = keep_passing(read_table(spark, table, version=version))
     if where is not None:
         annotations = annotations.where(where)
     knots = load_knots(spark, cfg.storage.table(SCORE_KNOTS), annotations_version=version)
@@ -101,13 +105,16 @@ def _with_domain_names(df: DataFrame, domains: list[str]) -> DataFrame:
 
 
 def _replace_slice(df: DataFrame, table: str, predicate: str, meta: dict) -> None:
-    """Overwrite the rows matching ``predicate`` (a run or θ slice) with ``df``: idempotent."""
-    writer = df.write.format("delta").option("userMetadata", json.dumps(meta, sort_keys=True, default=str))
-    if table_exists(df.sparkSession, table):
-        writer = writer.mode("overwrite").option("replaceWhere", predicate)
-    else:
-        writer = writer.mode("overwrite")
-    writer.save(table) if is_path(table) else writer.saveAsTable(table)
+    """Overwrite the rows matching ``predicate`` (a run or θ slice) with ``df``: idempotent, and retried when
+    a concurrent writer of another slice commits first. A path table is written with replaceWhere even
+    when it does not exist yet: a plain overwrite would erase a slice another run committed meanwhile."""
+    def write() -> None:
+        writer = df.write.format("delta").option("userMetadata", json.dumps(meta, sort_keys=True, default=str)).mode("overwrite")
+        if is_path(table) or table_exists(df.sparkSession, table):
+            writer = writer.option("replaceWhere", predicate)
+        writer.save(table) if is_path(table) else writer.saveAsTable(table)
+
+    retry_conflicts(write, f"{table} [{predicate}]")
 
 
 # ---------------------------------------------------------------- budget fitting (spec §2.6)
@@ -408,7 +415,7 @@ def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = No
             F.lit(sc.run).alias("run"), F.lit(theta_id).alias("theta_id"), "doc_id", "domain", "n_tokens", "rbar",
             "rank_exact", "S", "copies",
         )
-        _replace_slice(sel, selection_table, predicate, {**meta, "theta_id": theta_id})
+        _replace_slice(faults.during(sel, "sample.selection.write"), selection_table, predicate, {**meta, "theta_id": theta_id})
 
     if baseline:
         frame, theta_id, key = baseline_selection(inp, baseline, sc.baseline_fraction, sc.seed)
@@ -420,6 +427,7 @@ def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = No
         theta_id, key = stack.ids[0], int(stack.keys[0])
         with narrow_batches(spark), rank_and_sample(inp.annotations, stack, inp.knots, settings(cfg), keep_all=True) as ranked:
             write_selection(ranked, theta_id, domains)
+    faults.point("sample.selection.committed")
 
     selection = read_table(spark, selection_table).where(F.col("run") == sc.run)
     report = selection_report(selection)  # one pass over the narrow selection: the report, and what fits the budget
@@ -428,7 +436,8 @@ def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = No
         n_copies = int(report["copies"].sum())
     rows = training_rows(documents, instances(selection.where(F.col("S") > 0), plan, key, sc.seed), sc.broadcast_copies_rows, n_copies)
     out_table = cfg.storage.table(TRAINING_OUTPUT)
-    _replace_slice(rows.select(F.lit(sc.run).alias("run"), "*"), out_table, predicate, {**meta, "theta_id": theta_id, "epochs": plan})
+    rows = faults.during(rows.select(F.lit(sc.run).alias("run"), "*"), "sample.output.write")
+    _replace_slice(rows, out_table, predicate, {**meta, "theta_id": theta_id, "epochs": plan})
     output = read_table(spark, out_table).where(F.col("run") == sc.run)
     manifest, output_tokens = _export(output, cfg.storage.path("export", sc.run), sc.export_format, sc.export_shards)
     report = finish_report(report, output_tokens)
@@ -464,7 +473,8 @@ def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta]
         index = _with_domain_names(ranked, domains).select(
             F.element_at(ids, F.col("theta_idx") + 1).alias("theta_id"), "doc_id", "domain", "n_tokens", "S", "copies"
         )
-        _replace_slice(index, index_table, predicate, meta)
+        _replace_slice(faults.during(index, "sample-many.index.write"), index_table, predicate, meta)
+    faults.point("sample-many.index.committed")
     index = read_table(spark, index_table).where(F.expr(predicate))
     tokens = index.groupBy("theta_id").agg(
         F.sum(F.col("copies") * F.col("n_tokens")).alias("realized_tokens"), F.sum("n_tokens").alias("unique_tokens"),

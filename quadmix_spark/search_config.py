@@ -47,7 +47,11 @@ class SearchConfig(Section):
     criteria: list[str] | None = Field(None, description="criteria with non-zero weight (ablations); null = all")
     metric: str = Field("target_loss", description="the child-run metric the regression fits")
     min_runs: int = Field(32, ge=2, description="fewest finished proxy runs a fit accepts")
-    val_fraction: float = Field(200 / 3000, gt=0, lt=1, description="share of runs held out for MAE/Spearman")
+    features: Literal["theta", "mix", "both"] = Field(
+        "both", description="what LightGBM sees: theta (the θ vector), mix (the domain shares, criterion weights and size "
+                            "θ implies for the pool), both; mix needs the pool's domain tokens that propose records")
+    cv_folds: int = Field(5, ge=2, description="K of the K-fold cross-validation over θ that gives the fit's out-of-sample MAE/Spearman")
+    val_fraction: float = Field(200 / 3000, gt=0, lt=1, description="share of a fold's training runs held out for early stopping")
     early_stopping_rounds: int = Field(3, ge=1)
     lightgbm: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_LIGHTGBM), description="LGBMRegressor params over DEFAULT_LIGHTGBM")
     n_candidates: int = Field(100_000, gt=0, description="θ drawn from Algorithm 1 and scored by the regressor")
@@ -71,8 +75,16 @@ class PoolConfig(Section):
 
 
 class ModelShapeConfig(Section):
-    """Proxy LM shape (LLaMA-style: RMSNorm, RoPE, SwiGLU). Defaults: RegMix tinyllama_1M."""
+    """The proxy model. ``transformer`` (default): a LLaMA-style LM (RMSNorm, RoPE, SwiGLU), RegMix
+    tinyllama_1M by default. ``ngram``: a screening proxy, an interpolated Kneser–Ney n-gram LM of ``order``
+    over the same compacted vocabulary, fitted on the same data stream (``quadmix_spark.ngram_lm``): hundreds of
+    times cheaper, for screening thousands of θ on CPU; the layer settings are then unused."""
 
+    kind: Literal["transformer", "ngram"] = Field("transformer", description="transformer | ngram (the screening proxy)")
+    order: int = Field(3, ge=1, le=5, description="ngram: the n of the n-gram model")
+    ngram_counts: Literal["unique", "repeated"] = Field(
+        "unique", description="ngram: count each document read within the budget once (unique), or every instance "
+                              "(repeated: Kneser-Ney's discounts degrade as documents repeat)")
     vocab_size: int = Field(50432, gt=1, description="below the tokenizer's vocab, ids are compacted by pool frequency")
     n_layer: int = Field(2, gt=0)
     n_head: int = Field(8, gt=0)
@@ -110,6 +122,10 @@ class TargetConfig(Section):
     max_examples_per_task: int = Field(1000, gt=0, description="examples per task (oh: in total)")
     seed: int = Field(0, description="which examples are drawn")
     max_len: int | None = Field(None, gt=1, description="tokens per example; null = model seq_len")
+    holdout_fraction: float = Field(
+        0.5, gt=0, lt=1, description="share of target examples (by a hash of task and text) kept for `quadmix evaluate`: "
+                                     "search proxies never see them"
+    )
 
 
 class ProxyConfig(Section):
@@ -127,5 +143,16 @@ class ProxyConfig(Section):
 
 class EvaluateConfig(Section):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="proxy seeds per arm")
+    baseline_fraction: float | Literal["match"] = Field(
+        "match", description="share of the pool's tokens the baselines keep: match = the share θ* keeps (its documents "
+                             "with S >= 1), so every arm selects as many unique tokens and only which ones differs "
+                             "(the paper's comparison at equal selected tokens); or a number in (0, 1]")
+
+    @field_validator("baseline_fraction")
+    @classmethod
+    def _fraction(cls, v):
+        if v != "match" and not 0 < v <= 1:
+            raise ValueError("must be 'match' or a number in (0, 1]")
+        return v
     baselines: list[str] = Field(default_factory=lambda: ["random", "topk:*", "mix"],
                                  description="random | topk:<criterion> | topk:* (each criterion) | mix")

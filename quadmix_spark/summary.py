@@ -51,14 +51,19 @@ def _search(cfg: QuadmixConfig) -> list[str]:
     lines.append(f"  search {name!r}: parent run {parents[0].info.run_id}, {len(children)} θ proposed, {done} proxies finished")
     if fits:
         m = fits[0].data.metrics
-        lines.append(f"  θ* from run {fits[0].info.run_id}: LightGBM val MAE {m.get('val_mae', float('nan')):.4f}, "
-                     f"Spearman {m.get('val_spearman', float('nan')):.3f}; sample with --params search:{name}")
+        lines.append(f"  θ* from run {fits[0].info.run_id}: LightGBM cross-validated MAE {m.get('cv_mae', float('nan')):.4f}, "
+                     f"Spearman {m.get('cv_spearman', float('nan')):.3f}; sample with --params search:{name}")
     if evals:
-        lines.append(f"  evaluate run {evals[0].info.run_id} ({cfg.search.metric}, mean ± std over seeds):")
+        metric = cfg.search.metric
+        lines.append(f"  evaluate run {evals[0].info.run_id} ({metric} on the held-out part, mean ± std over seeds; "
+                     "paired: baseline − θ*, positive = θ* better):")
         m = evals[0].data.metrics
-        arms = sorted({k.split(".")[-2] for k in m if k.endswith(".mean")})
-        for arm in sorted(arms, key=lambda a: m[f"{cfg.search.metric}.{a}.mean"]):
-            lines.append(f"    {arm:<22} {m[f'{cfg.search.metric}.{arm}.mean']:.4f} ± {m.get(f'{cfg.search.metric}.{arm}.std', 0):.4f}")
+        arms = {k[len(metric) + 1 : -len(".mean")] for k in m if k.startswith(f"{metric}.") and k.endswith(".mean")}
+        for arm in sorted(arms, key=lambda a: m[f"{metric}.{a}.mean"]):
+            paired = (f"   paired {m[f'paired.{arm}.mean']:+.4f} ± {m.get(f'paired.{arm}.se', float('nan')):.4f} SE, "
+                      f"θ* better on {int(m.get(f'paired.{arm}.wins', 0))}/{int(m.get(f'paired.{arm}.n', 0))}"
+                      if f"paired.{arm}.mean" in m else "")
+            lines.append(f"    {arm:<22} {m[f'{metric}.{arm}.mean']:.4f} ± {m.get(f'{metric}.{arm}.std', 0):.4f}{paired}")
     return lines
 
 

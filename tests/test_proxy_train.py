@@ -418,3 +418,31 @@ def test_gpu_proxy_smoke_runs_on_cpu(tmp_path):
     assert saved["timed_steps"] == 2 and saved["tokens_per_step"] == 8 * 32
     assert saved["params_non_embedding"] == mod.SMOKE_SHAPE.non_embedding_params()
     assert math.isfinite(saved["train_loss"]) and saved["projected_minutes_1b"] == pytest.approx(1e9 / res["tokens_per_s"] / 60)
+
+
+@pytest.mark.skipif(not (TOKENIZER.exists() and TARGET.exists()), reason="shared data missing")
+def test_search_and_evaluation_parts_of_the_target_set_never_share_an_example(tmp_path):
+    """The search's proxies are scored on one part, `quadmix evaluate` on the other: split by a hash of task and
+    text, so even a text that occurs twice lands in one part only."""
+    import gzip
+
+    from quadmix_spark.proxy_train import EVALUATE_PART, SEARCH_PART, target_part
+
+    tasks = ["arc_easy", "copa", "boolq"]
+    with gzip.open(TARGET, "rt") as f:
+        rows = [r for r in map(json.loads, f) if r["task"] in tasks and r["text"].strip()]
+    parts = {}
+    for part in (SEARCH_PART, EVALUATE_PART):
+        es = build_eval_set("bmk", str(TARGET), str(TOKENIZER), str(tmp_path / f"{part}.npz"), 10**6, 0, 10**6, tasks, part=part)
+        parts[part] = {(es.task_names[es.task_index[i]], es.example(i).tobytes()) for i in range(len(es))}
+        assert es.meta["part"] == part
+    assert parts[SEARCH_PART] and parts[EVALUATE_PART] and not parts[SEARCH_PART] & parts[EVALUATE_PART]
+    held_out = sum(target_part(r["task"], r["text"], 0.5) == EVALUATE_PART for r in rows)
+    assert 0.4 < held_out / len(rows) < 0.6
+    assert len(parts[SEARCH_PART]) + len(parts[EVALUATE_PART]) <= len(rows)
+    everything = build_eval_set("bmk", str(TARGET), str(TOKENIZER), str(tmp_path / "all.npz"), 10**6, 0, 10**6, tasks)
+    assert parts[SEARCH_PART] | parts[EVALUATE_PART] == {
+        (everything.task_names[everything.task_index[i]], everything.example(i).tobytes()) for i in range(len(everything))}
+    assert target_part("copa", "a text", 0.3) == target_part("copa", "a text", 0.3)  # a function of task and text alone
+    with pytest.raises(ValueError, match="part must be"):
+        build_eval_set("bmk", str(TARGET), str(TOKENIZER), str(tmp_path / "x.npz"), 3, 0, 64, tasks, part="train")

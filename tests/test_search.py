@@ -232,9 +232,9 @@ def test_run_search_logs_one_run_with_theta_star(store, tmp_path):
     assert run.data.tags[S.TAG_ROLE] == "search-fit" and run.data.tags[S.TAG_SEARCH] == "main"
     assert run.info.run_name == "search-fit-main"
     assert run.data.params["n_runs"] == str(N_MAIN)
-    assert run.data.metrics["val_spearman"] > 0.5 and "best_iteration" in run.data.metrics
+    assert run.data.metrics["cv_spearman"] > 0.5 and run.data.metrics["cv_folds"] == 5 and "n_trees" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(outcome.run_id)}
-    assert {"theta_star.json", "validation_predictions.csv", "plots", "config.yaml"} <= arts
+    assert {"theta_star.json", "cv_predictions.csv", "plots", "config.yaml"} <= arts
     assert {a.path for a in client.list_artifacts(outcome.run_id, "plots")} == {
         "plots/pred_vs_actual.png", "plots/feature_importance.png", "plots/theta_star.png"}
     local = mlflow.artifacts.download_artifacts(run_id=outcome.run_id, artifact_path="theta_star.json", dst_path=str(tmp_path))
@@ -250,13 +250,13 @@ def test_run_search_logs_one_run_with_theta_star(store, tmp_path):
 
 
 def test_tiny_fit_still_reports_spearman(store):
-    """A handful of runs and stumps: ρ may be undefined (constant predictions) but is always logged."""
+    """A handful of runs (one per fold) and stumps: ρ may be undefined (constant predictions) but is always logged."""
     outcome = S.run_search(_cfg(store, "search.min_runs=5", "search.val_fraction=0.34", "search.n_candidates=500",
                                 "search.top_k=3", 'search.lightgbm={"n_estimators": 5, "min_child_samples": 1, "num_leaves": 3}'),
                            ["few"])
     run = store["client"].get_run(outcome.run_id)
-    assert {"val_mae", "val_spearman", "best_iteration", "top_pred_mean"} <= set(run.data.metrics)
-    assert outcome.fit.n_val == 2 and outcome.theta_star.n_domains == len(DOMAINS)
+    assert {"cv_mae", "cv_spearman", "n_trees", "top_pred_mean"} <= set(run.data.metrics)
+    assert outcome.fit.folds == 5 and outcome.fit.n_runs == 5 and outcome.theta_star.n_domains == len(DOMAINS)
     if S.fit_warnings(outcome.fit):  # 2 held-out runs: ρ is ±1 or undefined; a weak fit says so
         assert "warning:" in outcome.summary() and run.data.tags["quadmix.search.warnings"]
 
@@ -269,3 +269,76 @@ def test_a_fit_without_signal_is_warned_about():
     noise = S.fit_regressor(X, rng.normal(size=200), FAST_LGB, 0.25, 3, seed=0)
     warned = S.fit_warnings(noise)
     assert warned and any("Spearman" in w or "1 tree" in w for w in warned)
+
+
+def test_cross_validation_is_out_of_sample(main_table):
+    """Every run's reported prediction comes from a model that never saw it: on a target of pure noise the final
+    model (fitted on all runs) follows its training data, the cross-validated ρ does not."""
+    rng = np.random.default_rng(11)
+    y = rng.normal(size=len(main_table.y))
+    lgb = {"learning_rate": 0.3, "n_estimators": 50, "min_child_samples": 2, "num_leaves": 15}
+    fit = S.fit_search(main_table.X, y, lgb, folds=5, val_fraction=0.25, early_stopping_rounds=50, seed=0)
+    in_sample = S._spearman(S.predict(fit.model, main_table.X.to_numpy()), y)
+    assert in_sample > 0.5 and fit.cv_spearman < 0.3
+    assert np.bincount(fit.fold_of).tolist() == [16] * 5 and fit.n_trees == int(np.median(fit.fold_trees))
+    assert S.fit_warnings(fit)  # no signal: said so
+
+    signal = S.fit_search(main_table.X, main_table.y, {**S_REGMIX(), **FAST_LGB}, 5, 0.25, 3, seed=0)
+    assert signal.cv_spearman > 0.5 and not S.fit_warnings(signal)
+    again = S.fit_search(main_table.X, main_table.y, {**S_REGMIX(), **FAST_LGB}, 5, 0.25, 3, seed=0)
+    np.testing.assert_array_equal(signal.oof_pred, again.oof_pred)  # deterministic
+    # a run's out-of-fold prediction is the model of the other folds: refit that fold by hand
+    k = 2
+    test = signal.fold_of == k
+    x = main_table.X.to_numpy()
+    alone = S.fit_regressor(x[~test], main_table.y[~test], {**S_REGMIX(), **FAST_LGB}, 0.25, 3, 0 + 1 + k, list(main_table.X.columns))
+    np.testing.assert_array_equal(S.predict(alone.model, x[test]), signal.oof_pred[test])
+
+
+def test_a_fit_with_other_candidate_settings_than_the_proposals_is_refused(store):
+    from mlflow.entities import Param
+
+    client = store["client"]
+    add_search(client, store["exp_id"], "drawn", _thetas(12, seed=9))
+    (parent,) = client.search_runs([store["exp_id"]], f"tags.`{S.TAG_SEARCH}` = 'drawn' AND tags.`{S.TAG_ROLE}` = 'search'")
+    client.log_batch(parent.info.run_id, params=[Param("search.lambda_mode", "log"), Param("search.criteria", '["q_a", "q_c"]')])
+    base = ("search.name=drawn", "search.min_runs=5", "search.n_candidates=500", "search.top_k=3")
+    with pytest.raises(S.SearchInputError, match=r"search.lambda_mode=log, but this fit would draw its candidates with linear"):
+        S.run_search(_cfg(store, *base, "search.lambda_mode=linear", "search.criteria=[q_a, q_c]"))
+    with pytest.raises(S.SearchInputError, match=r'search.criteria=\["q_a", "q_c"\], but .* with null'):
+        S.run_search(_cfg(store, *base))
+    outcome = S.run_search(_cfg(store, *base, "search.criteria=[q_c, q_a]"))  # the recorded settings (any order)
+    assert np.all(outcome.theta_star.alpha[:, 1] == 0)
+
+
+def test_mix_features_are_the_domain_shares_criterion_weights_and_size_theta_implies():
+    thetas = _thetas(5, seed=21)
+    X = np.stack([t.to_vector() for t in thetas])
+    tokens = (1000.0, 3000.0, 0.0, 500.0)
+    mix = S.Featurizer("mix", tuple(DOMAINS), tuple(CRITERIA), tokens)
+    F = mix(X)
+    assert F.shape == (5, len(DOMAINS) + len(CRITERIA) + 1) and len(mix.names) == F.shape[1]
+    for t, row in zip(thetas, F):
+        kept = t.omega * np.array(tokens)
+        np.testing.assert_allclose(row[:4], kept / kept.sum())
+        np.testing.assert_allclose(row[4:7], (t.alpha * (kept / kept.sum())[:, None]).sum(axis=0))
+        assert row[7] == pytest.approx(np.log1p(kept.sum()))
+    np.testing.assert_allclose(F[:, 4:7].sum(axis=1), 1.0)  # α on the simplex stays there
+    both = S.Featurizer("both", tuple(DOMAINS), tuple(CRITERIA), tokens)
+    np.testing.assert_array_equal(both(X), np.concatenate([X, F], axis=1))
+    assert S.featurizer_for("both", DOMAINS, CRITERIA, None).kind == "theta"  # no recorded tokens: θ only
+
+
+def test_a_search_with_recorded_domain_tokens_is_fitted_on_its_domain_mix(store):
+    client = store["client"]
+    add_search(client, store["exp_id"], "mixed", _thetas(40, seed=31))
+    (parent,) = client.search_runs([store["exp_id"]], f"tags.`{S.TAG_SEARCH}` = 'mixed' AND tags.`{S.TAG_ROLE}` = 'search'")
+    client.log_dict(parent.info.run_id, {"d0": 1000, "d1": 2000, "d2": 3000, "d3": 4000}, "domain_tokens.json")
+    outcome = S.run_search(_cfg(store, "search.name=mixed", "search.min_runs=20", "search.n_candidates=500", "search.top_k=3",
+                                "search.features=mix"))
+    assert outcome.features == "mix" and outcome.fit.feature_names[0] == "mix.share.d0"
+    assert client.get_run(outcome.run_id).data.params["features"] == "mix" and "on mix features" in outcome.summary()
+    # the candidates are scored through the same features: θ* is the average of the k best under the mix model
+    feats = S.Featurizer("mix", tuple(DOMAINS), tuple(CRITERIA), (1000.0, 2000.0, 3000.0, 4000.0))
+    pred = S.predict(outcome.fit.model, feats(outcome.candidates.top_features))
+    np.testing.assert_allclose(pred, outcome.candidates.top_pred)

@@ -96,7 +96,7 @@ def test_search_pipeline_end_to_end(search_env, tmp_path):
     assert "theta_star.json" in arts and "plots" in arts
     models = mlflow.search_logged_models(experiment_ids=[fit.info.experiment_id], output_format="list")
     assert any(m.source_run_id == fit.info.run_id for m in models)  # the LightGBM model (MLflow 3 logged model)
-    assert {"val_mae", "val_spearman"} <= set(fit.data.metrics)
+    assert {"cv_mae", "cv_spearman", "n_trees"} <= set(fit.data.metrics)
     out = invoke("sample", *base, "--set", "sampling.run=star", "--params", fit.info.run_id)
     assert "sample run 'star'" in out
 
@@ -107,6 +107,14 @@ def test_search_pipeline_end_to_end(search_env, tmp_path):
     local = client.download_artifacts(runs_of(cfg, "evaluate")[0].info.run_id, "evaluate_table.json", str(tmp_path))
     table = json.loads(Path(local).read_text())
     assert len(table["data"]) == 3
+    assert "paired against θ*" in out and "held-out evaluation part" in out and "baselines keep" in out
+    eval_run = runs_of(cfg, "evaluate")[0]
+    fraction = float(eval_run.data.tags["quadmix.baseline_fraction"])  # θ*'s kept share (ω <= 0.1 in every domain)
+    assert 0 < fraction <= 0.1 and f"baseline-random-{fraction:g}" in {r.data.tags["quadmix.theta_id"] for r in runs_of(cfg, "evaluate-proxy")}
+    arts = {a.path for a in client.list_artifacts(eval_run.info.run_id)}
+    assert "evaluate_paired.json" in arts and "plots" in arts and "paired.random.mean" in eval_run.data.metrics
+    for r in runs_of(cfg, "evaluate-proxy"):  # scored on the held-out part, the search part beside it
+        assert {"target_loss", "search_part.target_loss"} <= set(r.data.metrics)
     # rerun reuses the finished proxies
     assert "theta_star" in invoke("evaluate", *base, "--search", "t1", "--set", "evaluate.seeds=[0]",
                                   "--set", "evaluate.baselines=[random, mix]")

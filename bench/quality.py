@@ -1,0 +1,342 @@
+"""Does the selection work? ``python -m bench.quality [--smoke] [--reference]`` (``make quality``).
+
+On the shared web corpus with the demo's trained scorers, in one store (``$QUADMIX_BENCH_DIR/quality/<full|smoke>``):
+
+1. **curation**: ingest, train-scorers, annotate, normalize (the demo's stages; no-ops once done);
+2. **seed spread**: the transformer proxy trained on the same θ with several seeds at candidate token budgets;
+   the budget of the transformer search is the smallest whose seed-to-seed spread is at most
+   ``--max-noise`` (0.25) of the spread between θ (else the largest candidate, and the result says so);
+3. **screening search** (``quality-screen``): ``--screen-thetas`` (512) θ trained with the n-gram screening
+   proxy at that budget, the LightGBM fit (cross-validated Spearman ``cv_spearman.screen``), θ*;
+4. **transformer search** (``quality-lm``): ``--lm-thetas`` (48) θ trained with the transformer proxy, its
+   fit (``cv_spearman.lm``) and θ*;
+5. **agreement**: the same θ as the transformer search trained with the n-gram proxy (``quality-lm-ngram``):
+   Spearman between the two proxies' target losses over those θ (``agreement_spearman``);
+6. **paired evaluation** on the held-out part of the target set, with the transformer proxy and
+   ``--seeds`` (5) seeds, of each search's θ* against random, every single-criterion top-k and the criteria
+   mix: ``paired.<screen|lm>.<random|topk_best|mix> = {mean, se, wins, n}`` where ``mean`` is baseline loss
+   minus θ* loss (positive = θ* better) and ``topk_best`` the top-k arm of the lowest mean loss.
+
+Resumable: every stage reuses what is finished (proposals, trained proxies, evaluated arms), so an interrupted
+run is continued by running the command again. Writes ``bench/results/selection_quality.json`` (and, with
+``--reference``, ``bench/reference/selection_quality.json``). ``--smoke`` runs the same path on 400 pages
+with tiny settings in a few minutes (``tests/test_bench_quality.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import REPO, RESULTS_DIR, git_commit, log, machine_info, scratch_dir, setup_env, utc_now, write_json
+
+NAME = "selection_quality"
+REFERENCE_DIR = REPO / "bench" / "reference"
+CONFS = [REPO / "conf" / "default.yaml", REPO / "conf" / "scorers.yaml", REPO / "conf" / "search-demo.yaml"]
+GOALS = {"cv_spearman.screen": 0.8, "cv_spearman.lm": 0.6, "agreement_spearman": 0.7, "paired_z": 2.0}
+
+
+# ---------------------------------------------------------------- settings
+
+
+def plan(args) -> dict[str, Any]:
+    """The experiment's sizes (full or smoke)."""
+    if args.smoke:
+        return {"docs": 400, "screen_thetas": 16, "lm_thetas": 8, "seeds": [0, 1], "budgets": [6_000], "spread_thetas": 3,
+                "spread_seeds": [0, 1], "min_runs": 6, "cv_folds": 3, "n_candidates": 2000}
+    return {"docs": None, "screen_thetas": args.screen_thetas, "lm_thetas": args.lm_thetas, "seeds": list(range(args.seeds)),
+            "budgets": args.budgets, "spread_thetas": 6, "spread_seeds": [0, 1, 2], "min_runs": 16, "cv_folds": 5,
+            "n_candidates": 100_000}
+
+
+SMOKE_OVERRIDES = [  # cheap scorers and tiny models: the same path, in minutes
+    "train_scorers.models.ref_minilm.enabled=false", "train_scorers.models.topic_minilm.enabled=false",
+    "train_scorers.models.dclm.negatives=300", "train_scorers.models.wiki_tfidf.negatives=300",
+    "train_scorers.models.topic_fasttext.epoch=5", "train_scorers.report_docs=100",
+    "train_scorers.reference.alpaca.max_docs=300", "train_scorers.reference.enwiki.max_docs=20",
+    "annotate.domain_scorer=topic_fasttext", "annotate.quality_scorers=[dclm, wiki_tfidf, gopher]",
+    "proxy.pool.shards=2", "proxy.model={vocab_size: 512, n_layer: 1, n_head: 2, d_model: 16, ffn: 32, seq_len: 64}",
+    "proxy.train={batch_size: 8, micro_batch_size: 8, warmup_steps: 2, log_every: 10}",
+    "proxy.target.max_examples_per_task=4",
+]
+
+
+class Experiment:
+    """Configs of the experiment's searches over one store."""
+
+    def __init__(self, root: Path, args, sizes: dict[str, Any], corpus: Path | None):
+        self.root, self.args, self.sizes = root, args, sizes
+        self.base = [f"storage.root={root / 'store'}", "spark.master=local[2]", "spark.driver_memory=3g",
+                     f"search.min_runs={sizes['min_runs']}", f"search.cv_folds={sizes['cv_folds']}",
+                     f"search.n_candidates={sizes['n_candidates']}", f"evaluate.seeds={json.dumps(sizes['seeds'])}",
+                     "evaluate.baselines=[random, 'topk:*', mix]"]
+        if corpus is not None:
+            self.base.append(f"ingest.input=[{corpus}]")
+        if args.smoke:
+            self.base += SMOKE_OVERRIDES
+
+    def config(self, *overrides: str):
+        from quadmix_spark.config import load_config
+
+        return load_config([str(c) for c in CONFS], [*self.base, *overrides])
+
+    def search(self, name: str, kind: str, tokens: int, n: int, seed: int = 0, train_seed: int = 0):
+        return self.config(f"search.name={name}", f"search.n_proposals={n}", f"search.seed={42 + seed}",
+                           f"proxy.model.kind={kind}", f"proxy.train.tokens={tokens}", f"proxy.train.seed={train_seed}")
+
+
+# ---------------------------------------------------------------- steps
+
+
+def curate(exp: Experiment) -> dict[str, Any]:
+    """ingest → train-scorers → annotate → normalize (each a no-op when already done)."""
+    from quadmix_spark.annotate import annotate_job
+    from quadmix_spark.jobs import ingest_job, normalize_job
+    from quadmix_spark.train_scorers import train_scorers_job
+
+    cfg = exp.config()
+    ingest = ingest_job(cfg)
+    scorers = train_scorers_job(cfg)
+    annotate_job(cfg)
+    normalize_job(cfg)
+    from quadmix_spark.session import get_spark
+    from quadmix_spark.storage import read_table
+
+    documents = read_table(get_spark(cfg), cfg.storage.table("documents")).count()
+    return {"documents": documents, "ingested_now": ingest.documents,
+            "scorers": {t.name: {**t.metrics, "warnings": t.warnings} for t in scorers.models}}
+
+
+def train_search(cfg) -> dict[str, float]:
+    """propose and train every θ of a search (again once if some failed); {θ id: target loss}."""
+    from quadmix_spark.jobs import propose_job, proxy_job
+
+    propose_job(cfg)
+    for _ in range(2):
+        report = proxy_job(cfg)
+        log(report.summary())
+        if not report.failed:
+            break
+    return finished_losses(cfg)
+
+
+def finished_losses(cfg) -> dict[str, float]:
+    import mlflow
+
+    from quadmix_spark.propose import child_runs, experiment_id, require_search
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    parent = require_search(client, exp_id, cfg.search.name)
+    metric = cfg.search.metric
+    return {r.data.tags["quadmix.theta_id"]: float(r.data.metrics[metric]) for r in child_runs(client, exp_id, parent.info.run_id)
+            if r.info.status == "FINISHED" and metric in r.data.metrics}
+
+
+def seed_spread(exp: Experiment, budget: int) -> dict[str, Any]:
+    """The same θ with several seeds: pooled seed-to-seed std against the std between θ of their mean losses."""
+    sizes = exp.sizes
+    per_seed = [train_search(exp.search(f"quality-spread-{budget}-s{s}", "transformer", budget, sizes["spread_thetas"], seed=99,
+                                        train_seed=s)) for s in sizes["spread_seeds"]]
+    ids = sorted(set.intersection(*(set(p) for p in per_seed)))
+    losses = np.array([[p[i] for p in per_seed] for i in ids])  # θ × seed
+    seed_sd = float(np.sqrt(np.mean(np.var(losses, axis=1, ddof=1))))
+    theta_sd = float(np.std(losses.mean(axis=1), ddof=1))
+    return {"tokens": budget, "thetas": len(ids), "seeds": len(per_seed), "seed_sd": seed_sd, "theta_sd": theta_sd,
+            "noise_ratio": seed_sd / theta_sd if theta_sd > 0 else float("inf")}
+
+
+def choose_budget(spreads: list[dict[str, Any]], max_noise: float) -> tuple[int, str]:
+    """The smallest budget whose noise ratio is at most ``max_noise``; else the largest (and why)."""
+    for s in sorted(spreads, key=lambda s: s["tokens"]):
+        if s["noise_ratio"] <= max_noise:
+            return s["tokens"], f"smallest budget with seed sd <= {max_noise} x θ sd (ratio {s['noise_ratio']:.2f})"
+    last = max(spreads, key=lambda s: s["tokens"])
+    return last["tokens"], f"no candidate reached seed sd <= {max_noise} x θ sd: the largest ({last['noise_ratio']:.2f})"
+
+
+def fit(cfg) -> dict[str, Any]:
+    """The search stage's fit and θ*, and for comparison the cross-validated Spearman of every feature set."""
+    import mlflow
+    import pandas as pd
+
+    from quadmix_spark.jobs import search_job
+    from quadmix_spark.search import FEATURE_SETS, featurizer_for, fit_search, search_domain_tokens
+
+    outcome = search_job(cfg)
+    log(outcome.summary())
+    sc, table = cfg.search, outcome.runs
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    tokens = search_domain_tokens(client, outcome.experiment_id, [sc.name], table.domains)
+    by_features = {}
+    for kind in FEATURE_SETS:
+        f = featurizer_for(kind, table.domains, table.criteria, tokens)
+        if f.kind == kind:
+            cv = fit_search(pd.DataFrame(f(table.X.to_numpy()), columns=f.names), table.y, sc.lightgbm, sc.cv_folds,
+                            sc.val_fraction, sc.early_stopping_rounds, sc.seed)
+            by_features[kind] = cv.cv_spearman
+    return {"run_id": outcome.run_id, "features": outcome.features, "cv_spearman": outcome.metrics["cv_spearman"],
+            "cv_mae": outcome.metrics["cv_mae"], "cv_spearman_by_features": by_features, "n_runs": len(outcome.runs),
+            "n_trees": outcome.fit.n_trees, "theta_star": outcome.theta_star.theta_id}
+
+
+def evaluate(cfg) -> dict[str, Any]:
+    """The paired comparison of the search's θ* with every baseline (``proxy`` settings of ``cfg``)."""
+    from quadmix_spark.jobs import evaluate_job
+
+    for _ in range(2):
+        result = evaluate_job(cfg)
+        if (result.outcomes["status"] == "finished").all():
+            break
+    log(result.summary())
+    table, paired = result.table, result.paired.set_index("arm")
+    topk = table[table["arm"].str.startswith("topk:")]
+    best = str(topk.loc[topk["mean"].idxmin(), "arm"]) if len(topk) else None
+    out: dict[str, Any] = {"arms": {r["arm"]: {"mean": r["mean"], "std": r["std"], "n": int(r["n"])} for _, r in table.iterrows()},
+                           "topk_best_arm": best}
+    for key, arm in (("random", "random"), ("topk_best", best), ("mix", "mix")):
+        if arm in paired.index:
+            r = paired.loc[arm]
+            out[key] = {"mean": float(r["mean"]), "se": float(r["se"]), "wins": int(r["wins"]), "n": int(r["n"])}
+    out["all_paired"] = {arm: {"mean": float(r["mean"]), "se": float(r["se"]), "wins": int(r["wins"]), "n": int(r["n"])}
+                         for arm, r in paired.iterrows()}
+    return out
+
+
+def spearman(a: dict[str, float], b: dict[str, float]) -> tuple[float, int]:
+    from scipy.stats import spearmanr
+
+    ids = sorted(set(a) & set(b))
+    if len(ids) < 3:
+        return float("nan"), len(ids)
+    return float(spearmanr([a[i] for i in ids], [b[i] for i in ids]).statistic), len(ids)
+
+
+def verdicts(result: dict[str, Any]) -> dict[str, Any]:
+    """Each goal of the experiment: met or not, by how much."""
+    out = {}
+    for key in ("screen", "lm"):
+        goal = GOALS[f"cv_spearman.{key}"]
+        value = result["cv_spearman"].get(key)
+        out[f"cv_spearman.{key}"] = {"goal": goal, "value": value, "met": value is not None and value >= goal}
+    goal, value = GOALS["agreement_spearman"], result.get("agreement_spearman")
+    out["agreement_spearman"] = {"goal": goal, "value": value, "met": value is not None and value >= goal}
+    for key in ("screen", "lm"):
+        for arm in ("random", "topk_best", "mix"):
+            r = result["paired"].get(key, {}).get(arm)
+            z = r["mean"] / r["se"] if r and r["se"] and np.isfinite(r["se"]) and r["se"] > 0 else None
+            out[f"paired.{key}.{arm}"] = {"goal": f">= {GOALS['paired_z']} SE", "z": z,
+                                          "met": z is not None and z >= GOALS["paired_z"]}
+    return out
+
+
+# ---------------------------------------------------------------- the run
+
+
+def smoke_corpus(root: Path, n: int) -> Path:
+    """The first ``n`` shared pages, as the smoke run's corpus."""
+    import gzip
+
+    from bench.common import shared_dir
+
+    path = root / "corpus.jsonl"
+    if not path.exists():
+        with gzip.open(shared_dir() / "data" / "web" / "weborganizer_dev.jsonl.gz", "rt") as f:
+            lines = [line for _, line in zip(range(n), f)]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(lines))
+        tmp.replace(path)
+    return path
+
+
+def run(args) -> dict[str, Any]:
+    setup_env()
+    sizes = plan(args)
+    root = Path(args.root) if args.root else scratch_dir("quality", "smoke" if args.smoke else "full")
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = smoke_corpus(root, sizes["docs"]) if sizes["docs"] else None
+    exp = Experiment(root, args, sizes, corpus)
+    result: dict[str, Any] = {"name": NAME, "commit": git_commit(), "machine": machine_info(), "smoke": bool(args.smoke),
+                              "when": utc_now(), "sizes": sizes, "timings_s": {}, "cv_spearman": {}, "paired": {}}
+    timings = result["timings_s"]
+
+    results_dir = Path(args.results_dir) if args.results_dir else RESULTS_DIR
+
+    def step(name: str, fn, *a):
+        t = time.perf_counter()
+        log(f"--- {name}")
+        out = fn(*a)
+        timings[name] = round(time.perf_counter() - t, 1)
+        # what is finished so far, marked partial, so an interrupted run still leaves its figures
+        write({**result, "partial": True, "last_step": name}, False, results_dir)
+        return out
+
+    result["curation"] = step("curation", curate, exp)
+    spreads = [step(f"spread_{b}", seed_spread, exp, b) for b in sizes["budgets"]]
+    budget, why = choose_budget(spreads, args.max_noise)
+    result["budget"] = {"tokens": budget, "why": why, "spread": spreads}
+    log(f"transformer proxy budget: {budget:,} tokens ({why})")
+
+    screen = exp.search("quality-screen", "ngram", budget, sizes["screen_thetas"], seed=0)
+    lm = exp.search("quality-lm", "transformer", budget, sizes["lm_thetas"], seed=1)
+    lm_as_ngram = exp.search("quality-lm-ngram", "ngram", budget, sizes["lm_thetas"], seed=1)
+    screen_losses = step("screen_proxies", train_search, screen)
+    result["screen_fit"] = step("screen_fit", fit, screen)
+    lm_losses = step("lm_proxies", train_search, lm)
+    result["lm_fit"] = step("lm_fit", fit, lm)
+    agree_losses = step("agreement_proxies", train_search, lm_as_ngram)
+    result["cv_spearman"] = {"screen": result["screen_fit"]["cv_spearman"], "lm": result["lm_fit"]["cv_spearman"]}
+    rho, n = spearman(lm_losses, agree_losses)
+    result["agreement_spearman"], result["agreement_thetas"] = rho, n
+    result["proxy_losses"] = {"screen": screen_losses, "lm": lm_losses, "lm_as_ngram": agree_losses}
+
+    # θ* of each search judged by the transformer proxy on held-out target text
+    judge = ["proxy.model.kind=transformer", f"proxy.train.tokens={budget}"]
+    result["paired"]["screen"] = step("screen_evaluate", evaluate, exp.config(f"search.name=quality-screen", *judge))
+    result["screen_on_ngram"] = step("screen_evaluate_ngram", evaluate, exp.config(
+        "search.name=quality-screen", "proxy.model.kind=ngram", f"proxy.train.tokens={budget}"))
+    result["paired"]["lm"] = step("lm_evaluate", evaluate, exp.config(f"search.name=quality-lm", *judge))
+    result["verdicts"] = verdicts(result)
+    result["wall_s"] = round(sum(timings.values()), 1)
+    write(result, args.reference, results_dir)
+    return result
+
+
+def write(result: dict[str, Any], reference: bool, results_dir: Path = RESULTS_DIR) -> Path:
+    path = write_json(results_dir / f"{NAME}.json", result, indent=1)
+    if reference and not result["smoke"]:
+        REFERENCE_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, REFERENCE_DIR / f"{NAME}.json")
+        log(f"wrote {REFERENCE_DIR / f'{NAME}.json'}")
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smoke", action="store_true", help="the same path on 400 pages with tiny settings (minutes)")
+    parser.add_argument("--root", help="the experiment's folder (default $QUADMIX_BENCH_DIR/quality/<full|smoke>)")
+    parser.add_argument("--screen-thetas", type=int, default=512)
+    parser.add_argument("--lm-thetas", type=int, default=48)
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per arm in the paired evaluation")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[500_000, 2_000_000],
+                        help="candidate proxy token budgets (the seed spread picks one)")
+    parser.add_argument("--max-noise", type=float, default=0.25, help="largest seed sd / θ sd accepted for a budget")
+    parser.add_argument("--reference", action="store_true", help="also write bench/reference/selection_quality.json")
+    parser.add_argument("--results-dir", help="where the result file goes (default bench/results)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""``python -m bench.quality --smoke``: the selection-quality experiment's whole path on 400 pages (real Spark,
+Delta, MLflow, trained scorers, n-gram and transformer proxies), and the result file's contract."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.spark
+
+
+def test_the_smoke_run_goes_end_to_end_and_writes_every_figure(tmp_path, spark):
+    from bench.quality import main
+
+    root, results = tmp_path / "quality", tmp_path / "results"
+    assert main(["--smoke", "--root", str(root), "--results-dir", str(results)]) == 0
+    r = json.loads((results / "selection_quality.json").read_text())
+    assert r["smoke"] and r["commit"] and r["machine"]["cpu_model"]
+    assert set(r["cv_spearman"]) == {"screen", "lm"}
+    assert r["agreement_thetas"] == r["sizes"]["lm_thetas"] and -1 <= r["agreement_spearman"] <= 1
+    assert len(r["proxy_losses"]["screen"]) == r["sizes"]["screen_thetas"]
+    for search in ("screen", "lm"):
+        for arm in ("random", "topk_best", "mix"):
+            p = r["paired"][search][arm]
+            assert set(p) == {"mean", "se", "wins", "n"} and p["n"] == len(r["sizes"]["seeds"]) and np.isfinite(p["mean"])
+        assert r["paired"][search]["topk_best_arm"].startswith("topk:")
+    assert r["budget"]["spread"] and r["budget"]["tokens"] in r["sizes"]["budgets"]
+    assert set(r["verdicts"]) >= {"cv_spearman.screen", "cv_spearman.lm", "agreement_spearman", "paired.lm.mix"}
+    assert "dclm" in r["curation"]["scorers"] and "auc_within_length" in r["curation"]["scorers"]["dclm"]
