@@ -271,24 +271,31 @@ def test_loss_matches_a_brute_force_kneser_ney(pool, tmp_path, order):
     es = build_eval_set("bmk", str(TARGET), str(TOKENIZER), str(tmp_path / "e.npz"), 3, 0, 12, ["copa", "piqa"])
     settings = TrainSettings(tokens=400, seed=2)
     size, seq_len = 40, 8
-    res = ng.train_ngram_proxy(plan, store, es, settings, theta_key=5, sample_seed=1, order=order, vocab_size=size,
-                               cache_dir=tmp_path / "c", pool_docs=plan, seq_len=seq_len)
     vm = vmap(store, size)
-    index = ng.ngram_index(store, vm, order, cache_dir=tmp_path / "c")
+    index = ng.ngram_index(store, vm, order, docs=plan, cache_dir=tmp_path / "c")
     weights, inst = ng.theta_doc_weights(index, plan, store, settings.tokens, 5, 1, settings.seed)
-    assert inst.epochs >= 2 and res.tokens == inst.tokens  # a partial epoch after whole ones
+    assert inst.epochs >= 2 and weights.max() >= 2  # a partial epoch after whole ones; some document read twice
     docs = [vm.apply(store.doc(*row)).tolist() for row in index.docs]
-    prob = brute_force_kn(docs, weights.tolist(), index.eos, size, order)
-    sums, counts = Counter(), Counter()
-    for i in range(len(es)):
-        seq = vm.apply(es.example(i)[: seq_len + 1]).tolist()
-        task = es.task_names[es.task_index[i]]
-        for t in range(1, len(seq)):
-            sums[task] -= math.log(prob(seq[t], tuple(seq[max(0, t - order + 1):t])))
-            counts[task] += 1
-    ref = {t: sums[t] / counts[t] for t in sums}
-    assert res.task_losses == pytest.approx(ref, rel=1e-12)
-    assert res.target_loss == pytest.approx(np.mean(list(ref.values())), rel=1e-12)
+
+    def reference(doc_weights) -> dict[str, float]:
+        prob = brute_force_kn(docs, doc_weights, index.eos, size, order)
+        sums, counts = Counter(), Counter()
+        for i in range(len(es)):
+            seq = vm.apply(es.example(i)[: seq_len + 1]).tolist()
+            task = es.task_names[es.task_index[i]]
+            for t in range(1, len(seq)):
+                sums[task] -= math.log(prob(seq[t], tuple(seq[max(0, t - order + 1):t])))
+                counts[task] += 1
+        return {t: sums[t] / counts[t] for t in sums}
+
+    # counts "repeated": every instance read counts; "unique" (the default): every document read counts once
+    for mode, doc_weights in (("repeated", weights.tolist()), ("unique", np.minimum(weights, 1).tolist())):
+        res = ng.train_ngram_proxy(plan, store, es, settings, theta_key=5, sample_seed=1, order=order, vocab_size=size,
+                                   cache_dir=tmp_path / "c", pool_docs=plan, seq_len=seq_len, counts=mode)
+        assert res.tokens == inst.tokens
+        ref = reference(doc_weights)
+        assert res.task_losses == pytest.approx(ref, rel=1e-12), mode
+        assert res.target_loss == pytest.approx(np.mean(list(ref.values())), rel=1e-12)
     weighted = ng.train_ngram_proxy(plan, store, es, settings, 5, 1, order=order, vocab_size=size, cache_dir=tmp_path / "c",
                                     seq_len=seq_len, task_weights={"copa": 3.0, "piqa": 1.0})
     assert weighted.target_loss == pytest.approx(0.75 * ref["copa"] + 0.25 * ref["piqa"], rel=1e-12)
