@@ -152,9 +152,17 @@ def plot_evaluation(table: pd.DataFrame, paired: pd.DataFrame, path: str | Path)
     return save(fig, path, dpi=110)
 
 
-def baseline_defaults(kind: str, fraction: float, domains: list[str]) -> dict[str, float]:
-    """The S of a baseline's pool documents its index does not list: the fraction (random) or 0 (top-k, mix)."""
-    return {d: (fraction if kind == "random" else 0.0) for d in domains}
+# The baselines' definition: runs of another version are not reused. 2: every baseline a fixed set of
+# documents (random was S = fraction for every document, a fresh draw each epoch, which read several times
+# θ*'s unique tokens), and mix cut to the fraction (it was the union of the top-k sets, larger than θ*'s).
+BASELINES_TAG = "quadmix.baselines_version"
+BASELINES_VERSION = "2"
+
+
+def baseline_defaults(domains: list[str]) -> dict[str, float]:
+    """The S of a baseline's pool documents its index does not list: 0, every baseline being a fixed set
+    (:func:`~quadmix_spark.sample.baseline_selection`)."""
+    return {d: 0.0 for d in domains}
 
 
 def baseline_fraction(spark: SparkSession, cfg: QuadmixConfig, inp, theta_id: str) -> float:
@@ -199,11 +207,13 @@ def run_evaluate(spark: SparkSession, cfg: QuadmixConfig) -> EvaluateResult:
     parent = next(iter(client.search_runs(
         [exp_id], filter_string=f"tags.`quadmix.role` = '{ROLE_EVALUATE}' and tags.`quadmix.search` = '{search}' "
                                 f"and tags.`quadmix.theta_star` = '{star.theta_id}' "
-                                f"and tags.`{FINGERPRINT_TAG}` = '{fingerprint}'", max_results=1)), None)
+                                f"and tags.`{FINGERPRINT_TAG}` = '{fingerprint}' "
+                                f"and tags.`{BASELINES_TAG}` = '{BASELINES_VERSION}'", max_results=1)), None)
     if parent is None:
         parent = client.create_run(exp_id, run_name=f"evaluate-{search}", tags={
             "quadmix.role": ROLE_EVALUATE, "quadmix.search": search, "quadmix.theta_star": star.theta_id,
-            "quadmix.search_fit_run": fit_run, "quadmix.stage": "evaluate", FINGERPRINT_TAG: fingerprint})
+            "quadmix.search_fit_run": fit_run, "quadmix.stage": "evaluate", FINGERPRINT_TAG: fingerprint,
+            BASELINES_TAG: BASELINES_VERSION})
         client.log_dict(parent.info.run_id, star.to_dict(), THETA_STAR_ARTIFACT)
     parent_id = parent.info.run_id
     have = {(r.data.tags.get("quadmix.arm"), r.data.tags.get("quadmix.seed")): r for r in child_runs(client, exp_id, parent_id)}
@@ -216,7 +226,7 @@ def run_evaluate(spark: SparkSession, cfg: QuadmixConfig) -> EvaluateResult:
     ids = {REFERENCE_ARM: (star.theta_id, star.theta_key)}
     ids.update({k: v for k, v in run_baseline_index(spark, base_cfg, kinds, where=pool_predicate(cfg), run_id=parent_id).items()})
     defaults = {star.theta_id: tail_defaults(star)}
-    defaults.update({ids[k][0]: baseline_defaults(k, fraction, inp.domains) for k in kinds})
+    defaults.update({ids[k][0]: baseline_defaults(inp.domains) for k in kinds})
     plans_dir = write_plans(spark, cfg, pool, defaults)
 
     metric = cfg.search.metric

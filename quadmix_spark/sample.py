@@ -294,10 +294,20 @@ def baseline_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little", signed=True)
 
 
+MIX_BINS = 1 << 16  # resolution of the mix baseline's cut-off on the best σ of a document
+
+
 def baseline_selection(inp: Inputs, kind: str, fraction: float, seed: int) -> tuple[DataFrame, str, int]:
-    """S per document for a baseline at the same machinery: ``random`` (S = fraction for every document),
-    ``topk:<criterion>`` (S = 1 for the best ``fraction`` of tokens by that criterion: σ <= fraction) or
-    ``mix`` (the union of every criterion's top-k set). Returns (frame, baseline id, hash key)."""
+    """S per document for a baseline at the same machinery, every baseline a fixed set (S is 0 or 1, so a
+    proxy reads the same documents every epoch, like θ's kept documents):
+
+    - ``random``: each document with probability ``fraction``, by a hash of the document and the baseline
+      (a random ``fraction`` of the tokens; the sample stage's draw of S = fraction);
+    - ``topk:<criterion>``: the best ``fraction`` of tokens by that criterion (σ <= fraction);
+    - ``mix``: the best ``fraction`` of tokens by each document's best criterion (smallest σ over the
+      criteria), cut where the kept tokens reach ``fraction`` of the total (at most; :func:`mix_cutoff`).
+
+    Returns (frame, baseline id, hash key)."""
     from quadmix_spark.ranking import RANKED_SCHEMA, _sigma
     from quadmix_spark.kernel.copies import hash_uniform_from_doc_hashes, realized_copies
 
@@ -309,25 +319,56 @@ def baseline_selection(inp: Inputs, kind: str, fraction: float, seed: int) -> tu
     if kind != "random" and any(k.method != "percentile" for k in knots):
         raise ValueError(f"baseline {kind!r} keeps the best {fraction:g} of tokens by σ <= {fraction:g}, which needs percentile "
                          "knots (normalize.method: percentile); z-score σ is not a share of tokens")
+    cutoff = mix_cutoff(inp, fraction) if kind == "mix" else None
 
     def assign(batches):
         for pdf in batches:
-            n = len(pdf)
-            if kind == "random":
-                S = np.full(n, fraction)
-            else:
-                sig = _sigma(pdf, knots)
-                best = sig[:, crit.index(kind[5:])] if kind.startswith("topk:") else sig.min(axis=1)
-                S = (best <= fraction).astype(np.float64)
             u = hash_uniform_from_doc_hashes(pdf["doc_hash"].to_numpy(np.int64), key, seed)
+            if kind == "random":
+                S = realized_copies(np.full(len(pdf), fraction), u).astype(np.float64)
+            elif kind == "mix":
+                S = (mix_bins(_sigma(pdf, knots)) <= cutoff).astype(np.float64)
+            else:
+                S = (_sigma(pdf, knots)[:, crit.index(kind[5:])] <= fraction).astype(np.float64)
             yield pd.DataFrame({
                 "theta_idx": np.int32(0), "doc_id": pdf["doc_id"], "domain_idx": pdf["domain_idx"].astype(np.int32),
                 "n_tokens": pdf["n_tokens"], "rbar": np.nan, "rank_exact": False, "S": S,
-                "copies": realized_copies(S, u).astype(np.int32),
+                "copies": S.astype(np.int32),
             })
 
     frame = prepare(inp.annotations, inp.domains, inp.criteria).mapInPandas(assign, RANKED_SCHEMA)
     return frame, name, key
+
+
+def mix_bins(sigma: np.ndarray) -> np.ndarray:
+    """The bin (0 .. MIX_BINS - 1) of each document's best σ (the smallest over its criteria)."""
+    best = np.min(np.asarray(sigma, dtype=np.float64), axis=1)
+    return np.minimum(np.floor(np.clip(best, 0.0, 1.0) * MIX_BINS), MIX_BINS - 1).astype(np.int64)
+
+
+def mix_cutoff(inp: Inputs, fraction: float) -> int:
+    """The largest bin b such that documents whose best σ falls in bins <= b hold at most ``fraction`` of the
+    tokens (-1 when even the first bin holds more): one distributed pass summing tokens per bin, at most
+    MIX_BINS rows to the driver. A document's best criterion puts it in the top sets of several criteria at
+    once, so the union of the top-k sets at ``fraction`` would keep more than ``fraction`` of the tokens."""
+    from quadmix_spark.ranking import _sigma
+
+    knots = inp.knots
+
+    def bins(batches):
+        for pdf in batches:
+            yield pd.DataFrame({"bin": mix_bins(_sigma(pdf, knots)), "n_tokens": pdf["n_tokens"].astype(np.int64)})
+
+    per_bin = (prepare(inp.annotations, inp.domains, inp.criteria).mapInPandas(bins, "bin long, n_tokens long")
+               .groupBy("bin").agg(F.sum("n_tokens").alias("tokens")).collect())
+    tokens = np.zeros(MIX_BINS, dtype=np.int64)
+    for r in per_bin:
+        tokens[int(r["bin"])] = int(r["tokens"])
+    total = int(tokens.sum())
+    if total <= 0:
+        return -1
+    within = np.flatnonzero(np.cumsum(tokens) <= fraction * total)
+    return int(within[-1]) if len(within) else -1
 
 
 # ---------------------------------------------------------------- export

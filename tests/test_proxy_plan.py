@@ -60,19 +60,30 @@ def test_each_epoch_of_the_plan_has_the_copies_of_the_sample_stage(spark, store)
     assert tails[0] != tails[1] and all(tails)  # the tail is drawn again: other documents each epoch
 
 
-def test_baseline_plans_use_their_own_defaults(spark, store):
-    """Top-k keeps only what its index lists (default 0); random redraws every pool document at its fraction."""
+def test_baseline_plans_are_fixed_sets(spark, store):
+    """Every baseline keeps only what its index lists, each listed document once (S = 1), every epoch: random
+    is a fixed random set, not a fresh draw per epoch (which would read many more unique tokens than θ*);
+    mix keeps at most the fraction of the tokens."""
     from quadmix_spark.evaluate import baseline_defaults
     from quadmix_spark.sample import run_baseline_index
 
     cfg = store.model_copy(deep=True)
     inp = load_inputs(spark, cfg)
     _, pool = prepare_pool(spark, cfg)
-    ids = run_baseline_index(spark, cfg, ["random", "topk:edu"])
-    plans = write_plans(spark, cfg, pool, {ids[k][0]: baseline_defaults(k, 0.1, inp.domains) for k in ids})
-    topk = read_plan(plans, ids["topk:edu"][0], pool.folder)
-    index = read_table(spark, cfg.storage.table("proxy_index")).where(F.col("theta_id") == ids["topk:edu"][0])
-    assert len(topk["S"]) == index.count() and (topk["S"] == 1.0).all()
-    random = read_plan(plans, ids["random"][0], pool.folder)
-    assert len(random["S"]) == len(load_doc_index(pool.folder)["doc_hash"]) and (random["S"] == 0.1).all()
-    assert list(random["doc_hash"]) == sorted(random["doc_hash"])  # canonical order
+    cfg.sampling.baseline_fraction = 0.1
+    kinds = ["random", "topk:edu", "mix"]
+    ids = run_baseline_index(spark, cfg, kinds)
+    plans = write_plans(spark, cfg, pool, {ids[k][0]: baseline_defaults(inp.domains) for k in ids})
+    index = read_table(spark, cfg.storage.table("proxy_index"))
+    total = inp.annotations.agg(F.sum("n_tokens")).first()[0]
+    pool_docs = len(load_doc_index(pool.folder)["doc_hash"])
+    kept = {}
+    for kind in kinds:
+        plan = read_plan(plans, ids[kind][0], pool.folder)
+        listed = index.where(F.col("theta_id") == ids[kind][0])
+        assert 0 < len(plan["S"]) == listed.count() < pool_docs, kind
+        assert (plan["S"] == 1.0).all(), kind
+        assert list(plan["doc_hash"]) == sorted(plan["doc_hash"])  # canonical order
+        kept[kind] = listed.agg(F.sum("n_tokens")).first()[0] / total
+    assert 0.05 < kept["random"] < 0.2  # about the fraction: each document kept with probability 0.1
+    assert 0.05 < kept["mix"] <= 0.1  # cut at the fraction, not the union of the criteria's top sets
