@@ -182,9 +182,37 @@ def fit(cfg) -> dict[str, Any]:
             cv = fit_search(pd.DataFrame(f(table.X.to_numpy()), columns=f.names), table.y, sc.lightgbm, sc.cv_folds,
                             sc.val_fraction, sc.early_stopping_rounds, sc.seed)
             by_features[kind] = cv.cv_spearman
-    return {"run_id": outcome.run_id, "features": outcome.features, "cv_spearman": outcome.metrics["cv_spearman"],
-            "cv_mae": outcome.metrics["cv_mae"], "cv_spearman_by_features": by_features, "n_runs": len(outcome.runs),
-            "n_trees": outcome.fit.n_trees, "theta_star": outcome.theta_star.theta_id}
+    out = {"run_id": outcome.run_id, "features": outcome.features, "cv_spearman": outcome.metrics["cv_spearman"],
+           "cv_mae": outcome.metrics["cv_mae"], "cv_spearman_by_features": by_features, "n_runs": len(outcome.runs),
+           "n_trees": outcome.fit.n_trees, "theta_star": outcome.theta_star.theta_id}
+    if tokens is not None:
+        star = outcome.theta_star.reindex(table.domains, table.criteria).to_vector()[None, :]
+        out["coverage"] = mix_coverage(table.X.to_numpy(), np.asarray(table.y), star, table.domains, table.criteria, tokens)
+    return out
+
+
+def mix_coverage(x: np.ndarray, losses: np.ndarray, star: np.ndarray, domains, criteria, tokens) -> dict[str, Any]:
+    """How far the searched θ's domain mixes lie from the pool's own (where random and the mix baseline sit):
+    the total variation distance of each θ's kept-token shares (ω_m·T_m normalized) from T_m/ΣT, its
+    Spearman ρ with the loss, and the loss of the θ nearest the pool's mix. A search whose proposals never
+    come near the pool's mix cannot find a θ* there, however many θ it trains."""
+    from scipy.stats import spearmanr
+
+    from quadmix_spark.search import Featurizer
+
+    f = Featurizer("mix", tuple(domains), tuple(criteria), tuple(tokens))
+    pool = np.asarray(tokens, dtype=np.float64) / float(np.sum(tokens))
+    m = len(domains)
+
+    def tv(v: np.ndarray) -> np.ndarray:
+        return 0.5 * np.abs(f(v)[:, :m] - pool[None, :]).sum(axis=1)
+
+    d = tv(x)
+    near = np.argsort(d, kind="stable")[: max(1, len(d) // 10)]
+    return {"tv_min": float(d.min()), "tv_median": float(np.median(d)), "tv_max": float(d.max()),
+            "tv_theta_star": float(tv(star)[0]), "spearman_tv_loss": float(spearmanr(d, losses).statistic),
+            "loss_min": float(losses.min()), "loss_median": float(np.median(losses)),
+            "loss_nearest_tenth_mean": float(losses[near].mean()), "nearest_tenth_tv_max": float(d[near].max())}
 
 
 def evaluate(cfg) -> dict[str, Any]:
@@ -199,7 +227,9 @@ def evaluate(cfg) -> dict[str, Any]:
     table, paired = result.table, result.paired.set_index("arm")
     topk = table[table["arm"].str.startswith("topk:")]
     best = str(topk.loc[topk["mean"].idxmin(), "arm"]) if len(topk) else None
-    out: dict[str, Any] = {"arms": {r["arm"]: {"mean": r["mean"], "std": r["std"], "n": int(r["n"])} for _, r in table.iterrows()},
+    out: dict[str, Any] = {"arms": {r["arm"]: {"mean": r["mean"], "std": r["std"], "n": int(r["n"]),
+                                               "search_part_mean": float(r.get("search_part_mean", np.nan))}
+                                    for _, r in table.iterrows()},
                            "topk_best_arm": best}
     for key, arm in (("random", "random"), ("topk_best", best), ("mix", "mix")):
         if arm in paired.index:
@@ -299,9 +329,9 @@ def run(args) -> dict[str, Any]:
 
     # θ* of each search judged by the transformer proxy on held-out target text
     judge = ["proxy.model.kind=transformer", f"proxy.train.tokens={budget}"]
-    result["paired"]["screen"] = step("screen_evaluate", evaluate, exp.config(f"search.name=quality-screen", *judge))
     result["screen_on_ngram"] = step("screen_evaluate_ngram", evaluate, exp.config(
         "search.name=quality-screen", "proxy.model.kind=ngram", f"proxy.train.tokens={budget}"))
+    result["paired"]["screen"] = step("screen_evaluate", evaluate, exp.config(f"search.name=quality-screen", *judge))
     result["paired"]["lm"] = step("lm_evaluate", evaluate, exp.config(f"search.name=quality-lm", *judge))
     result["verdicts"] = verdicts(result)
     result["wall_s"] = round(sum(timings.values()), 1)

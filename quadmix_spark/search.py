@@ -530,12 +530,13 @@ def _lgb_names(names: Sequence[str]) -> list[str]:
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) row indices: a permutation from ``seed``; at least one row on each side."""
-    if n < 2:
-        raise SearchInputError(f"need at least 2 runs to hold some out, got {n}")
+    """(train, validation) row indices: a permutation from ``seed``; at least one validation row and two
+    training rows (LightGBM refuses to fit one)."""
+    if n < 3:
+        raise SearchInputError(f"need at least 3 runs to fit on 2 and hold 1 out, got {n}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    n_val = min(max(1, int(round(n * val_fraction))), n - 1)
+    n_val = min(max(1, int(round(n * val_fraction))), n - 2)
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
@@ -627,9 +628,12 @@ class SearchFit:
 
 
 def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
-    """Fold of each of ``n`` runs: a seeded permutation dealt round-robin, so fold sizes differ by at most one."""
-    if n < 3:
-        raise SearchInputError(f"need at least 3 runs to cross-validate, got {n}")
+    """Fold of each of ``n`` runs: a seeded permutation dealt round-robin, so fold sizes differ by at most one.
+
+    At most ``n`` folds, so every fold's training side keeps at least 3 runs for :func:`split_indices`
+    when ``n >= 4``."""
+    if n < 4:
+        raise SearchInputError(f"need at least 4 runs to cross-validate (3 to fit each fold on), got {n}")
     folds = min(folds, n)
     out = np.empty(n, dtype=np.int64)
     out[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds

@@ -46,7 +46,7 @@ class SearchConfig(Section):
     lambda_mode: Literal["log", "linear"] = Field("log", description="λ̃ = 10^{3u} (log) or 1000u (linear), spec §5-A2")
     criteria: list[str] | None = Field(None, description="criteria with non-zero weight (ablations); null = all")
     metric: str = Field("target_loss", description="the child-run metric the regression fits")
-    min_runs: int = Field(32, ge=2, description="fewest finished proxy runs a fit accepts")
+    min_runs: int = Field(32, ge=4, description="fewest finished proxy runs a fit accepts")
     features: Literal["theta", "mix", "both"] = Field(
         "both", description="what LightGBM sees: theta (the θ vector), mix (the domain shares, criterion weights and size "
                             "θ implies for the pool), both; mix needs the pool's domain tokens that propose records")

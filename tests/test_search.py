@@ -180,6 +180,20 @@ def test_fit_ranks_validation_runs(main_table):
     assert fit.importance().index[0] == "quadmix.omega.d0"
 
 
+@pytest.mark.parametrize("n, val_fraction", [(4, 0.5), (5, 0.5), (4, 0.9), (7, 0.34)])
+def test_fewest_runs_fit_every_fold_on_two_or_more(main_table, n, val_fraction):
+    # the cluster pipeline's search: 4 runs, half held out; each fold must still fit on >= 2 runs
+    fit = S.fit_search(main_table.X.iloc[:n], main_table.y[:n], {**S_REGMIX(), **FAST_LGB}, 5, val_fraction, 3, seed=0)
+    assert fit.folds == min(5, n) and np.isfinite(fit.oof_pred).all()
+    tr, va = S.split_indices(n - 1, val_fraction, 0)
+    assert len(tr) >= 2 and len(va) >= 1 and not set(tr) & set(va)
+
+
+def test_too_few_runs_to_cross_validate_is_a_clear_error(main_table):
+    with pytest.raises(S.SearchInputError, match="need at least 4 runs to cross-validate"):
+        S.fit_search(main_table.X.iloc[:3], main_table.y[:3], {**S_REGMIX(), **FAST_LGB}, 5, 0.25, 3, seed=0)
+
+
 def test_search_is_deterministic_and_moves_theta_the_right_way(main_table):
     fit, cands = _fit_and_search(main_table)
     fit2, cands2 = _fit_and_search(main_table)
