@@ -24,6 +24,7 @@ BENCHMARKS = {
     "rank": "bench.bench_rank",
     "annotate": "bench.bench_annotate",
     "tokenize": "bench.bench_tokenize",
+    "tokenize_count": "bench.bench_token_count",
     "search": "bench.bench_search",
     "proxy": "bench.bench_proxy",
     "ngram": "bench.bench_ngram",

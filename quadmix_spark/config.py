@@ -82,6 +82,8 @@ class IngestConfig(_Section):
     json_schema: str | None = Field(None, description="DDL schema of the JSONL metadata; null = inferred")
     tokenizer: str = Field(..., description="tokenizer.json used for token counts")
     batch_size: int = Field(256, gt=0, description="texts per tokenizer call")
+    fast_tokenizer: bool = Field(True, description="count and encode byte-level BPE files with the exact fast path "
+                                 "(quadmix_udfs.bpe_fast; the same ids as tokenizers); false = tokenizers everywhere")
     source_name: str | None = Field(None, description="value of the `source` column; default = input file path")
 
     @field_validator("input", mode="before")

@@ -77,6 +77,7 @@ class IngestReport:
     documents: int = 0
     rejects: int = 0
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    token_counter: str | None = None  # what counted n_tokens: the fast byte-level BPE path, or tokenizers and why
 
     @property
     def balanced(self) -> bool:
@@ -92,6 +93,7 @@ class IngestReport:
             f"  input rows {self.input_rows} = documents {self.documents} + rejects {self.rejects}"
             f" + blank lines {self.blank_lines}  [{'OK' if self.balanced else 'MISMATCH'}]\n"
             f"  rejects by reason: {reasons}"
+            + (f"\n  tokens counted by {self.token_counter}" if self.token_counter else "")
         )
 
 
@@ -291,7 +293,7 @@ def stage_batch(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: list[I
     from quadmix_udfs.tokens import token_count_column
 
     text_to_count = F.when(F.col("reason").isNull(), F.col("text"))
-    return rows.withColumn("n_tokens", token_count_column(text_to_count, local_path(ic.tokenizer), ic.batch_size))
+    return rows.withColumn("n_tokens", token_count_column(text_to_count, local_path(ic.tokenizer), ic.batch_size, ic.fast_tokenizer))
 
 
 def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = None) -> IngestReport:
@@ -306,7 +308,7 @@ def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = Non
     report = IngestReport(batch_id=None, format=fmt, files_new=len(new), files_skipped=len(units) - len(new))
     if not new:
         return report
-    check_tokenizer(cfg.ingest.tokenizer)
+    report.token_counter = check_tokenizer(cfg.ingest.tokenizer, cfg.ingest.fast_tokenizer)
     batch_id = batch_id_of(new)
     report.batch_id = batch_id
     meta = {"stage": "ingest", "batch_id": batch_id, "run_id": run_id, "config": cfg.fingerprint()}
@@ -371,12 +373,13 @@ def stage_and_write(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: li
         staged.unpersist()
 
 
-def check_tokenizer(path: str) -> None:
-    """Load ``ingest.tokenizer`` on the driver, so a wrong path or file fails before any Spark job."""
-    from quadmix_udfs.tokens import load_tokenizer
+def check_tokenizer(path: str, fast: bool = True) -> str:
+    """Load ``ingest.tokenizer`` on the driver, so a wrong path or file fails before any Spark job; what will
+    count the tokens (the fast byte-level BPE path, or ``tokenizers`` and why)."""
+    from quadmix_udfs.tokens import load_encoder
 
     try:
-        load_tokenizer(local_path(path))
+        return load_encoder(local_path(path), fast).describe()
     except Exception as e:  # noqa: BLE001 - FileNotFoundError, or the tokenizers library's own errors
         raise IngestInputError(f"ingest.tokenizer {path!r} cannot be loaded: {str(e).strip()[:300]}") from None
 

@@ -342,7 +342,7 @@ def ensure_eval_set(cfg: QuadmixConfig, pool: Pool, part: str = "search") -> str
         path.parent.mkdir(parents=True, exist_ok=True)
         src = local_path(t.bmk_path if t.kind == "bmk" else t.oh_path)
         build_eval_set(t.kind, src, pool.meta["tokenizer"], str(path), t.max_examples_per_task, t.seed, max_len, t.tasks,
-                       part=part, holdout_fraction=t.holdout_fraction)
+                       part=part, holdout_fraction=t.holdout_fraction, fast_tokenizer=cfg.ingest.fast_tokenizer)
     return str(path)
 
 

@@ -95,22 +95,19 @@ def _eos_id(tok) -> int:
     raise ValueError("the pool tokenizer has no end-of-text token (<|endoftext|>, </s>, [SEP] or <eos>)")
 
 
-def _write_shards(folder: str, tok_path: str, batch_size: int, vocab: int, batches):
+def _write_shards(folder: str, tok_path: str, batch_size: int, vocab: int, fast: bool, batches):
     """mapInPandas body: tokenize the documents of each shard in this partition and write the shard."""
     from quadmix_spark.token_store import count_tokens, write_shard
-    from quadmix_udfs.tokens import load_tokenizer
+    from quadmix_udfs.tokens import load_encoder
 
-    tok = load_tokenizer(tok_path)
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    encoder = load_encoder(tok_path, fast)
     frames = [pdf for pdf in batches if len(pdf)]
     if not frames:
         return
     pdf = pd.concat(frames, ignore_index=True).sort_values(["shard", "doc_id"], kind="stable")
     for shard, part in pdf.groupby("shard", sort=True):
         texts = part["text"].tolist()
-        arrays = []
-        for start in range(0, len(texts), batch_size):
-            arrays.extend(np.asarray(e.ids, dtype=np.uint32) for e in encode(texts[start:start + batch_size], add_special_tokens=False))
+        arrays = [np.asarray(ids, dtype=np.uint32) for ids in encoder.encode_batch(texts, batch_size)]
         name = f"shard-{int(shard):05d}"
         offsets, lengths = write_shard(f"{folder}/shards/{name}.bin", arrays)
         counts = count_tokens(arrays, vocab)
@@ -165,7 +162,7 @@ def build_pool(spark: SparkSession, cfg: QuadmixConfig, domains: DataFrame, run_
         docs = docs.where(where)
     docs = docs.join(domains.select("doc_id", "domain"), "doc_id", "inner")
     docs = docs.withColumn("doc_hash", F.xxhash64("doc_id")).withColumn("shard", F.pmod(F.col("doc_hash"), F.lit(pc.shards)).cast("int"))
-    body = functools.partial(_write_shards, folder, tok_path, pc.batch_size, vocab)
+    body = functools.partial(_write_shards, folder, tok_path, pc.batch_size, vocab, cfg.ingest.fast_tokenizer)
     offsets = faults.during(docs.repartition(pc.shards, "shard").mapInPandas(body, OFFSETS_SCHEMA), "proxy.pool.write")
     write_table(offsets, f"{folder}/offsets", mode="overwrite", metadata={"stage": "proxy-pool", "run_id": run_id, "pool": key})
 

@@ -348,7 +348,7 @@ def target_part(task: str, text: str, holdout_fraction: float) -> str:
 
 def build_eval_set(kind: str, path: str, tokenizer_path: str, out_path: str, max_examples_per_task: int, seed: int,
                    max_len: int, tasks: list[str] | None = None, part: str | None = None,
-                   holdout_fraction: float = 0.5) -> EvalSet:
+                   holdout_fraction: float = 0.5, fast_tokenizer: bool = True) -> EvalSet:
     """Draw, tokenize and save the target set.
 
     ``bmk``: rows of ``target/target_val_texts.jsonl.gz`` (``task``, ``text``), at most
@@ -359,9 +359,10 @@ def build_eval_set(kind: str, path: str, tokenizer_path: str, out_path: str, max
     so θ* is judged on text the search never optimised.
     The draw is ``np.random.default_rng([seed, crc32(task)])`` without replacement, kept in file order.
     Each example is ``[eos] + tokens(text)`` truncated to ``max_len`` tokens; examples with fewer than two
-    tokens are dropped.
+    tokens are dropped. ``fast_tokenizer``: encode with :mod:`quadmix_udfs.bpe_fast` where the file allows
+    (the same ids), else ``tokenizers``.
     """
-    from tokenizers import Tokenizer
+    from quadmix_udfs.bpe_fast import load_encoder
 
     if max_examples_per_task <= 0 or max_len < 2:
         raise ValueError("max_examples_per_task must be positive and max_len at least 2")
@@ -393,7 +394,8 @@ def build_eval_set(kind: str, path: str, tokenizer_path: str, out_path: str, max
     if not any(by_task.values()):
         raise ValueError(f"no target examples in {path}" + (f" in its {part} part" if part else ""))
 
-    tok = Tokenizer.from_file(str(tokenizer_path))
+    encoder = load_encoder(str(tokenizer_path), fast=fast_tokenizer)
+    tok = encoder.tokenizer
     eos = _tokenizer_eos(tok)
     task_names = sorted(by_task)
     seqs, task_idx, ids = [], [], []
@@ -402,9 +404,9 @@ def build_eval_set(kind: str, path: str, tokenizer_path: str, out_path: str, max
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(task.encode())])
         pick = np.sort(rng.choice(len(items), size=min(max_examples_per_task, len(items)), replace=False))
         chosen = [items[i] for i in pick]
-        encs = tok.encode_batch([t for _, t in chosen], add_special_tokens=False)
-        for (ex_id, _), enc in zip(chosen, encs):
-            seq = np.array([eos] + enc.ids[: max_len - 1], dtype=np.int64)
+        encs = encoder.encode_batch([t for _, t in chosen])
+        for (ex_id, _), ids in zip(chosen, encs):
+            seq = np.array([eos] + ids[: max_len - 1], dtype=np.int64)
             if seq.shape[0] >= 2:
                 seqs.append(seq)
                 task_idx.append(ti)

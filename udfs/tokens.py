@@ -1,4 +1,8 @@
-"""Token counts with a Hugging Face ``tokenizers`` ``tokenizer.json`` (the GPT-NeoX one by default)."""
+"""Token counts and ids for a Hugging Face ``tokenizer.json`` (the GPT-NeoX one by default).
+
+Byte-level BPE files go through :mod:`quadmix_udfs.bpe_fast` (the ids ``tokenizers`` gives, several times
+faster); other files, and those using a feature the fast path does not reproduce, through ``tokenizers``.
+"""
 
 from __future__ import annotations
 
@@ -16,27 +20,25 @@ from quadmix_udfs.files import local_path
 
 @lru_cache(maxsize=4)
 def load_tokenizer(path: str):
-    """The tokenizer at ``path``, loaded once per Python worker, with padding and truncation off."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(local_path(path))
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
+    """The ``tokenizers`` tokenizer at ``path``, loaded once per Python worker, padding and truncation off
+    (for its vocabulary and special tokens; texts are counted and encoded by :func:`load_encoder`)."""
+    return load_encoder(path).tokenizer
 
 
-def count_tokens(texts: list[str], tokenizer_path: str, batch_size: int = 256) -> np.ndarray:
+@lru_cache(maxsize=8)
+def load_encoder(path: str, fast: bool = True):
+    """The :class:`~quadmix_udfs.bpe_fast.Encoder` of ``path``, loaded once per Python worker."""
+    from quadmix_udfs.bpe_fast import load_encoder as load
+
+    return load(local_path(path), fast=fast)
+
+
+def count_tokens(texts: list[str], tokenizer_path: str, batch_size: int = 256, fast: bool = True) -> np.ndarray:
     """Number of tokens of each text (no special tokens added)."""
-    tok = load_tokenizer(tokenizer_path)
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    out = np.empty(len(texts), dtype=np.int64)
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        out[start : start + len(chunk)] = [len(e.ids) for e in encode(chunk, add_special_tokens=False)]
-    return out
+    return load_encoder(tokenizer_path, fast).count_batch(texts, batch_size)
 
 
-def token_count_column(text: Column, tokenizer_path: str, batch_size: int = 256) -> Column:
+def token_count_column(text: Column, tokenizer_path: str, batch_size: int = 256, fast: bool = True) -> Column:
     """A bigint column with the token count of ``text`` (null text -> null)."""
 
     @pandas_udf(LongType())
@@ -45,7 +47,7 @@ def token_count_column(text: Column, tokenizer_path: str, batch_size: int = 256)
             mask = texts.notna().to_numpy()
             counts = pd.Series(pd.NA, index=texts.index, dtype="Int64")
             if mask.any():
-                counts[mask] = count_tokens(texts[mask].tolist(), tokenizer_path, batch_size)
+                counts[mask] = count_tokens(texts[mask].tolist(), tokenizer_path, batch_size, fast)
             yield counts
 
     return _count(text)

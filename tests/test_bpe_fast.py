@@ -1,0 +1,238 @@
+"""The fast byte-level BPE path gives the ids ``tokenizers`` gives, on every file kind it accepts.
+
+Files: the shared GPT-NeoX ``tokenizer.json`` and three trained in this session with ``tokenizers`` on shared
+text, one per style the fast path claims: GPT-2 (ByteLevel with its regex, no normalizer), RoBERTa-like
+(ByteLevel ``add_prefix_space``, a lowercasing normalizer) and Llama-3/Qwen (NFC, ``Split`` with Llama-3's
+pattern then ByteLevel without regex, ``ignore_merges``). Each carries added tokens with every flag
+(``normalized`` true/false, ``lstrip``, ``rstrip``, ``single_word``, special or not) and whitespace runs.
+
+Inputs: generated strings (mixed scripts, emoji, combining marks, characters the two regex engines' Unicode
+versions class differently, unassigned code points, whitespace runs, contractions in any case, added-token
+look-alikes, long numbers, NUL and control characters) and every text of the shared data: the web pages, the
+multilingual robustness crawl, the target validation set and the reference texts. ``make test``
+runs 20,000 generated strings per file; the ``slow`` run 1,000,000 per file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from quadmix_udfs import bpe_fast
+from tests.conftest import DATA, TOKENIZER
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+SHARED_TEXTS = [  # (file, its text fields): every text the project tokenizes from the shared data
+    (DATA / "web" / "weborganizer_dev.jsonl.gz", ("text",)),
+    (DATA / "robustness" / "cc_raw_multilingual.jsonl.gz", ("text",)),
+    (DATA / "target" / "target_val_texts.jsonl.gz", ("text",)),
+    (DATA / "reference" / "enwiki_sample.jsonl.gz", ("text",)),
+    (DATA / "reference" / "alpaca_eval_outputs.jsonl.gz", ("instruction", "output")),
+]
+
+
+def _pages(limit: int | None = None) -> list[str]:
+    out = []
+    for path, fields in SHARED_TEXTS:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                out.extend(row[k] for k in fields if isinstance(row.get(k), str))
+                if limit and len(out) >= limit:
+                    return out[:limit]
+    return out
+
+
+def _added_tokens():
+    from tokenizers import AddedToken
+
+    return [
+        AddedToken("<mask>", lstrip=True, rstrip=True, single_word=True, normalized=True),
+        AddedToken("[SEP]", rstrip=True, normalized=False, special=True),
+        AddedToken("<|tag|>", lstrip=True, normalized=False),
+        AddedToken("word", single_word=True, normalized=True),
+        AddedToken("ΣΑΣ", normalized=True),
+        AddedToken("    ", normalized=True),
+        AddedToken("  ", normalized=True),
+        AddedToken("\n\n", normalized=False),
+    ]
+
+
+def _train(path, style: str) -> str:
+    from tokenizers import Regex, Tokenizer, AddedToken, models, normalizers, pre_tokenizers, trainers
+
+    if style == "gpt2":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif style == "roberta":
+        tok = Tokenizer(models.BPE())
+        tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    else:
+        tok = Tokenizer(models.BPE(ignore_merges=True))
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    trainer = trainers.BpeTrainer(vocab_size=3000, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[AddedToken("<|endoftext|>", special=True, normalized=False)],
+                                  show_progress=False)
+    tok.train_from_iterator(_pages(1500), trainer)
+    tok.add_tokens(_added_tokens())
+    out = str(path / f"{style}.json")
+    tok.save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("tokenizers")
+    return {"gpt_neox": str(TOKENIZER), **{s: _train(folder, s) for s in ("gpt2", "roberta", "llama3")}}
+
+
+def generated(n: int, seed: int) -> list[str]:
+    """``n`` random strings built from fragments that stress each step of the pipeline."""
+    rng = np.random.default_rng(seed)
+    mismatch = np.flatnonzero(bpe_fast.class_mismatch())
+    unassigned = np.flatnonzero(bpe_fast.python_unassigned())
+    unassigned = unassigned[(unassigned < 0xD800) | (unassigned > 0xDFFF)]
+    words = ["the", "The", "THE", "don't", "DON'T", "we'LL", "it'S", "I'm", "word", "words", "sword", "Word",
+             "<mask>", "<mask", "mask>", "[SEP]", "[SEP", "<|tag|>", "<|endoftext|>", "<|endoftext", "ΣΑΣ", "σας",
+             "naïve", "cafe\u0301", "Å", "A\u030a", "ﬁ", "Ⅻ", "①", "½", "٣٤٥", "१२३", "ſ", "K", "İstanbul", "ǅ",
+             "東京", "한국어", "Москва", "عربي", "עברית", "ภาษาไทย", "🙂", "👩‍👩‍👧", "🇫🇷", "e\u0301\u0301",
+             "12345678901234567890", "3.14159", "1,000,000", "0x1F", "http://a.b/c?d=e", "foo_bar", "a-b", "...",
+             "—", "“quoted”", "$", "€", "\u200b", "\ufeff", "\u00ad", "\x00", "\x1c", "\x1f", "\x7f", "\x85"]
+    spaces = [" ", "  ", "   ", "    ", " " * 9, " " * 25, "\t", "\n", "\n\n", "\r\n", "\r", " \n ", "\u00a0",
+              "\u2000", "\u2009", "\u3000", "\u1680", "\x0b", "\x0c", "\u2028", ""]
+
+    def frag() -> str:
+        r = rng.random()
+        if r < 0.45:
+            return words[rng.integers(len(words))]
+        if r < 0.75:
+            return spaces[rng.integers(len(spaces))]
+        if r < 0.83:
+            return chr(int(mismatch[rng.integers(mismatch.size)]))
+        if r < 0.86:
+            return chr(int(unassigned[rng.integers(unassigned.size)]))
+        if r < 0.93:  # any code point but a surrogate
+            c = int(rng.integers(0x110000 - 2048))
+            return chr(c + 2048 if c >= 0xD800 else c)
+        return "".join(chr(int(c)) for c in rng.integers(0x20, 0x7F, size=rng.integers(1, 12)))
+
+    return ["".join(frag() for _ in range(rng.integers(0, 14))) for _ in range(n)]
+
+
+def _reference(path: str, texts: list[str]) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(path)
+    return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def _assert_same(path: str, texts: list[str]) -> None:
+    enc = bpe_fast.load_encoder(path)
+    assert enc.fast is not None, enc.reason
+    want = _reference(path, texts)
+    got = enc.encode_batch(texts)
+    bad = [i for i in range(len(texts)) if got[i] != want[i]]
+    assert not bad, f"{len(bad)} of {len(texts)} differ, e.g. {texts[bad[0]]!r}: {got[bad[0]]} vs {want[bad[0]]}"
+    counts = enc.count_batch(texts)
+    np.testing.assert_array_equal(counts, [len(w) for w in want])
+
+
+STYLES = ["gpt_neox", "gpt2", "roberta", "llama3"]
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_generated_strings_give_the_same_ids(files, style):
+    _assert_same(files[style], generated(20_000, seed=STYLES.index(style)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", STYLES)
+def test_a_million_generated_strings_give_the_same_ids(files, style):
+    for part in range(10):
+        _assert_same(files[style], generated(100_000, seed=1000 * (STYLES.index(style) + 1) + part))
+
+
+@pytest.mark.parametrize("style", ["gpt_neox", "llama3"])
+def test_every_shared_text_gives_the_same_ids(files, style):
+    texts = _pages()
+    assert len(texts) > 55_000
+    _assert_same(files[style], texts)
+
+
+@pytest.mark.parametrize("style", ["gpt_neox", "llama3"])  # cached chunks, cached pieces
+def test_results_do_not_depend_on_what_was_cached_before(files, style):
+    texts = generated(2_000, seed=7) + _pages(300)
+    fresh = bpe_fast.load_encoder(files[style])
+    counts, ids = fresh.count_batch(texts), fresh.encode_batch(texts)
+    tiny = bpe_fast.load_encoder(files[style])
+    tiny.fast.limit = 50  # emptied again and again, in another order
+    np.testing.assert_array_equal(tiny.count_batch(texts[::-1])[::-1], counts)
+    assert tiny.encode_batch(texts[::-1])[::-1] == ids
+    assert 0 < len(tiny.fast.pieces) <= max(50, max(len(i) for i in ids))
+
+
+def test_a_lone_surrogate_is_an_error_as_in_tokenizers(files):
+    from tokenizers import Tokenizer
+
+    with pytest.raises((TypeError, UnicodeEncodeError)):
+        Tokenizer.from_file(files["gpt2"]).encode("a\ud800b", add_special_tokens=False)
+    with pytest.raises(UnicodeEncodeError):
+        bpe_fast.load_encoder(files["gpt2"]).fast.encode("a\ud800b")
+
+
+def test_the_classes_differ_between_the_engines_where_unicode_versions_do():
+    # the reason the patterns are not handed to ``regex`` as written: if this ever reads 0, the sets and the
+    # mismatch check cost nothing and still hold
+    mismatch = bpe_fast.class_mismatch()
+    assert mismatch.dtype == bool and mismatch.shape == (0x110000,)
+    assert not mismatch[:0x370].any()  # ASCII, Latin and the combining marks agree
+
+
+def _edit(path: str, out, fn) -> str:
+    spec = json.loads(open(path, encoding="utf-8").read())
+    fn(spec)
+    p = out / "edited.json"
+    p.write_text(json.dumps(spec), encoding="utf-8")
+    return str(p)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda s: s["model"].update(dropout=0.1), "dropout"),
+    (lambda s: s["model"].update(end_of_word_suffix="</w>"), "end_of_word_suffix"),
+    (lambda s: s.update(pre_tokenizer={"type": "Whitespace"}), "does not end with ByteLevel"),
+    (lambda s: s.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\p{Lu}+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}), r"\p{Lu}"),
+    (lambda s: s.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\d+"}, "behavior": "Removed", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}), "Removed"),
+])
+def test_an_unsupported_file_falls_back_to_tokenizers_and_says_why(tmp_path, change, reason, caplog):
+    path = _edit(str(TOKENIZER), tmp_path, change)
+    with caplog.at_level("WARNING"):
+        enc = bpe_fast.load_encoder(path)
+    assert enc.fast is None and reason in enc.reason and reason in caplog.text
+    assert enc.describe().startswith("tokenizers (")
+    texts = ["Hello world, it's 2026!", "  two  spaces", ""]
+    if reason != "dropout":  # dropout draws merges at random
+        assert enc.encode_batch(texts) == _reference(path, texts)
+
+
+def test_translated_patterns_use_oniguruma_sets():
+    out = bpe_fast.translate_pattern(r" ?[^\s\p{L}\p{N}]+|\S")
+    assert r"\p{" not in out and r"\s" not in out and out.startswith(" ?[^")
+    with pytest.raises(bpe_fast.Unsupported, match=r"\\w"):
+        bpe_fast.translate_pattern(r"\w+")
+    with pytest.raises(bpe_fast.Unsupported, match="inside"):
+        bpe_fast.translate_pattern(r"[\S]")
