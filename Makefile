@@ -27,7 +27,7 @@ $(JARS_STAMP): $(STAMP) quadmix_spark/jars.py
 	touch $@
 
 test: setup
-	$(PY) -m pytest -m "not slow and not cluster and not gpu and not faults" tests
+	$(PY) -m pytest -m "not slow and not cluster and not faults" tests
 
 # A real standalone cluster and an MLflow server on 127.0.0.1, spark-submit, and the MLflow UI in Chromium.
 test-cluster: setup

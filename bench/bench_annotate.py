@@ -614,15 +614,24 @@ def run_text_stats(args: argparse.Namespace) -> dict[str, Any]:
 
     def setup(case: str, i: int) -> None:
         sc.setJobDescription(f"{case} r{i}")
-        if case in ("annotate", "scoring"):
+        if case in ("annotate", "annotate_joined", "scoring"):
             roots[i] = fresh_dir("runs", "annotate", f"text-stats-{case}-{i}")
             link_inputs(roots[i], folder, ("documents",))
-            if case == "annotate":
+            if case in ("annotate", "annotate_joined"):
                 shutil.copytree(base / "tables" / "annotations", roots[i] / "tables" / "annotations")
             cfgs[i] = bench_config(roots[i], *spark_overrides(conf), *scorer_args)
 
     def annotate(i: int):
         return run_annotate(spark, cfgs[i], scorers=resolve_scorers(cfgs[i]), histograms=False)
+
+    def annotate_joined(i: int):  # the stage as before 2026-12-03: the flags from the join even when uniform
+        import quadmix_spark.annotate as stage
+
+        keep, stage.uniform_work = stage.uniform_work, lambda *a, **k: None
+        try:
+            return annotate(i)
+        finally:
+            stage.uniform_work = keep
 
     def scoring(i: int):  # what the stage's scoring pass costs without its join to the annotations and the MERGE
         resolved = resolve_scorers(cfgs[i])
@@ -637,13 +646,14 @@ def run_text_stats(args: argparse.Namespace) -> dict[str, Any]:
 
     def teardown(case: str, i: int, result) -> None:
         sc.setJobDescription(None)
-        if case == "annotate" and result.scored != {"lang": 0, "lang_en": 0, "gopher": docs}:
+        if case in ("annotate", "annotate_joined") and result.scored != {"lang": 0, "lang_en": 0, "gopher": docs}:
             raise RuntimeError(f"annotate scored {result.scored}, expected gopher={docs} only\n{result.summary()}")
-        if case in ("annotate", "scoring") and not args.keep:
+        if case in ("annotate", "annotate_joined", "scoring") and not args.keep:
             remove(roots[i])
 
     repeats, model_repeats = _repeats(args)
-    cases = {"model": (model, model_repeats), "annotate": (annotate, repeats), "scoring": (scoring, repeats)}
+    cases = {"model": (model, model_repeats), "annotate": (annotate, repeats), "annotate_joined": (annotate_joined, repeats),
+             "scoring": (scoring, repeats)}
     try:
         timings, cpu = timed_cases(cases, setup, teardown, args.annotate_warmup)
         session = spark_info(spark)
@@ -657,6 +667,10 @@ def run_text_stats(args: argparse.Namespace) -> dict[str, Any]:
                  "the domain and one criterion (only it scores; MERGE into the copied table; histograms off)",
         "baseline": "median TextStatsScorer.score_arrow documents/s on Arrow batches of the same pages, one core",
         "annotate": timings["annotate"].as_dict(docs),
+        "annotate_with_join": {**timings["annotate_joined"].as_dict(docs),
+                               "per_core": round(timings["annotate_joined"].rate(docs) / CORES, 1),
+                               "what": "the same run with the flags taken from the join of the documents (with their "
+                                       "text) to the annotations, as before 2026-12-03"},
         "scoring_pass": {**timings["scoring"].as_dict(docs), "per_core": round(timings["scoring"].rate(docs) / CORES, 1),
                          "what": "documents read, every one scored by text_stats alone, written to Spark's noop sink: "
                                  "the stage's scoring pass without the join to the annotations and the MERGE"},

@@ -175,6 +175,18 @@ def flag_documents(documents: DataFrame, annotations: DataFrame | None, scorers:
     return joined.select("doc_id", "text", "n_tokens", F.col("_versions").isNull().alias("_new"), *needs)
 
 
+def uniform_work(documents: DataFrame, scorers: ScorerSet, n_documents: int, new_documents: int,
+                 scored: dict[str, int]) -> DataFrame | None:
+    """The documents to score when every document has the same flags (none new, each scorer needed by all or
+    by none: a scorer added or rescored over a whole corpus): ``documents`` with literal flags, no join with
+    the annotations, so the text is not shuffled. None when the flags differ between documents."""
+    if new_documents or any(n not in (0, n_documents) for n in scored.values()) or not any(scored.values()):
+        return None
+    needs = [F.lit(scored[s.name] == n_documents).alias(need_column(s.name)) for s in scorers.by_key().values()]
+    return documents.select("doc_id", "text", F.col("n_tokens").cast("bigint").alias("n_tokens"), F.lit(False).alias("_new"),
+                            *needs)
+
+
 def _any_need(scorers: ScorerSet) -> Column:
     return functools.reduce(lambda a, b: a | b, [F.col(need_column(s.name)) for s in scorers.by_key().values()])
 
@@ -487,7 +499,10 @@ def run_annotate(
         if existing is None:
             create_annotations(spark, table, scorers)
             faults.point("annotate.created")
-        work = flagged.where(_any_need(scorers))
+        work = None if existing is None else uniform_work(documents, scorers, report.documents, report.new_documents,
+                                                           report.scored)
+        if work is None:
+            work = flagged.where(_any_need(scorers))
         scored = score_documents(work, scorers, profile is not None, profile, cfg.annotate.partitions)
         scored = faults.during(scored, "annotate.scores.write")
         updates = any(n > report.new_documents for n in report.scored.values())

@@ -18,6 +18,8 @@ from quadmix_spark.annotate import (
     plan_work,
     run_annotate,
     score_documents,
+    uniform_work,
+    flag_documents,
 )
 from quadmix_spark.ingest import run_ingest
 from quadmix_spark.scorers import resolve_scorers
@@ -362,3 +364,22 @@ def test_a_task_retried_mid_partition_leaves_no_duplicates(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert marker.exists() and len(marker.read_text().splitlines()) == 2  # the failure did happen, once per run
     assert result == {"rows": 350, "distinct": 350, "new": [200, 150], "max_diff": 0.0}
+
+
+def test_uniform_flags_skip_the_join_and_give_the_same_work(spark, corpus, tmp_path):
+    scorers = fasttext_scorers(corpus)
+    cfg = store_for(spark, corpus, tmp_path, scorers, "topic", ["en"])
+    run_annotate(spark, cfg, histograms=False)
+    added = config_for(cfg.storage.root, scorers, "topic", ["en", "fr"])
+    resolved = resolve_scorers(added)
+    docs, ann = read_table(spark, added.storage.table("documents")), annotations(spark, added)
+    n = docs.count()
+    joined = plan_work(docs, ann, resolved)
+    work = uniform_work(docs, resolved, n, 0, {"topic": 0, "en": 0, "fr": n})
+    assert "Join" not in work._jdf.queryExecution().optimizedPlan().toString()
+    assert sorted(work.collect()) == sorted(joined.collect())
+    # flags that differ between documents (some new, or a scorer needed by some) keep the join
+    assert uniform_work(docs, resolved, n, 3, {"topic": 3, "en": 3, "fr": n}) is None
+    assert uniform_work(docs, resolved, n, 0, {"topic": 0, "en": 5, "fr": n}) is None
+    assert uniform_work(docs, resolved, n, 0, {"topic": 0, "en": 0, "fr": 0}) is None
+    assert flag_documents(docs, ann, resolved).where("not _new").count() == n

@@ -2,9 +2,8 @@
 
 The bundle's targets are resolved here (variables, target overrides) and every job is validated with the
 typed models of `databricks-bundles` (``Job.from_dict`` rejects unknown fields and bad enum values), then
-against the wheel: the entry point exists, each task's subcommand is a `quadmix` command (or a stage still
-being built, listed in ``PLANNED_STAGES``), its options parse, and its config files and ``--set`` overrides
-load. No workspace is contacted.
+against the wheel: the entry point exists, each task's subcommand is a `quadmix` command, its options parse,
+and its config files and ``--set`` overrides load. No workspace is contacted.
 """
 
 from __future__ import annotations
@@ -24,10 +23,6 @@ from tests.conftest import REPO
 BUNDLE = REPO / "deploy" / "databricks"
 SPARK_SUBMIT = REPO / "deploy" / "spark-submit"
 
-# The stage commands the deployment files may call. A stage that is not yet a `quadmix` command must be
-# listed here; when it lands, remove it (test_planned_stages_are_not_built_yet says so) and its tasks'
-# options and --set keys are then checked against the real command and config.
-PLANNED_STAGES: set[str] = set()
 # Stages that run on the GPU job cluster / with the GPU settings of submit.sh.
 GPU_STAGES = {"annotate", "proxy", "evaluate"}
 CURATION = ["ingest", "annotate", "normalize", "sample"]
@@ -233,7 +228,7 @@ def _local_args(args: list[str], job: dict, target: str) -> list[str]:
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_task_commands_exist_or_are_planned(target):
+def test_task_commands_exist_and_their_options_and_configs_load(target):
     commands = cli_commands()
     for name, job in jobs(target).items():
         defaults = _job_parameter_defaults(job)
@@ -242,9 +237,7 @@ def test_task_commands_exist_or_are_planned(target):
             for ref in re.findall(r"\{\{job\.parameters\.([A-Za-z0-9_]+)\}\}", " ".join(params)):
                 assert ref in defaults, f"{name}.{key}: unknown job parameter {ref}"
             stage = params[0]
-            assert stage in commands or stage in PLANNED_STAGES, f"{name}.{key}: `quadmix {stage}` does not exist"
-            if stage not in commands:
-                continue
+            assert stage in commands, f"{name}.{key}: `quadmix {stage}` does not exist"
             args = _local_args(params[1:], job, target)
             ctx = commands[stage].make_context(stage, list(args))  # unknown options raise here
             _load_task_config(ctx.params)
@@ -261,14 +254,6 @@ def _load_task_config(params: dict) -> None:
     for f in files:
         assert Path(f).exists(), f"config file {f} is not in the bundle"
     load_config(files, overrides)
-
-
-def test_planned_stages_are_not_built_yet():
-    landed = sorted(PLANNED_STAGES & set(cli_commands()))
-    assert not landed, (
-        f"`quadmix {' / '.join(landed)}` now exists: remove it from PLANNED_STAGES in tests/test_deploy_bundle.py, "
-        "so the bundle's tasks for it are checked against the real command and config"
-    )
 
 
 def test_databricks_config_file_loads():
