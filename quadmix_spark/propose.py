@@ -32,6 +32,14 @@ from quadmix_spark.thetas import THETA_ARTIFACT, THETAS_ARTIFACT, theta_params
 
 ROLE_SEARCH, ROLE_PROXY = "search", "proxy"
 SAMPLER_VERSION = "algorithm1/1"  # recorded on a search: a change to the θ sampler's ranges must bump it
+
+
+def sampler_version(sc) -> str:
+    """What a search records as its sampler: :data:`SAMPLER_VERSION`, plus the shared-ω̃ share and spread when
+    used (``search.shared_omega``); the fit draws its candidates only with the sampler its proposals had."""
+    if not sc.shared_omega:
+        return SAMPLER_VERSION
+    return f"{SAMPLER_VERSION}+shared-omega/{sc.shared_omega:g}/{sc.omega_spread:g}"
 STATUS_TAG = "quadmix.proxy.status"
 PENDING, RUNNING, FINISHED, FAILED = "pending", "running", "finished", "failed"
 
@@ -41,9 +49,10 @@ class SearchNotFound(LookupError):
 
 
 def draw_theta(domains: list[str], criteria: list[str], seed: int, index: int, lambda_mode: str,
-               active: list[str] | None = None) -> Theta:
+               active: list[str] | None = None, shared_omega: float = 0.0, omega_spread: float = 0.25) -> Theta:
     mask = None if active is None else [c in active for c in criteria]
-    b = sample_theta_matrix(1, len(domains), len(criteria), np.random.default_rng([seed, index]), lambda_mode, mask)
+    b = sample_theta_matrix(1, len(domains), len(criteria), np.random.default_rng([seed, index]), lambda_mode, mask,
+                            shared_omega, omega_spread)
     return Theta(tuple(domains), tuple(criteria), b.alpha[0], b.lam[0], b.omega[0], b.eta[0], b.eps[0])
 
 
@@ -128,7 +137,7 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
     exp_id = experiment_id(client, cfg.tracking.experiment)
     recorded = {"search.seed": str(sc.seed), "search.lambda_mode": sc.lambda_mode,
                 "search.criteria": json.dumps(sc.criteria), "search.domains": json.dumps(domains),
-                "search.all_criteria": json.dumps(criteria), "search.sampler": SAMPLER_VERSION}
+                "search.all_criteria": json.dumps(criteria), "search.sampler": sampler_version(sc)}
     parent = resume_search_parent(client, find_search(client, exp_id, sc.name), recorded, cfg.resolved())
     if parent is None:
         parent = client.create_run(exp_id, run_name=f"search-{sc.name}",
@@ -149,7 +158,7 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
     tags_common = {"mlflow.parentRunId": parent_id, "quadmix.search": sc.name, "quadmix.role": ROLE_PROXY,
                    "quadmix.domains": json.dumps(domains), "quadmix.criteria": json.dumps(criteria)}
     for i in range(n):
-        theta = draw_theta(domains, criteria, sc.seed, i, sc.lambda_mode, sc.criteria)
+        theta = draw_theta(domains, criteria, sc.seed, i, sc.lambda_mode, sc.criteria, sc.shared_omega, sc.omega_spread)
         thetas.append(theta)
         if i in existing:
             continue
@@ -161,7 +170,8 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
         client.update_run(child.info.run_id, status="SCHEDULED")
         created += 1
     n_all = max([n, *(i + 1 for i in existing)])
-    all_thetas = thetas + [draw_theta(domains, criteria, sc.seed, i, sc.lambda_mode, sc.criteria) for i in range(n, n_all)]
+    all_thetas = thetas + [draw_theta(domains, criteria, sc.seed, i, sc.lambda_mode, sc.criteria, sc.shared_omega, sc.omega_spread)
+                           for i in range(n, n_all)]
     client.log_dict(parent_id, {"thetas": [t.to_dict() for t in all_thetas]}, THETAS_ARTIFACT)
     if domain_tokens is not None:
         client.log_dict(parent_id, {d: int(v) for d, v in sorted(domain_tokens.items())}, DOMAIN_TOKENS_ARTIFACT)

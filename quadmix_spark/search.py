@@ -361,10 +361,10 @@ def check_draw_settings(client, experiment_id: str, names: Sequence[str], cfg, t
     """Refuse a fit whose candidates would be drawn with other settings than any included search's θ were
     (``search.lambda_mode``, ``search.criteria``, the sampler's version), or over other domains or criteria.
     A search whose parent run records none (a user's own trainer) is not checked."""
-    from quadmix_spark.propose import SAMPLER_VERSION
+    from quadmix_spark.propose import sampler_version
 
     now = {"search.lambda_mode": cfg.search.lambda_mode, "search.criteria": json.dumps(cfg.search.criteria),
-           "search.sampler": SAMPLER_VERSION, "search.domains": json.dumps(list(table.domains)),
+           "search.sampler": sampler_version(cfg.search), "search.domains": json.dumps(list(table.domains)),
            "search.all_criteria": json.dumps(list(table.criteria))}
     for name in names:
         parents = _search_all(client, experiment_id, f"tags.`{TAG_SEARCH}` = {_quote(name)} AND tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'")
@@ -376,7 +376,9 @@ def check_draw_settings(client, experiment_id: str, names: Sequence[str], cfg, t
                     continue
                 raise SearchInputError(
                     f"search {name!r} drew its θ with {key}={have}, but this fit would draw its candidates with {value}: "
-                    f"the regressor would be searched outside the region it was fitted on; fit with --set {key}={have}"
+                    f"the regressor would be searched outside the region it was fitted on; fit with "
+                    + ("the search.shared_omega / search.omega_spread it was proposed with" if key == "search.sampler"
+                       else f"--set {key}={have}")
                     + (" (or fit the searches separately)" if len(names) > 1 else "")
                 )
 
@@ -736,13 +738,16 @@ def search_candidates(
     batch: int = 100_000,
     num_threads: int | None = None,
     featurize: Callable[[np.ndarray], np.ndarray] | None = None,
+    shared_omega: float = 0.0,
+    omega_spread: float = 0.25,
 ) -> CandidateResult:
     """Draw ``n_candidates`` θ with Algorithm 1 (one Generator from ``seed``, ``batch`` rows at a time, so
     memory stays bounded for millions), predict each with ``model``, keep a running top-k and return θ* =
     :func:`~quadmix_spark.kernel.theta.average_top_k` of the ``top_k`` lowest predicted losses. ``featurize``
     maps the candidates' θ vectors to the model's features (see :class:`Featurizer`); θ* is averaged in θ.
 
-    The candidates depend on (``seed``, ``batch``, ``lambda_mode``, ``active_criteria``); ``num_threads``
+    The candidates depend on (``seed``, ``batch``, ``lambda_mode``, ``active_criteria``, ``shared_omega``,
+    ``omega_spread``: drawn as the proposals were, see ``sample_theta_matrix``); ``num_threads``
     (LightGBM prediction threads) defaults to every core the process may use."""
     domains, criteria = tuple(domains), tuple(criteria)
     m, nc = len(domains), len(criteria)
@@ -759,7 +764,7 @@ def search_candidates(
     done = 0
     while done < n_candidates:
         b = min(batch, n_candidates - done)
-        cand = sample_theta_matrix(b, m, nc, rng, lambda_mode, active_criteria)
+        cand = sample_theta_matrix(b, m, nc, rng, lambda_mode, active_criteria, shared_omega, omega_spread)
         x = np.concatenate([cand.alpha.reshape(b, -1), cand.lam, cand.omega, cand.eta, cand.eps], axis=1)
         s = predict(model, featurize(x) if featurize is not None else x, num_threads)
         preds[done : done + b] = s
@@ -945,7 +950,7 @@ def run_search(cfg, search_names: Sequence[str] | None = None, out_path: str | P
     threads = next((sc.lightgbm[k] for k in THREAD_KEYS if k in sc.lightgbm), None)
     cands = search_candidates(
         fit.model, table.domains, table.criteria, sc.n_candidates, sc.top_k, sc.candidate_seed, sc.lambda_mode, active,
-        num_threads=threads, featurize=features,
+        num_threads=threads, featurize=features, shared_omega=sc.shared_omega, omega_spread=sc.omega_spread,
     )
     theta = cands.theta_star
     metrics = {
@@ -968,6 +973,8 @@ def run_search(cfg, search_names: Sequence[str] | None = None, out_path: str | P
         "val_fraction": sc.val_fraction,
         "early_stopping_rounds": sc.early_stopping_rounds,
         "lambda_mode": sc.lambda_mode,
+        "shared_omega": sc.shared_omega,
+        "omega_spread": sc.omega_spread,
         "metric": sc.metric,
         "active_criteria": sc.criteria,
         **{f"lightgbm.{k}": v for k, v in sc.lightgbm.items()},

@@ -44,6 +44,10 @@ class SearchConfig(Section):
     n_proposals: int = Field(64, gt=0, description="K θ proposed by `quadmix propose` (its -n overrides)")
     seed: int = Field(42, ge=0, description="seed of Algorithm 1 for the proposals (θ i uses (seed, i))")
     lambda_mode: Literal["log", "linear"] = Field("log", description="λ̃ = 10^{3u} (log) or 1000u (linear), spec §5-A2")
+    shared_omega: float = Field(0.0, ge=0, le=1, description="share of proposals and candidates drawn with one ω̃ for "
+                                "all domains (times exp(omega_spread·z)), which keeps the kept tokens' domain shares near the "
+                                "pool's; 0 = Algorithm 1 exactly (not in the paper)")
+    omega_spread: float = Field(0.25, ge=0, le=2, description="per-domain log-normal spread of ω̃ in the shared-ω̃ draws")
     criteria: list[str] | None = Field(None, description="criteria with non-zero weight (ablations); null = all")
     metric: str = Field("target_loss", description="the child-run metric the regression fits")
     min_runs: int = Field(32, ge=4, description="fewest finished proxy runs a fit accepts")

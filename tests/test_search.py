@@ -323,6 +323,17 @@ def test_a_fit_with_other_candidate_settings_than_the_proposals_is_refused(store
         S.run_search(_cfg(store, *base))
     outcome = S.run_search(_cfg(store, *base, "search.criteria=[q_c, q_a]"))  # the recorded settings (any order)
     assert np.all(outcome.theta_star.alpha[:, 1] == 0)
+    # the sampler: a search proposed with shared-ω̃ draws is fitted only with the same share and spread
+    from quadmix_spark.propose import SAMPLER_VERSION
+
+    client.log_batch(parent.info.run_id, params=[Param("search.sampler", f"{SAMPLER_VERSION}+shared-omega/0.5/0.25")])
+    ok = (*base, "search.criteria=[q_a, q_c]")
+    with pytest.raises(S.SearchInputError, match=r"shared-omega/0\.5/0\.25, but .* with algorithm1/1: .*search\.shared_omega"):
+        S.run_search(_cfg(store, *ok))
+    with pytest.raises(S.SearchInputError, match=r"shared-omega/0\.5/0\.25, but .*with algorithm1/1\+shared-omega/0\.5/0\.5"):
+        S.run_search(_cfg(store, *ok, "search.shared_omega=0.5", "search.omega_spread=0.5"))
+    shared = S.run_search(_cfg(store, *ok, "search.shared_omega=0.5"))
+    assert shared.theta_star.omega.max() <= 0.1
 
 
 def test_mix_features_are_the_domain_shares_criterion_weights_and_size_theta_implies():

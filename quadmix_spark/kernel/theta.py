@@ -350,6 +350,8 @@ def sample_theta_matrix(
     rng: np.random.Generator | int,
     lambda_mode: str = "log",
     active_criteria: Sequence[bool] | None = None,
+    shared_omega: float = 0.0,
+    omega_spread: float = 0.25,
 ) -> ThetaBatch:
     """Draw ``n`` θ with Algorithm 1 (spec §3.1), vectorized over candidates.
 
@@ -360,7 +362,15 @@ def sample_theta_matrix(
     seed fixes the batch.  ``active_criteria`` (N bools) zeroes a criterion's global weight (the
     paper's ablations) so α renormalizes over the others.  A row whose weights are all 0 (a
     probability-2^-53 event) gets equal weights over the active criteria.
+
+    ``shared_omega`` (not in the paper; 0 = Algorithm 1 exactly, the same draws as without it): that share of
+    the rows instead takes one ω̃ for every domain, 0.1·u, times exp(``omega_spread``·z_m) per domain (z
+    standard normal), capped at 0.1. Algorithm 1's independent ω̃ put the domains' shares of the kept tokens
+    far from the pool's own (where random selection and the single-criterion baselines sit); these rows keep
+    them near it. Drawn after everything else, so the other parameters of a row do not change.
     """
+    if not 0.0 <= shared_omega <= 1.0 or omega_spread < 0:
+        raise ValueError(f"need 0 <= shared_omega <= 1 and omega_spread >= 0, got {shared_omega}, {omega_spread}")
     if lambda_mode not in LAMBDA_MODES:
         raise ValueError(f"lambda_mode must be one of {LAMBDA_MODES}, got {lambda_mode!r}")
     if n < 0 or n_domains < 1 or n_criteria < 1:
@@ -398,6 +408,11 @@ def sample_theta_matrix(
     eta = rng.random((n, n_domains))
     eps = rng.random((n, n_domains))
     eps /= 1000.0
+    if shared_omega > 0:
+        pick = rng.random(n) < shared_omega
+        base = 0.1 * rng.random(n)
+        shared = np.minimum(base[:, None] * np.exp(omega_spread * rng.standard_normal((n, n_domains))), 0.1)
+        omega = np.where(pick[:, None], shared, omega)
     return ThetaBatch(alpha, lam, omega, eta, eps)
 
 
@@ -408,11 +423,13 @@ def sample_thetas(
     seed: int,
     lambda_mode: str = "log",
     active_criteria: Sequence[bool] | None = None,
+    shared_omega: float = 0.0,
+    omega_spread: float = 0.25,
 ) -> list[Theta]:
     """``n`` θ from Algorithm 1 as :class:`Theta` objects; row i equals row i of
     ``sample_theta_matrix(n, M, N, seed, lambda_mode)``."""
     domains, criteria = _check_names(domains, "domain"), _check_names(criteria, "criterion")
-    b = sample_theta_matrix(n, len(domains), len(criteria), seed, lambda_mode, active_criteria)
+    b = sample_theta_matrix(n, len(domains), len(criteria), seed, lambda_mode, active_criteria, shared_omega, omega_spread)
     return [Theta(domains, criteria, b.alpha[i], b.lam[i], b.omega[i], b.eta[i], b.eps[i]) for i in range(n)]
 
 

@@ -241,3 +241,25 @@ def test_average_top_1_is_the_best_candidate():
     np.testing.assert_array_equal(best.omega, b.omega[9])
     with pytest.raises(ValueError):
         average_top_k(*b, scores, k=11, domains=DOMAINS, criteria=CRITERIA)
+
+
+def test_shared_omega_rows_change_only_omega_and_keep_the_pools_domain_shares():
+    m, n = 12, 4000
+    plain = sample_theta_matrix(n, m, 3, 5)
+    mixed = sample_theta_matrix(n, m, 3, 5, shared_omega=0.5, omega_spread=0.25)
+    for name in ("alpha", "lam", "eta", "eps"):  # drawn first, as without the option
+        np.testing.assert_array_equal(getattr(mixed, name), getattr(plain, name))
+    changed = (mixed.omega != plain.omega).any(axis=1)
+    assert 0.45 < changed.mean() < 0.55
+    assert 0 <= mixed.omega.min() and mixed.omega.max() <= 0.1
+    tokens = np.random.default_rng(1).pareto(1.0, m) + 1.0  # a skewed pool: one domain far larger
+    pool = tokens / tokens.sum()
+
+    def tv(omega):
+        kept = omega * tokens
+        return 0.5 * np.abs(kept / kept.sum(axis=1, keepdims=True) - pool).sum(axis=1)
+
+    near, far = np.median(tv(mixed.omega[changed])), np.median(tv(plain.omega[changed]))
+    assert near < 0.5 * far, (near, far)
+    with pytest.raises(ValueError, match="shared_omega"):
+        sample_theta_matrix(3, m, 3, 5, shared_omega=1.5)
