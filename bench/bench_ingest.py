@@ -16,7 +16,8 @@ interleaved (baseline, ingest, baseline, ingest, ...):
   Delta table (mode overwrite) to a fresh path, rows/s.
 
 Result ``ingest_docs_per_s`` (metric ``documents/s``), ratio = median ingest docs/s / median baseline rows/s.
-Defaults: 1 ingest + 3 baseline repeats (see ``DEFAULT_INGEST_REPEATS``): 11-17 minutes on 2 cores, by load.
+Defaults: 1 ingest + 3 baseline repeats (see ``DEFAULT_INGEST_REPEATS``): 2-4 minutes on 2 cores since the fast token
+counter (11-17 minutes before).
 """
 
 from __future__ import annotations
