@@ -66,6 +66,14 @@ def _ranges(members: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(starts, ends)]
 
 
+def _lut(ranges: list[tuple[int, int]]) -> np.ndarray:
+    """Inclusive code point ranges -> bool per code point."""
+    lut = np.zeros(0x110000, dtype=bool)
+    for a, b in ranges:
+        lut[a:b + 1] = True
+    return lut
+
+
 def _code_points() -> np.ndarray:
     return np.array([c for c in range(0x110000) if not 0xD800 <= c < 0xE000], dtype=np.int64)
 
@@ -120,7 +128,8 @@ def _probe_added_rules() -> dict[str, list[tuple[int, int]]]:
     for ``single_word``) and ``s`` (``\\s``, for ``lstrip``/``rstrip``)."""
     from tokenizers import AddedToken, Tokenizer, models
 
-    codes = np.array([c for c in range(0x110000) if not 0xD800 <= c < 0xE000 and c != 1], dtype=np.int64)
+    codes = _code_points()
+    codes = codes[codes != 1]  # the probe token itself
     out = {}
     for name in ("w", "s"):
         tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
@@ -143,13 +152,7 @@ def _probe_added_rules() -> dict[str, list[tuple[int, int]]]:
 def added_rule_classes() -> dict[str, np.ndarray]:
     """bool per code point for :func:`_probe_added_rules`' classes (probed once per machine, ~10 s, and
     only for files whose added tokens use those rules)."""
-    out = {}
-    for name, ranges in _disk_cached("added-rules", _probe_added_rules).items():
-        lut = np.zeros(0x110000, dtype=bool)
-        for a, b in ranges:
-            lut[a:b + 1] = True
-        out[name] = lut
-    return out
+    return {name: _lut(ranges) for name, ranges in _disk_cached("added-rules", _probe_added_rules).items()}
 
 
 @lru_cache(maxsize=1)
@@ -162,9 +165,7 @@ def class_mismatch() -> np.ndarray:
     text = "".join(map(chr, codes))
     out = np.zeros(0x110000, dtype=bool)
     for name, pattern in CLASS_PATTERNS.items():
-        onig = np.zeros(0x110000, dtype=bool)
-        for a, b in onig_classes()[name]:
-            onig[a:b + 1] = True
+        onig = _lut(onig_classes()[name])
         mine = np.zeros(0x110000, dtype=bool)
         for m in regex.finditer(pattern + "+", text):
             mine[codes[m.start():m.end()]] = True
