@@ -14,9 +14,11 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from quadmix_spark.config_base import Section
+from quadmix_udfs.onnx_causal_lm import HEADS as CAUSAL_LM_HEADS
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 TEXT_STATS = "text_stats"
+CAUSAL_LM = "onnx_causal_lm"
 
 
 def _check_name(name: str, what: str) -> str:
@@ -34,7 +36,7 @@ class ScorerConfig(Section):
     stays the same.
     """
 
-    type: str = Field(..., description="adapter: fasttext | onnx_transformer | onnx_text | text_stats (or a registered one)")
+    type: str = Field(..., description="adapter: fasttext | onnx_transformer | onnx_causal_lm | onnx_text | text_stats (or a registered one)")
     model: str | None = Field(None, description="model file: fastText .bin/.ftz, or .onnx (every type but text_stats)")
     version: str = Field("v1", description="your version label; the recorded version adds a fingerprint of files and settings")
     output: Literal["score", "label"] = Field(
@@ -42,9 +44,10 @@ class ScorerConfig(Section):
     )
     label: str | None = Field(None, description="output=score on a classifier: the label whose probability is the score")
     labels: list[str] | None = Field(None, description="class names of a softmax head / onnx_text model that carries none")
-    tokenizer: str | None = Field(None, description="onnx_transformer: tokenizer.json")
-    head: Literal["regression", "softmax", "embedding"] | None = Field(
-        None, description="onnx_transformer: how the model output becomes a score or label"
+    tokenizer: str | None = Field(None, description="onnx_transformer, onnx_causal_lm: tokenizer.json")
+    head: Literal["regression", "softmax", "embedding", "perplexity", "askllm"] | None = Field(
+        None, description="how the model output becomes a score or label: regression | softmax | embedding "
+        "(onnx_transformer); perplexity | askllm (onnx_causal_lm)"
     )
     head_file: str | None = Field(None, description="head=embedding: weights (.npz or .json: weight, bias, labels, kind)")
     outputs_are_probabilities: bool = Field(
@@ -52,7 +55,18 @@ class ScorerConfig(Section):
     )
     output_name: str | None = Field(None, description="ONNX output to read (default: the first)")
     max_chars: int = Field(20_000, gt=0, description="characters kept before tokenizing / predicting")
-    max_length: int = Field(512, gt=1, description="onnx_transformer: tokens per document (truncation)")
+    max_length: int = Field(512, gt=1, description="onnx_transformer, onnx_causal_lm: tokens per document (truncation)")
+    prompt: str | None = Field(
+        None, description="onnx_causal_lm head=askllm: the prompt, with one {text} slot for the document; null = the "
+        "AskLLM paper's question (quadmix_udfs.onnx_causal_lm.ASKLLM_PROMPT)"
+    )
+    answer_tokens: list[str] | None = Field(
+        None, description="onnx_causal_lm head=askllm: the yes and no answers, each one token; null = [' yes', ' no']"
+    )
+    prefix_token: str | None = Field(
+        None, description="onnx_causal_lm head=perplexity: a token put before each document (e.g. <|endoftext|>) so "
+        "its first token is scored too"
+    )
     batch_size: int = Field(64, gt=0, description="documents per model call (onnx_*)")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: the task's GPU when Spark assigned one, else CPU; cuda: GPU required"
@@ -86,11 +100,28 @@ class ScorerConfig(Section):
             for key in ("filter", "thresholds"):
                 if getattr(self, key) is not None:
                     raise ValueError(f"`{key}` is only for text_stats scorers")
-        if self.type == "onnx_transformer":
+        if self.type == CAUSAL_LM:
+            if not self.tokenizer:
+                raise ValueError("an onnx_causal_lm scorer needs `tokenizer` (the model's tokenizer.json)")
+            if self.head not in CAUSAL_LM_HEADS:
+                raise ValueError(f"an onnx_causal_lm scorer needs `head`: {' or '.join(CAUSAL_LM_HEADS)}")
+            if self.output != "score":
+                raise ValueError("an onnx_causal_lm scorer gives a score (output=score), not a label")
+            for key in ("head_file", "label", "labels"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"`{key}` is not for onnx_causal_lm scorers")
+            wrong = [k for k in (("prefix_token",) if self.head == "askllm" else ("prompt", "answer_tokens")) if getattr(self, k) is not None]
+            if wrong:
+                raise ValueError(f"`{wrong[0]}` is not for head={self.head}")
+            if self.prompt is not None and self.prompt.count("{text}") != 1:
+                raise ValueError("the askllm prompt needs exactly one {text} slot, where the document goes")
+        elif self.type == "onnx_transformer":
             if not self.tokenizer:
                 raise ValueError("an onnx_transformer scorer needs `tokenizer` (a tokenizer.json)")
             if self.head is None:
                 raise ValueError("an onnx_transformer scorer needs `head`: regression, softmax or embedding")
+            if self.head in CAUSAL_LM_HEADS:
+                raise ValueError(f"head={self.head} is for onnx_causal_lm scorers")
             if self.head == "embedding" and not self.head_file:
                 raise ValueError("head=embedding needs `head_file` (the trained head's weights)")
             if self.head == "regression" and self.output == "label":
@@ -100,7 +131,11 @@ class ScorerConfig(Section):
         else:
             for key in ("tokenizer", "head", "head_file"):
                 if getattr(self, key) is not None:
-                    raise ValueError(f"`{key}` is only for onnx_transformer scorers")
+                    raise ValueError(f"`{key}` is only for onnx_transformer and onnx_causal_lm scorers")
+        if self.type != CAUSAL_LM:
+            for key in ("prompt", "answer_tokens", "prefix_token"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"`{key}` is only for onnx_causal_lm scorers")
         return self
 
 
@@ -150,11 +185,13 @@ class TrainModelConfig(Section):
     are slugged (``Science & Technology`` -> ``science_and_technology``).
     model=fasttext: a fastText supervised model (.ftz when ``quantize``, else .bin);
     model=tfidf: scikit-learn TF-IDF + logistic regression exported with skl2onnx (``onnx_text`` scorer);
-    model=embedding: a logistic head on mean-pooled ``encoder`` embeddings (``onnx_transformer`` head=embedding).
+    model=embedding: a logistic head on mean-pooled ``encoder`` embeddings (``onnx_transformer`` head=embedding);
+    model=causal_lm (task=quality): a small causal language model of the positives, exported to ONNX and scored
+    as a perplexity criterion (``onnx_causal_lm`` head=perplexity; :mod:`quadmix_spark.causal_lm_train`).
     """
 
     task: Literal["quality", "domain"]
-    model: Literal["fasttext", "tfidf", "embedding"]
+    model: Literal["fasttext", "tfidf", "embedding", "causal_lm"]
     enabled: bool = True
     positives: list[str] = Field(default_factory=list, description="quality: names of train_scorers.reference sets")
     negatives: int = Field(4000, gt=0, description="quality: documents sampled from `documents` as negatives")
@@ -183,9 +220,16 @@ class TrainModelConfig(Section):
     c: float = Field(1.0, gt=0, description="inverse L2 regularisation of the logistic regression")
     # embedding
     encoder: str | None = Field(None, description="embedding: encoder .onnx (outputs last_hidden_state)")
-    tokenizer: str | None = Field(None, description="embedding: the encoder's tokenizer.json")
+    tokenizer: str | None = Field(None, description="embedding: the encoder's tokenizer.json; causal_lm: the tokenizer to train on")
     max_length: int = Field(128, gt=1, description="embedding: tokens per document")
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="embedding: documents per encoder call; causal_lm: sequences per step")
+    # causal_lm
+    lm_vocab: int = Field(4096, gt=1, description="causal_lm: token classes predicted (the most frequent ids + one rare class)")
+    lm_d_model: int = Field(128, gt=0, description="causal_lm: model width (heads of 32 dimensions)")
+    lm_layers: int = Field(2, gt=0)
+    lm_seq_len: int = Field(128, gt=1, description="causal_lm: training window; the scorer reads this many tokens")
+    lm_steps: int = Field(300, gt=0, description="causal_lm: optimizer steps")
+    lm_lr: float = Field(2e-3, gt=0)
 
     @model_validator(mode="after")
     def _by_task(self) -> TrainModelConfig:
@@ -193,6 +237,10 @@ class TrainModelConfig(Section):
             raise ValueError("a quality model needs `positives` (names of train_scorers.reference sets)")
         if self.model == "embedding" and not (self.encoder and self.tokenizer):
             raise ValueError("model=embedding needs `encoder` and `tokenizer`")
+        if self.model == "causal_lm" and (self.task != "quality" or not self.tokenizer):
+            raise ValueError("model=causal_lm is a quality model (task: quality) and needs `tokenizer`")
+        if self.model == "causal_lm" and self.lm_d_model % 32:
+            raise ValueError("causal_lm: lm_d_model must be a multiple of 32 (heads of 32 dimensions)")
         return self
 
 

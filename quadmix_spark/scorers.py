@@ -1,7 +1,8 @@
 """Scorer registry: a scorer name and version -> a model adapter (``quadmix_udfs``), with its output columns.
 
-- Adapter types are registered by name (``fasttext``, ``onnx_transformer``, ``onnx_text``, ``text_stats``); a
-  new type is a function ``ScorerConfig -> adapter`` decorated with :func:`register_adapter`. An adapter has
+- Adapter types are registered by name (``fasttext``, ``onnx_transformer``, ``onnx_causal_lm``, ``onnx_text``,
+  ``text_stats``); a new type is a function ``ScorerConfig -> adapter`` decorated with :func:`register_adapter`.
+  An adapter has
   ``validate()`` (driver side: load, probe, raise :class:`ModelLoadError`) and
   ``score(texts) -> (scores, labels | None)``. An adapter that fills more columns than its score
   (``text_stats``) also has ``extra_columns(name) -> [(column, Arrow type)]`` and
@@ -28,6 +29,7 @@ from typing import Any
 from quadmix_spark.annotate_config import ScorerConfig
 from quadmix_spark.config import ConfigError, QuadmixConfig
 from quadmix_udfs.fasttext_scorer import FastTextScorer, ModelLoadError
+from quadmix_udfs.onnx_causal_lm import CausalLMScorer
 from quadmix_udfs.onnx_text import OnnxTextScorer
 from quadmix_udfs.onnx_transformer import Encoder, OnnxTransformerScorer
 from quadmix_udfs.scoring import ScorerRun
@@ -37,7 +39,7 @@ DOMAIN_COLUMNS = ("domain", "domain_conf")
 _SCORER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # settings that change how fast a scorer runs, never what it outputs: left out of the fingerprint
 _NOT_IN_FINGERPRINT = {"version", "batch_size", "device", "intra_op_threads"}
-_OPTIONAL = {"model", "filter", "thresholds"}
+_OPTIONAL = {"model", "filter", "thresholds", "prompt", "answer_tokens", "prefix_token"}
 
 
 class ScorerError(ConfigError):
@@ -80,6 +82,24 @@ def _onnx_transformer(c: ScorerConfig) -> OnnxTransformerScorer:
         labels=tuple(c.labels) if c.labels else None,
         head_file=c.head_file,
         probabilities=c.outputs_are_probabilities,
+    )
+
+
+@register_adapter("onnx_causal_lm")
+def _onnx_causal_lm(c: ScorerConfig) -> CausalLMScorer:
+    return CausalLMScorer(
+        model=c.model,
+        tokenizer=c.tokenizer or "",
+        head=c.head or "",
+        max_chars=c.max_chars,
+        max_length=c.max_length,
+        batch_size=c.batch_size,
+        device=c.device,
+        intra_op_threads=c.intra_op_threads,
+        output_name=c.output_name,
+        prompt=c.prompt,
+        answer_tokens=tuple(c.answer_tokens) if c.answer_tokens is not None else None,
+        prefix_token=c.prefix_token,
     )
 
 
@@ -153,7 +173,7 @@ class Scorer:
 
     @property
     def gpu_capable(self) -> bool:
-        return self.config.type == "onnx_transformer" and self.config.device != "cpu"
+        return self.config.type in ("onnx_transformer", "onnx_causal_lm") and self.config.device != "cpu"
 
     def extra_columns(self) -> list[tuple[str, Any]]:
         """(column, Arrow type) of what a quality scorer fills besides ``q_<name>`` (none for most)."""

@@ -12,7 +12,9 @@ For each enabled entry of ``train_scorers.models``:
 Models: ``fasttext`` (supervised fastText, trained in a fresh process so it is deterministic), ``tfidf``
 (scikit-learn TF-IDF + logistic regression exported with skl2onnx, scored by ``onnx_text``), ``embedding``
 (a logistic head on mean-pooled embeddings of an ONNX encoder, e.g. the shared MiniLM; scored by
-``onnx_transformer`` with ``head: embedding``; the embeddings are computed on the executors).
+``onnx_transformer`` with ``head: embedding``; the embeddings are computed on the executors), ``causal_lm``
+(quality only: a small language model of the positives, scored by ``onnx_causal_lm`` as a perplexity
+criterion; :mod:`quadmix_spark.causal_lm_train`).
 
 Held-out metrics are computed with the same adapters annotate uses, on the saved files.
 
@@ -352,6 +354,39 @@ def train_embedding_head(
     return {"head_file": "head.npz"}, metrics, scorer
 
 
+def train_perplexity_lm(ex: Examples, m: TrainModelConfig, folder: Path, seed: int) -> tuple[dict, dict, dict]:
+    """A causal LM of the training split's positives, exported to ONNX, scored as ``onnx_causal_lm`` perplexity
+    (:mod:`quadmix_spark.causal_lm_train`); held-out metrics from the exported model through the adapter."""
+    from quadmix_spark.causal_lm_train import LMSettings, export_onnx, train_causal_lm
+    from quadmix_udfs.onnx_causal_lm import CausalLMScorer
+
+    texts, labels = ex.part(False)
+    positives = [t[: m.max_chars] for t, lab in zip(texts, labels) if lab == HQ]
+    settings = LMSettings(vocab=m.lm_vocab, d_model=m.lm_d_model, layers=m.lm_layers, seq_len=m.lm_seq_len,
+                          steps=m.lm_steps, batch_size=m.batch_size, lr=m.lm_lr, seed=seed)
+    model, stats = train_causal_lm(positives, m.tokenizer or "", settings)
+    tokenizer = folder / "tokenizer.json"
+    shutil.copyfile(m.tokenizer or "", tokenizer)  # the scorer's files travel together (current/)
+    export_onnx(model, str(folder / "model.onnx"))
+    scorer = {"type": "onnx_causal_lm", "head": "perplexity", "prefix_token": _eos_name(str(tokenizer)),
+              "max_length": m.lm_seq_len - 1, "max_chars": m.max_chars, "batch_size": 8}
+    adapter = CausalLMScorer(str(folder / "model.onnx"), str(tokenizer), "perplexity", m.max_chars, m.lm_seq_len - 1,
+                             8, "cpu", prefix_token=scorer["prefix_token"])
+    adapter.validate()
+    test_texts, test_labels = ex.part(True)
+    metrics = {**_metrics("quality", test_labels, adapter.score(test_texts)[0], None, test_texts), **stats}
+    metrics.pop("accuracy")  # a log-likelihood has no 0.5 threshold
+    return {"model": "model.onnx", "tokenizer": "tokenizer.json"}, metrics, scorer
+
+
+def _eos_name(tokenizer_path: str) -> str:
+    from quadmix_spark.proxy_train import _tokenizer_eos
+    from quadmix_udfs.tokens import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    return tok.id_to_token(_tokenizer_eos(tok))
+
+
 # ---------------------------------------------------------------- the quality report
 
 
@@ -497,6 +532,8 @@ def train_model(spark: SparkSession, cfg: QuadmixConfig, name: str, m: TrainMode
                 files, metrics, scorer = train_fasttext(ex, m, m.task, work, ts.seed)
             elif m.model == "tfidf":
                 files, metrics, scorer = train_tfidf(ex, m, m.task, work, ts.seed)
+            elif m.model == "causal_lm":
+                files, metrics, scorer = train_perplexity_lm(ex, m, work, ts.seed)
             else:
                 files, metrics, scorer = train_embedding_head(spark, ex, m, m.task, work, ts.seed)
             if m.task == "domain":

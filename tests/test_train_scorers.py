@@ -42,6 +42,9 @@ def small_models() -> dict:
         "topic_ft": {"task": "domain", "model": "fasttext", "label_column": "topic", "dim": 16, "epoch": 40, "lr": 0.8,
                      "word_ngrams": 1, "bucket": 20000},
         "topic_mini": {"task": "domain", "model": "embedding", "label_column": "topic", "max_docs": 240, **mini},
+        "ref_lm": {"task": "quality", "model": "causal_lm", "positives": ["alpaca", "enwiki"], "negatives": 120,
+                   "tokenizer": str(DATA / "models" / "tokenizers" / "gpt_neox_20b.json"), "lm_vocab": 1024, "lm_d_model": 32,
+                   "lm_seq_len": 48, "lm_steps": 40, "batch_size": 8},
     }
 
 
@@ -71,8 +74,9 @@ def trained(tmp_path_factory, spark):
 def test_held_out_metrics_are_sane_on_real_data(trained):
     cfg, report = trained
     m = {t.name: t for t in report.models}
-    assert list(m) == ["dclm", "wiki", "ref_mini", "topic_ft", "topic_mini"]
+    assert list(m) == ["dclm", "wiki", "ref_mini", "topic_ft", "topic_mini", "ref_lm"]
     assert m["dclm"].metrics["auc"] > 0.9 and m["wiki"].metrics["auc"] > 0.9 and m["ref_mini"].metrics["auc"] > 0.75
+    assert m["ref_lm"].metrics["auc"] > 0.6 and m["ref_lm"].scorer["type"] == "onnx_causal_lm"
     for name in ("topic_ft", "topic_mini"):
         classes = m[name].metrics["n_classes"]
         assert classes >= 20 and m[name].metrics["accuracy"] > 2 / classes  # well above chance

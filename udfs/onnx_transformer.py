@@ -61,15 +61,21 @@ def load_session(path: str, device_id: int | None = None, threads: int = 1):
 
 @lru_cache(maxsize=8)
 def _load_session(local: str, _size: int, _mtime: int, device_id: int | None, threads: int):
-    import onnxruntime as ort
+    return new_session(local, local, device_id, threads)
 
-    path = local
+
+def new_session(model: str | bytes, path: str, device_id: int | None, threads: int, config: dict[str, str] | None = None):
+    """An onnxruntime session of ``model`` (a file, or a serialized graph) on GPU ``device_id`` or on CPU, with
+    deterministic kernels; ``path`` names the model in errors; ``config`` adds session config entries."""
+    import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     opts.use_deterministic_compute = True  # CUDA kernels without atomics: the same input gives the same bits
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     providers: list = ["CPUExecutionProvider"]
     if device_id is not None:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -80,7 +86,7 @@ def _load_session(local: str, _size: int, _mtime: int, device_id: int | None, th
         preload_cuda_libraries(ort)
         providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(local, opts, providers=providers)
+        session = ort.InferenceSession(model, opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
         raise ModelLoadError(f"ONNX model {path!r} cannot be loaded: {str(e).strip()[:500]}") from None
     if device_id is not None and "CUDAExecutionProvider" not in session.get_providers():
@@ -251,10 +257,10 @@ class Encoder:
         dev = device_for(self.device) if device_id == "task" else device_id
         return load_session(self.model, dev, self.intra_op_threads)
 
-    def tokenize(self, texts: Sequence[str | None]) -> list[list[int]]:
-        """Token ids of each text cut to ``max_chars``, truncated to ``max_length``. Texts longer than the
-        head that ``max_length`` tokens need are tokenized by their head when that gives the same ids
-        (:mod:`quadmix_udfs.token_prefix`)."""
+    def tokenize(self, texts: Sequence[str | None], special: bool = True) -> list[list[int]]:
+        """Token ids of each text cut to ``max_chars``, truncated to ``max_length`` (with the tokenizer's special
+        tokens unless ``special`` is false). Texts longer than the head that ``max_length`` tokens need are
+        tokenized by their head when that gives the same ids (:mod:`quadmix_udfs.token_prefix`)."""
         tok, _ = load_tokenizer(self.tokenizer, self.max_length)
         mc = self.max_chars
         cut = [("" if t is None else t if len(t) <= mc else t[:mc]) for t in texts]
@@ -262,7 +268,7 @@ class Encoder:
         head = PREFIX_CHARS_PER_TOKEN * self.max_length
         rule = tokenizer_split_rule(self.tokenizer) if head < mc else None
         normalize = tok.normalizer.normalize_str if tok.normalizer is not None else None
-        return tokenize_heads(encode, cut, self.max_length, rule, head, normalize)
+        return tokenize_heads(encode, cut, self.max_length, rule, head, normalize, special)
 
     def pad(self, ids: list[list[int]], width: int | None = None, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(``input_ids``, ``attention_mask``) of one batch, padded to ``width`` tokens (default: its longest row)

@@ -138,17 +138,18 @@ def text_head(text: str, head: int, rule: SplitRule, normalize: Callable[[str], 
 
 
 def tokenize_heads(encode, texts: list[str], max_length: int, rule: SplitRule | None, head: int,
-                   normalize: Callable[[str], str] | None = None) -> list[list[int]]:
+                   normalize: Callable[[str], str] | None = None, special: bool = True) -> list[list[int]]:
     """Ids of ``texts`` as ``encode`` (a tokenizer's batch encode, truncating to ``max_length``) gives them,
     each text tokenized by its head when that gives exactly ``max_length`` ids, else whole. ``normalize`` is the
-    tokenizer's normalizer (``normalizer.normalize_str``), None when it has none."""
+    tokenizer's normalizer (``normalizer.normalize_str``), None when it has none; ``special``: with the
+    tokenizer's special tokens (its post-processor)."""
     if rule is None:
-        return [e.ids for e in encode(texts, add_special_tokens=True)]
+        return [e.ids for e in encode(texts, add_special_tokens=special)]
     heads = [text_head(t, head, rule, normalize) for t in texts]
-    ids = [e.ids for e in encode(heads, add_special_tokens=True)]
+    ids = [e.ids for e in encode(heads, add_special_tokens=special)]
     # exactly max_length: truncation happened (a max_length below the special tokens truncates nothing)
     redo = [i for i, (t, h) in enumerate(zip(texts, heads)) if len(h) < len(t) and len(ids[i]) != max_length]
     if redo:
-        for i, e in zip(redo, encode([texts[i] for i in redo], add_special_tokens=True)):
+        for i, e in zip(redo, encode([texts[i] for i in redo], add_special_tokens=special)):
             ids[i] = e.ids
     return ids

@@ -1,0 +1,343 @@
+"""Causal language model scorers: an ONNX export of a decoder-only model plus its ``tokenizer.json``.
+
+Heads (both give higher = better):
+- ``perplexity``: the mean log-likelihood per token of the document's first ``max_length`` tokens (the
+  negated mean negative log-likelihood, i.e. minus log perplexity). With ``prefix_token`` (e.g.
+  ``<|endoftext|>``) that token goes first, so the document's first token is scored too; a document with
+  fewer than two tokens to score from gets NaN (a missing score).
+- ``askllm``: the document cut to ``max_length`` tokens inside a prompt (``prompt``, with one ``{text}`` slot;
+  default :data:`ASKLLM_PROMPT`, the AskLLM paper's question of whether a text is informative enough to
+  pre-train a language model on), score = log P(yes) − log P(no) of the token after the prompt, the answer
+  tokens (``answer_tokens``, default " yes" / " no") each required to be one token of the tokenizer.
+
+One forward pass per batch, no generation and no KV cache: the model is an export with inputs
+``input_ids`` and, as it asks, ``attention_mask`` and ``position_ids`` (``optimum-cli export onnx --task
+text-generation``; a ``-with-past`` export is refused). The adapter appends the head to the graph when it
+loads it (:func:`scoring_graph`): log-softmax of the logits in float32, then the log-probability of each next
+token (perplexity, ``[B, T]``) or of the answer tokens at each row's last prompt position (askllm, ``[B, 2]``).
+So only those leave the session, never the ``[B, T, vocabulary]`` logits, which at 512 tokens and a
+150k vocabulary are 300 MB per document row in float32. Weights stored as ONNX external data stay where
+they are (the session reads them from the model's folder).
+
+Padding and batch invariance: sequences are padded on the right, where a causal model's tokens never see the
+pads, to the width of their length bucket (:func:`quadmix_udfs.onnx_transformer.bucket_widths`), and every
+model call has ``max(batch_size, 2)`` rows (a short batch is filled with copies of its first row), so a
+document's score is computed at a shape fixed by the document alone and does not depend on its batch
+neighbours, the batch size or partitioning (see :mod:`quadmix_udfs.onnx_transformer`). The per-document
+mean is taken row by row in float64.
+
+Device: as the other ONNX adapters (the task's GPU under Spark, ``device: cuda`` for GPU 0, otherwise CPU with
+``intra_op_threads`` threads); an fp16 export runs on GPU with the head still computed in float32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from quadmix_udfs import trace
+from quadmix_udfs.fasttext_scorer import ModelLoadError
+from quadmix_udfs.model_cache import stamp
+from quadmix_udfs.onnx_transformer import MIN_ROWS, Encoder, bucket_widths, device_for, load_tokenizer, new_session, session_feeds
+
+HEADS = ("perplexity", "askllm")
+ASKLLM_PROMPT = (
+    "###\n{text}\n###\n\n"
+    "Does the text between the ### marks contain informative signal for pre-training a large language model? "
+    "An informative text is well formatted, contains usable knowledge of the world, and has no harmful, "
+    "racist, sexist or otherwise offensive content.\n\n"
+    "OPTIONS:\n- yes\n- no\n\nANSWER:"
+)
+ANSWER_TOKENS = (" yes", " no")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# names of the inputs and outputs the head adds to the graph
+TARGETS, POSITION, ANSWER_IDS = "quadmix_targets", "quadmix_answer_position", "quadmix_answer_ids"
+TOKEN_LOGPROB, ANSWER_LOGPROB = "quadmix_token_logprob", "quadmix_answer_logprob"
+GRAPH_VERSION = 1  # of what scoring_graph appends (in the scorer's fingerprint)
+
+
+# ---------------------------------------------------------------- the graph
+
+
+def scoring_graph(path: str, head: str, logits_name: str | None = None):
+    """The model of ``path`` with ``head``'s computation appended and the logits no longer an output: a
+    ``ModelProto`` whose external data (if any) still points into ``path``'s folder."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:
+        raise ModelLoadError(f"ONNX model {path!r} cannot be read: {str(e).strip()[:300]}") from None
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ModelLoadError(f"ONNX model {path!r}: opset {opset} < 13 is not supported (export with opset >= 13)")
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in initializers]
+    past = [n for n in inputs if n.startswith("past_key_values") or n in ("use_cache_branch", "cache_position")]
+    if past:
+        raise ModelLoadError(
+            f"ONNX model {path!r} takes a KV cache ({past[0]}, ...): export it without one "
+            "(optimum-cli export onnx --task text-generation, not text-generation-with-past)"
+        )
+    unknown = [n for n in inputs if n not in MODEL_INPUTS]
+    if unknown or "input_ids" not in inputs:
+        raise ModelLoadError(
+            f"ONNX model {path!r} has inputs {inputs}; a causal LM scorer feeds {', '.join(MODEL_INPUTS)} "
+            "(input_ids required)"
+        )
+    outputs = [o.name for o in graph.output]
+    name = logits_name or ("logits" if "logits" in outputs else outputs[0])
+    if name not in outputs:
+        raise ModelLoadError(f"ONNX model {path!r} has no output {name!r} (outputs: {', '.join(outputs)})")
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "quadmix_last_axis"))
+    dtype = next(o.type.tensor_type.elem_type for o in graph.output if o.name == name)
+    # logits already in float32 are used in place: a Cast to the same type would still copy [B, T, V]
+    logits = name if dtype == TensorProto.FLOAT else "quadmix_logits_f"
+    nodes = [] if dtype == TensorProto.FLOAT else [helper.make_node("Cast", [name], [logits], to=TensorProto.FLOAT)]
+    if head == "perplexity":
+        graph.input.append(helper.make_tensor_value_info(TARGETS, TensorProto.INT64, ["batch", "sequence"]))
+        # LogSoftmax, not ReduceLogSumExp: onnxruntime's LogSoftmax is vectorized and sums accurately; its
+        # ReduceLogSumExp was 8x slower and 20x less accurate over a 50k vocabulary (measured)
+        nodes += [
+            helper.make_node("LogSoftmax", [logits], ["quadmix_logp"], axis=-1),
+            helper.make_node("Unsqueeze", [TARGETS, "quadmix_last_axis"], ["quadmix_targets3"]),
+            helper.make_node("GatherElements", ["quadmix_logp", "quadmix_targets3"], ["quadmix_picked"], axis=2),
+            helper.make_node("Squeeze", ["quadmix_picked", "quadmix_last_axis"], [TOKEN_LOGPROB]),
+        ]
+        out = helper.make_tensor_value_info(TOKEN_LOGPROB, TensorProto.FLOAT, ["batch", "sequence"])
+    elif head == "askllm":
+        graph.input.append(helper.make_tensor_value_info(POSITION, TensorProto.INT64, ["batch"]))
+        graph.input.append(helper.make_tensor_value_info(ANSWER_IDS, TensorProto.INT64, ["answers"]))
+        nodes += [
+            helper.make_node("Unsqueeze", [POSITION, "quadmix_last_axis"], ["quadmix_position2"]),
+            helper.make_node("GatherND", [logits, "quadmix_position2"], ["quadmix_last"], batch_dims=1),
+            helper.make_node("LogSoftmax", ["quadmix_last"], ["quadmix_last_logp"], axis=-1),
+            helper.make_node("Gather", ["quadmix_last_logp", ANSWER_IDS], [ANSWER_LOGPROB], axis=1),
+        ]
+        out = helper.make_tensor_value_info(ANSWER_LOGPROB, TensorProto.FLOAT, ["batch", "answers"])
+    else:
+        raise ModelLoadError(f"unknown causal LM head {head!r} (one of: {', '.join(HEADS)})")
+    graph.node.extend(nodes)
+    del graph.output[:]
+    graph.output.append(out)
+    return model
+
+
+def load_scoring_session(path: str, head: str, logits_name: str | None, device_id: int | None, threads: int):
+    """A session of :func:`scoring_graph` (once per Python worker and file version)."""
+    return _load_scoring_session(*stamp(path), head, logits_name, device_id, threads)
+
+
+@lru_cache(maxsize=4)
+def _load_scoring_session(local: str, _size: int, _mtime: int, head: str, logits_name: str | None,
+                          device_id: int | None, threads: int):
+    from onnx import TensorProto
+
+    model = scoring_graph(local, head, logits_name)
+    external = any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+    # a graph given as bytes has no folder: say where its external weights are
+    config = {"session.model_external_initializers_file_folder_path": os.path.dirname(os.path.abspath(local))} if external else None
+    return new_session(model.SerializeToString(), local, device_id, threads, config)
+
+
+# ---------------------------------------------------------------- the scorer
+
+
+@dataclass(frozen=True)
+class CausalLMScorer:
+    """Adapter ``onnx_causal_lm`` (see the module docstring)."""
+
+    model: str
+    tokenizer: str
+    head: str
+    max_chars: int = 20_000
+    max_length: int = 512
+    batch_size: int = 16
+    device: str = "auto"
+    intra_op_threads: int = 1
+    output_name: str | None = None
+    prompt: str | None = None
+    answer_tokens: tuple[str, ...] | None = None
+    prefix_token: str | None = None
+
+    @property
+    def encoder(self) -> Encoder:
+        """Tokenization of the documents (cut to ``max_chars``, then ``max_length`` tokens)."""
+        return Encoder(self.model, self.tokenizer, self.max_chars, self.max_length)
+
+    def effective_prompt(self) -> str:
+        return ASKLLM_PROMPT if self.prompt is None else self.prompt
+
+    def effective_answers(self) -> tuple[str, ...]:
+        return ANSWER_TOKENS if self.answer_tokens is None else tuple(self.answer_tokens)
+
+    def fingerprint_settings(self) -> dict:
+        """What decides the output besides the files and the config's settings: the defaults in force."""
+        out: dict = {"graph": GRAPH_VERSION}
+        if self.head == "askllm":
+            out.update(prompt=self.effective_prompt(), answer_tokens=list(self.effective_answers()))
+        return out
+
+    def session(self, device_id: int | None | str = "task"):
+        dev = device_for(self.device) if device_id == "task" else device_id
+        return load_scoring_session(self.model, self.head, self.output_name, dev, self.intra_op_threads)
+
+    # ---- token ids
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """``text``'s ids without special tokens and without truncation (prompt parts, answers, prefix)."""
+        tok, _ = load_tokenizer(self.tokenizer, 1 << 30)
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def prompt_parts(self) -> tuple[list[int], list[int]]:
+        """askllm: ids of the prompt before ``{text}`` (with the tokenizer's special tokens) and after it."""
+        before, after = self.effective_prompt().split("{text}")
+        tok, _ = load_tokenizer(self.tokenizer, 1 << 30)
+        return tok.encode(before, add_special_tokens=True).ids, self._plain_ids(after)
+
+    def answer_ids(self) -> list[int]:
+        """askllm: one token id per answer (an error if an answer is not exactly one token)."""
+        ids = []
+        for answer in self.effective_answers():
+            got = self._plain_ids(answer)
+            if len(got) != 1:
+                raise ModelLoadError(
+                    f"answer {answer!r} is {len(got)} tokens of {self.tokenizer!r}, not one: set answer_tokens "
+                    "to single tokens of this tokenizer (e.g. ' yes'/' no' or 'Yes'/'No')"
+                )
+            ids.append(got[0])
+        return ids
+
+    def prefix_ids(self) -> list[int]:
+        if self.prefix_token is None:
+            return []
+        tok, _ = load_tokenizer(self.tokenizer, 1 << 30)
+        i = tok.token_to_id(self.prefix_token)
+        if i is None:
+            raise ModelLoadError(f"prefix_token {self.prefix_token!r} is not a token of {self.tokenizer!r}")
+        return [int(i)]
+
+    def sequences(self, texts: Sequence[str | None]) -> list[list[int]]:
+        """The ids fed to the model for each text."""
+        if self.head == "askllm":
+            before, after = self.prompt_parts()
+            return [before + ids + after for ids in self.encoder.tokenize(texts, special=False)]
+        prefix = self.prefix_ids()
+        return [prefix + ids for ids in self.encoder.tokenize(texts)]
+
+    def max_width(self) -> int:
+        if self.head == "askllm":
+            before, after = self.prompt_parts()
+            return len(before) + self.max_length + len(after)
+        return len(self.prefix_ids()) + self.max_length
+
+    # ---- the model
+
+    def batch_feeds(self, session, seqs: list[list[int]], width: int, rows: int) -> dict[str, np.ndarray]:
+        """Inputs of one model call: ``seqs`` right-padded to ``width``, filled to ``rows`` with copies of the first."""
+        _, pad_id = load_tokenizer(self.tokenizer, self.max_length)
+        input_ids, mask = self.encoder.pad(seqs, width, rows)
+        n, lengths = len(input_ids), mask.sum(axis=1)
+        available = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": np.broadcast_to(np.arange(width, dtype=np.int64), (n, width)).copy(),
+        }
+        if self.head == "perplexity":
+            targets = np.full_like(input_ids, pad_id)
+            targets[:, :-1] = input_ids[:, 1:]
+            available[TARGETS] = targets
+        else:
+            available[POSITION] = np.maximum(lengths - 1, 0)
+            available[ANSWER_IDS] = np.asarray(self.answer_ids(), dtype=np.int64)
+        return session_feeds(session, available, self.model)
+
+    def _row_scores(self, out: np.ndarray, seqs: list[list[int]]) -> np.ndarray:
+        scores = np.empty(len(seqs), dtype=np.float64)
+        for i, seq in enumerate(seqs):
+            if self.head == "askllm":
+                scores[i] = float(out[i, 0]) - float(out[i, 1])
+            else:
+                n = len(seq) - 1  # tokens predicted from the ones before them
+                scores[i] = out[i, :n].astype(np.float64).sum() / n if n > 0 else np.nan
+        return scores
+
+    def run(self, seqs: list[list[int]], session=None) -> np.ndarray:
+        """The score of every sequence, each computed at a shape fixed by its length (module docstring)."""
+        session = session or self.session()
+        lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
+        widths = bucket_widths(lengths, self.max_width())
+        order = np.lexsort((np.arange(len(seqs)), widths))
+        out_name = session.get_outputs()[0].name
+        rows = max(self.batch_size, MIN_ROWS)
+        scores = np.full(len(seqs), np.nan)
+        bounds = np.flatnonzero(np.diff(widths[order])) + 1
+        for group in np.split(order, bounds) if len(order) else []:
+            width = max(1, int(widths[group[0]]))
+            for start in range(0, len(group), rows):
+                idx = group[start : start + rows]
+                batch = [seqs[i] for i in idx]
+                feeds = self.batch_feeds(session, batch, width, rows)
+                with trace.span("model", docs=len(idx), tokens=int(rows * width)):
+                    (out,) = session.run([out_name], feeds)
+                scores[idx] = self._row_scores(out, batch)
+        return scores
+
+    def score(self, texts: Sequence[str | None]) -> tuple[np.ndarray, None]:
+        with trace.span("tokenize", docs=len(texts)):
+            seqs = self.sequences(texts)
+        return self.run(seqs), None
+
+    def validate(self) -> None:
+        """Load the model and tokenizer and run one probe batch on CPU: an unusable graph, a tokenizer whose ids
+        the model has no logits for, a prompt without one ``{text}`` slot or answers that are not single tokens
+        fail here, on the driver."""
+        if self.head not in HEADS:
+            raise ModelLoadError(f"unknown causal LM head {self.head!r} (one of: {', '.join(HEADS)})")
+        if self.head == "askllm" and self.effective_prompt().count("{text}") != 1:
+            raise ModelLoadError("the askllm prompt needs exactly one {text} slot, where the document goes")
+        session = load_scoring_session(self.model, self.head, self.output_name, None, 1)
+        tok, _ = load_tokenizer(self.tokenizer, self.max_length)
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        if self.head == "askllm":
+            self.answer_ids()
+        self.prefix_ids()
+        width = self.max_width()
+        probe = [[vocab - 1] * width, [0, vocab - 1]]
+        try:
+            (out,) = session.run(None, self.batch_feeds(session, probe, width, 2))
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(
+                f"tokenizer {self.tokenizer!r} does not fit ONNX model {self.model!r}: token id {vocab - 1} (its "
+                f"vocabulary) or {width} tokens (max_length with the prompt) is out of the model's range "
+                f"({str(e).strip().splitlines()[0][:300]})"
+            ) from None
+        if not np.isfinite(out).all():
+            # GatherElements/Gather past the logits' width is an error on some providers and garbage on
+            # others; a vocabulary larger than the logits shows up here either way
+            raise ModelLoadError(
+                f"ONNX model {self.model!r} gives no finite log-probability for some ids of {self.tokenizer!r} "
+                f"({vocab} tokens): are they the model's tokenizer and logits?"
+            )
+        logits = _logits_width(self.model, self.output_name)
+        if logits is not None and logits < vocab:
+            raise ModelLoadError(f"ONNX model {self.model!r} has {logits} logits per token, {self.tokenizer!r} has {vocab} tokens")
+
+
+def _logits_width(path: str, logits_name: str | None) -> int | None:
+    """The vocabulary dimension of the logits output when the graph states it (None when symbolic)."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    outputs = {o.name: o for o in graph.output}
+    name = logits_name or ("logits" if "logits" in outputs else graph.output[0].name)
+    dims = outputs[name].type.tensor_type.shape.dim
+    return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else None
