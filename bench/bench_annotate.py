@@ -1,6 +1,6 @@
 """Annotate throughput: documents/s per core of ``run_annotate`` (Delta in, Delta out) against the models alone.
 
-Three parts, each writing its own result file (``--annotate-parts``, default ``fasttext,minilm``):
+Four parts, each writing its own result file (``--annotate-parts``, default ``fasttext,minilm,causal_lm``):
 
 - ``fasttext`` -> ``annotate_fasttext_docs_per_core``: the annotate stage with two fastText scorers (a
   24-topic domain classifier and a DCLM-style quality classifier, trained like ``quadmix train-scorers`` does)
@@ -18,6 +18,15 @@ Three parts, each writing its own result file (``--annotate-parts``, default ``f
   the same token batches (the encoder's tokenizer, length-sorted, ``batch_size`` rows, padded as the adapter
   pads; tokenization and padding untimed): documents / s of ``session.run`` alone, on
   ``--minilm-baseline-docs`` of the same documents. Goal ratio >= 0.85.
+- ``causal_lm`` -> ``annotate_causal_lm_docs_per_core``: the annotate stage with an ``onnx_causal_lm``
+  perplexity scorer (a reference LM trained like the demo's ``ref_lm``: 4,096 token classes expanded to the
+  GPT-NeoX vocabulary, d=128, 2 layers; ``max_length`` 63 after ``<|endoftext|>``, batch 8, one intra-op
+  thread) as the quality criterion and lid.176 as the domain, on ``--causal-lm-docs`` documents (default
+  2,000). Baseline: the same model session (the adapter's graph: model + its log-probability head), one
+  intra-op thread, on the same token batches (the adapter's sequences, grouped by width and padded as the
+  adapter does; tokenization and padding untimed), documents / s of ``session.run`` alone on
+  ``--causal-lm-baseline-docs`` of the same documents. The lid.176 domain scorer costs ~1% of the LM. Goal
+  ratio >= 0.85.
 - ``text_stats`` -> ``annotate_text_stats`` (opt-in: ``--annotate-parts text_stats``): the heuristic scorer added
   to an annotated corpus, the stage's incremental path. Untimed and cached: ``--text-stats-docs`` documents
   (default 200,000, the same generator) annotated with lid.176 as domain (``output: label``) and as a quality
@@ -71,6 +80,8 @@ from bench.common import (
 
 NAME = "annotate_fasttext_docs_per_core"
 MINILM_NAME = "annotate_minilm_docs_per_core"
+CAUSAL_LM_NAME = "annotate_causal_lm_docs_per_core"
+CAUSAL_LM_SETTINGS = {"max_length": 63, "batch_size": 8, "prefix_token": "<|endoftext|>"}
 METRIC = "documents/s per core"
 DEFAULT_DOCS = 1_000_000
 DEFAULT_PARTS = 16
@@ -241,7 +252,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--event-log", default=None, help="write Spark event logs to this folder (diagnosis; off by default)")
     add_option(parser, "--keep", action="store_true", help="keep the tables written while timing (default: deleted)")
     group = parser.add_argument_group("annotate benchmark")
-    add_option(group, "--annotate-parts", default="fasttext,minilm", help="comma-separated: fasttext, minilm, text_stats")
+    add_option(group, "--annotate-parts", default="fasttext,minilm,causal_lm",
+               help="comma-separated: fasttext, minilm, causal_lm, text_stats")
     add_option(group, "--annotate-repeats", type=int, default=3, help="timed run_annotate repeats (each part)")
     add_option(group, "--annotate-warmup", type=int, default=1,
                help="untimed warm-up rounds (model + annotate) before the timed repeats (each part)")
@@ -252,6 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="copies of each page (x 8,712 pages) the fastText baseline predicts on")
     add_option(group, "--minilm-docs", type=int, default=DEFAULT_MINILM_DOCS, help="documents of the MiniLM part")
     add_option(group, "--minilm-baseline-docs", type=int, default=500, help="documents the raw onnxruntime baseline runs on")
+    add_option(group, "--causal-lm-docs", type=int, default=2_000, help="documents of the causal LM part")
+    add_option(group, "--causal-lm-baseline-docs", type=int, default=500, help="documents the causal LM baseline runs on")
     add_option(group, "--text-stats-docs", type=int, default=DEFAULT_TEXT_STATS_DOCS, help="documents of the text_stats part")
     add_option(group, "--text-stats-baseline-copies", type=int, default=3,
                help="copies of each page (x 8,712 pages) the text_stats adapter baseline scores")
@@ -475,36 +489,115 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
     session.run([out_name], batches[0])
     log(f"MiniLM baseline: {n_base} documents in {len(batches)} batches ({tokens / n_base:.0f} tokens/doc); annotate: {docs}")
 
-    def baseline(_i: int):
+    return _session_part(
+        args, spark, conf, folder, manifest, scorer_args, docs, session, out_name, batches, n_base, tokens, "minilm",
+        value=f"median run_annotate documents/s / {CORES} cores (fresh annotations table, histograms off; one "
+              "encoder pass for both heads, 1 intra-op thread per task)",
+        baseline="median raw onnxruntime session.run documents/s on the same token batches, 1 intra-op thread",
+        settings={**MINILM_SETTINGS, "model": "minilm_l6_v2/model_int8.onnx", "intra_op_threads": 1},
+        name=MINILM_NAME, part="MiniLM", t_start=t_start)
+
+
+def _session_part(args, spark, conf, folder: Path, manifest: dict, scorer_args: list[str], docs: int, session, out_name: str,
+                  batches: list[dict], n_base: int, tokens: int, label: str, value: str, baseline: str, settings: dict,
+                  name: str, part: str, t_start: float) -> dict[str, Any]:
+    """An ONNX part: ``run_annotate`` bracketed by the raw session on ``batches`` (the first ``n_base`` documents);
+    stops ``spark`` and writes the part's result file."""
+
+    def model(_i: int):
         for feeds in batches:
             session.run([out_name], feeds)
 
     try:
         repeats, model_repeats = _repeats(args)
-        timings, report, cpu = _time_annotate(spark, conf, folder, scorer_args, docs, repeats, baseline, model_repeats,
-                                              args.keep, "minilm", args.annotate_warmup)
+        timings, report, cpu = _time_annotate(spark, conf, folder, scorer_args, docs, repeats, model, model_repeats,
+                                              args.keep, label, args.annotate_warmup)
         info = spark_info(spark)
     finally:
         stop_spark()
-    value = timings["annotate"].rate(docs) / CORES
+    rate = timings["annotate"].rate(docs) / CORES
     base = timings["model"].rate(n_base)
     details = {
-        "value": f"median run_annotate documents/s / {CORES} cores (fresh annotations table, histograms off; one "
-                 "encoder pass for both heads, 1 intra-op thread per task)",
-        "baseline": "median raw onnxruntime session.run documents/s on the same token batches, 1 intra-op thread",
+        "value": value,
+        "baseline": baseline,
         "annotate": timings["annotate"].as_dict(docs),
         "model": {**timings["model"].as_dict(n_base), "n_docs": n_base, "batches": len(batches),
                   "tokens_per_doc": round(tokens / n_base, 1)},
         "cpu": _cpu_details(cpu, docs, n_base),
         "paired": _paired_details(timings, cpu, docs, n_base),
         "report": report.metrics(),
-        "settings": {**MINILM_SETTINGS, "model": "minilm_l6_v2/model_int8.onnx", "intra_op_threads": 1},
+        "settings": settings,
         "input": {"folder": str(folder), "rows": docs, "partitions": manifest["partitions"]},
         "commit": git_commit(),
         "spark": info,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    return _write(MINILM_NAME, "MiniLM", "raw session", value, base, docs, details, digits=1)
+    return _write(name, part, "raw session", rate, base, docs, details, digits=1)
+
+
+# ---------------------------------------------------------------- causal LM
+
+
+def _train_reference_lm(folder: Path) -> dict[str, Any]:
+    """The demo's ``ref_lm`` recipe (fewer steps: the benchmark times scoring, not the model's quality)."""
+    from quadmix_spark.causal_lm_train import LMSettings, export_onnx, train_causal_lm
+
+    texts = _read_jsonl(shared_dir() / "data" / "reference" / "alpaca_eval_outputs.jsonl.gz", "output")
+    model, _ = train_causal_lm(texts, str(_tokenizer_path()), LMSettings(seq_len=64, steps=60))
+    export_onnx(model, str(folder / "ref_lm.onnx"))
+    return {"files": ["ref_lm.onnx"], "version": MODELS_VERSION}
+
+
+def _tokenizer_path() -> Path:
+    return shared_dir() / "data" / "models" / "tokenizers" / "gpt_neox_20b.json"
+
+
+def causal_lm_scorers(model: Path) -> dict[str, dict]:
+    lid = shared_dir() / "data" / "models" / "lid" / "lid.176.ftz"
+    return {"lang": {"type": "fasttext", "model": str(lid), "output": "label"},
+            "ref_lm": {"type": "onnx_causal_lm", "model": str(model), "tokenizer": str(_tokenizer_path()), "head": "perplexity",
+                       "device": "cpu", "intra_op_threads": 1, **CAUSAL_LM_SETTINGS}}
+
+
+def run_causal_lm(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.sample_data import generate_tables, read_source, source_path
+    from quadmix_spark.scorers import resolve_scorers
+    from quadmix_udfs.onnx_transformer import MIN_ROWS, bucket_widths
+
+    t_start = time.perf_counter()
+    docs = args.causal_lm_docs
+    model_dir, _ = cached_input(f"annotate-causal-lm-v{MODELS_VERSION}", _train_reference_lm)
+    spark, conf = _session(args, "causal_lm")
+    folder, manifest = generate_tables(spark, docs, DEFAULT_PARTS)
+    scorers = causal_lm_scorers(model_dir / "ref_lm.onnx")
+    scorer_args = annotate_overrides(scorers, "lang", ["ref_lm"])
+    adapter = resolve_scorers(bench_config(scratch_dir("runs", "annotate"), *scorer_args)).quality[0].adapter
+
+    pages = read_source(source_path())
+    n_base = min(args.causal_lm_baseline_docs, docs)
+    texts = [pages[j % len(pages)]["text"] + f"\n[copy {j // len(pages)}]" for j in range(n_base)]  # rows 0.. of the table
+    session = adapter.session(None)
+    seqs = adapter.sequences(texts)
+    widths = bucket_widths(np.array([len(x) for x in seqs]), adapter.max_width())
+    rows = max(adapter.batch_size, MIN_ROWS)
+    batches = []
+    for width in np.unique(widths):
+        group = np.flatnonzero(widths == width)
+        batches += [adapter.batch_feeds(session, [seqs[i] for i in group[s : s + rows]], int(width), rows)
+                    for s in range(0, len(group), rows)]
+    tokens = sum(len(x) for x in seqs)
+    out_name = session.get_outputs()[0].name
+    session.run([out_name], batches[0])
+    log(f"causal LM baseline: {n_base} documents in {len(batches)} batches ({tokens / n_base:.0f} tokens/doc); annotate: {docs}")
+
+    return _session_part(
+        args, spark, conf, folder, manifest, scorer_args, docs, session, out_name, batches, n_base, tokens, "causal_lm",
+        value=f"median run_annotate documents/s / {CORES} cores (fresh annotations table, histograms off; lid.176 "
+              "domain + the causal LM perplexity criterion, 1 intra-op thread per task)",
+        baseline="median session.run documents/s of the adapter's graph (model + head) on the same token batches, "
+                 "1 intra-op thread",
+        settings={**CAUSAL_LM_SETTINGS, "model": "reference LM, 4,096 classes, d=128, 2 layers", "intra_op_threads": 1},
+        name=CAUSAL_LM_NAME, part="causal LM", t_start=t_start)
 
 
 # ---------------------------------------------------------------- text_stats
@@ -694,19 +787,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The parts of ``--annotate-parts``; returns the fastText result when it ran (the others are in their own
     files)."""
     parts = [p.strip() for p in args.annotate_parts.split(",") if p.strip()]
-    unknown = set(parts) - {"fasttext", "minilm", "text_stats"}
+    unknown = set(parts) - {"fasttext", "minilm", "causal_lm", "text_stats"}
     if unknown or not parts:
-        raise ValueError(f"--annotate-parts: unknown {sorted(unknown)} (use fasttext, minilm, text_stats)")
+        raise ValueError(f"--annotate-parts: unknown {sorted(unknown)} (use fasttext, minilm, causal_lm, text_stats)")
     results = {}
     if "minilm" in parts:
         results["minilm"] = run_minilm(args)
+    if "causal_lm" in parts:
+        results["causal_lm"] = run_causal_lm(args)
     if "fasttext" in parts:
         results["fasttext"] = run_fasttext(args)
     if "text_stats" in parts:
         results["text_stats"] = run_text_stats(args)
     for r in results.values():
         log(f"{r['name']}: value {r['value']:.1f}, baseline {r['baseline']:.1f}, ratio {r['ratio']:.3f}")
-    return results.get("fasttext") or results.get("minilm") or results["text_stats"]
+    return results.get("fasttext") or results.get("minilm") or results.get("causal_lm") or results["text_stats"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -341,8 +341,10 @@ class GpuUtilization:
                 "gpu_util_samples": len(self.samples)}
 
 
-def annotate_runner(work: Path, texts: list[str], scorers: dict[str, dict], tasks: int):
-    """(spark, fn(i) -> (seconds, where the time went)): ``run_annotate`` into a fresh annotations table per call.
+def annotate_runner(work: Path, texts: list[str], scorers: dict[str, dict], tasks: int, domain: str = "bert_domain",
+                    quality: tuple[str, ...] = ("bert_quality",)):
+    """(spark, fn(i) -> (seconds, where the time went)): ``run_annotate`` into a fresh annotations table per call,
+    ``domain`` and ``quality`` naming the scorers of ``scorers`` annotate uses.
 
     The workers trace their model calls (:mod:`quadmix_udfs.trace`, set before the first job so the warm-up's
     workers are the measured ones); each run's spans are summarized over its own wall-clock window.
@@ -369,8 +371,8 @@ def annotate_runner(work: Path, texts: list[str], scorers: dict[str, dict], task
     # large table (no `annotate.partitions`: its shuffle would leave the GPU idle first; more, smaller
     # partitions than slots would leave a tail with fewer tasks feeding the GPU)
     spark.createDataFrame(pdf).repartition(max(tasks, 1)).write.format("delta").save(str(docs_path))
-    scorer_args = [f"scorers={json.dumps(scorers)}", "annotate.domain_scorer=bert_domain",
-                   'annotate.quality_scorers=["bert_quality"]']
+    scorer_args = [f"scorers={json.dumps(scorers)}", f"annotate.domain_scorer={domain}",
+                   f"annotate.quality_scorers={json.dumps(list(quality))}"]
 
     def run(i: int):
         root = work / f"store-{i}"
@@ -402,6 +404,84 @@ def median_run(spent: list[dict], seconds: list[float]) -> dict | None:
     return spent[order[len(order) // 2]]
 
 
+def start_annotate(args, facts: dict, work: Path, texts: list[str], scorers: dict[str, dict], notes: dict[str, str],
+                   domain: str = "bert_domain", quality: tuple[str, ...] = ("bert_quality",)):
+    """(spark, annotate runner) of :func:`annotate_runner`, or (None, None) with the reason in ``notes``:
+    ``--skip-annotate``, no CUDA provider on a GPU machine, or no Spark here. The missing CUDA provider is noted
+    too (the model figures then come from torch)."""
+    cuda = bool(facts.get("cuda_available")) and not args.smoke
+    ort_cuda = "CUDAExecutionProvider" in facts.get("ort_providers", [])
+    if cuda and not ort_cuda:
+        notes["onnxruntime"] = ("no CUDAExecutionProvider in onnxruntime " + str(facts.get("onnxruntime"))
+                                + ": install onnxruntime-gpu for the ONNX figures; measured torch on CUDA instead")
+    if args.skip_annotate:
+        notes["annotate"] = "skipped (--skip-annotate)"
+    elif cuda and not ort_cuda:
+        notes["annotate"] = "skipped: the ONNX scorers need onnxruntime's CUDAExecutionProvider (onnxruntime-gpu)"
+    else:
+        try:
+            return annotate_runner(work, texts, scorers, args.tasks, domain, quality)
+        except Exception as e:  # noqa: BLE001 - no pyspark / Java / Delta jars: record why, keep the model figures
+            notes["annotate"] = f"skipped: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    return None, None
+
+
+def timed_rounds(models: dict[str, Any], run_annotate_fn, repeats: int, warmup: int) -> tuple[dict, list[float], list[dict]]:
+    """Interleaved repeats: each model-alone side of ``models`` (label -> fn() -> seconds), then one annotate run
+    (``run_annotate_fn(i) -> (seconds, where the time went)``, when given), after ``warmup`` untimed annotate
+    runs. Returns (seconds per side, warm-up seconds, where each timed annotate run spent its time)."""
+    warmup_s = []
+    for i in range(warmup if run_annotate_fn is not None else 0):
+        warmup_s.append(run_annotate_fn(-1 - i)[0])
+        log(f"warm-up {i + 1}/{warmup}: annotate {warmup_s[-1]:.2f} s")
+    sides: dict[str, list[float]] = {}
+    where: list[dict] = []
+    for i in range(repeats):
+        for label, fn in models.items():
+            sides.setdefault(label, []).append(fn())
+        if run_annotate_fn is not None:
+            seconds, spent = run_annotate_fn(i)
+            sides.setdefault("annotate", []).append(seconds)
+            where.append(spent)
+            log(f"annotate {i + 1}: " + ", ".join(f"{k} {v}" for k, v in spent.items()))
+        log(f"repeat {i + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in sides.items()))
+    return sides, warmup_s, where
+
+
+def result_head(name: str, sides: dict[str, list[float]], n_docs: int, n_base: int, cuda: bool) -> tuple[dict, str, dict]:
+    """(the result's fixed keys, where its value came from, documents/s per side): the annotate stage's rate
+    when it ran, else the raw session's, else torch's; the baseline is the raw session (or torch)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.common import RESULT_KEYS, machine_info, utc_now
+
+    rates = {k: round((n_docs if k == "annotate" else n_base) / statistics.median(v), 1) for k, v in sides.items()}
+    if "annotate" in rates:
+        value, source = rates["annotate"], "annotate stage (run_annotate, onnxruntime " + ("CUDA)" if cuda else "CPU, smoke)")
+    elif "onnxruntime" in rates:
+        value, source = rates["onnxruntime"], "raw onnxruntime session (annotate skipped: see details.notes)"
+    else:
+        value, source = rates["torch"], "torch-cuda-fallback (onnxruntime-gpu missing: same model and batches in torch)"
+    baseline = rates.get("onnxruntime") or rates.get("torch")
+    result = {"name": name, "machine": machine_info(), "metric": METRIC, "value": value, "baseline": baseline,
+              "ratio": round(value / baseline, 3) if "annotate" in rates and baseline else None,
+              "n_docs": n_docs, "when": utc_now()}
+    assert tuple(result) == RESULT_KEYS
+    return result, source, rates
+
+
+def write_gpu_result(result: dict, out: str | None, source: str, notes: dict[str, str]) -> Path:
+    """The result file (default ``bench/results/<name>.json``), and a log line of its figures and notes."""
+    path = Path(out) if out else Path(__file__).resolve().parent / "results" / f"{result['name']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    value, baseline = result["value"], result["baseline"]
+    log(f"{source}: {value:,.1f} documents/s" + (f" (baseline {baseline:,.1f}, ratio {result['ratio']})" if result["ratio"] else "")
+        + f"; wrote {path}")
+    for k, v in notes.items():
+        log(f"note {k}: {v}")
+    return path
+
+
 def gpu_facts() -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
@@ -430,43 +510,55 @@ def gpu_facts() -> dict[str, Any]:
     return out
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_annotate", description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny model (2 layers, hidden 32), few documents")
-    p.add_argument("--docs", type=int, default=None, help="documents (default 60,000; smoke 96)")
-    p.add_argument("--baseline-docs", type=int, default=None, help="documents of the raw-session baseline (default 10,000; smoke all)")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per document (default 512; smoke 64)")
-    p.add_argument("--max-chars", type=int, default=20_000)
-    p.add_argument("--batch-size", type=int, default=None, help="documents per model call (default 64; smoke 16)")
+def gpu_arguments(prog: str, description: str, name: str, full: dict[str, Any], smoke: dict[str, Any]) -> argparse.ArgumentParser:
+    """The options the GPU benchmarks share; ``full`` and ``smoke`` give the defaults shown in the help and
+    applied by :func:`gpu_defaults` (docs, baseline_docs, max_length, batch_size, tasks, repeats, warmup)."""
+    def both(key: str) -> str:
+        return f"default {full[key]}; smoke {smoke[key] if smoke[key] is not None else 'all'}"
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--smoke", action="store_true", help="CPU, a tiny model, few documents (what the tests run)")
+    p.add_argument("--docs", type=int, default=None, help=f"documents ({both('docs')})")
+    p.add_argument("--baseline-docs", type=int, default=None, help=f"documents of the raw-session baseline ({both('baseline_docs')})")
+    p.add_argument("--max-length", type=int, default=None, help=f"tokens per document ({both('max_length')})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"documents per model call ({both('batch_size')})")
     p.add_argument("--dtype", choices=["fp16", "fp32"], default=None, help="exported weights (default fp16 on GPU, fp32 on CPU)")
-    p.add_argument("--tasks", type=int, default=None, help="Spark tasks feeding the GPU (local[N]; default 4; smoke 2)")
-    p.add_argument("--repeats", type=int, default=None, help="repeats of each side (default 3; smoke 1)")
-    p.add_argument("--work", default=None, help="scratch folder (default $QUADMIX_BENCH_DIR/gpu-annotate)")
-    p.add_argument("--out", default=None, help="result file (default bench/results/gpu_annotate_docs_per_gpu.json)")
-    p.add_argument("--skip-annotate", action="store_true", help="only the model-alone figures")
+    p.add_argument("--tasks", type=int, default=None, help=f"Spark tasks feeding the GPU (local[N]; {both('tasks')})")
+    p.add_argument("--repeats", type=int, default=None, help=f"repeats of each side ({both('repeats')})")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed annotate runs first (JIT, CUDA context, cuDNN autotuning in every worker; default 1; smoke 0)")
+                   help=f"untimed annotate runs first (JIT, CUDA context, autotuning in every worker; {both('warmup')})")
+    p.add_argument("--work", default=None, help=f"scratch folder (default $QUADMIX_BENCH_DIR/{name})")
+    p.add_argument("--out", default=None, help="result file (default bench/results/<name>.json)")
+    p.add_argument("--skip-annotate", action="store_true", help="only the model-alone figures")
+    return p
+
+
+def gpu_defaults(a: argparse.Namespace, full: dict[str, Any], smoke: dict[str, Any]) -> argparse.Namespace:
+    for key, value in (smoke if a.smoke else full).items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    return a
+
+
+FULL = {"docs": 60_000, "baseline_docs": 10_000, "max_length": 512, "batch_size": 64, "tasks": 4, "repeats": 3, "warmup": 1}
+SMOKE = {"docs": 96, "baseline_docs": None, "max_length": 64, "batch_size": 16, "tasks": 2, "repeats": 1, "warmup": 0}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = gpu_arguments("python -m bench.gpu_annotate", __doc__.splitlines()[0], "gpu-annotate", FULL, SMOKE)
+    p.add_argument("--max-chars", type=int, default=20_000)
     p.add_argument("--fuse", action="store_true",
                    help="run onnxruntime's transformer optimizer on the export (fused attention), as production exports do")
     p.add_argument("--torch", action="store_true",
                    help="also time the same model in torch on CUDA (always done when onnxruntime has no CUDA provider)")
-    a = p.parse_args(argv)
-    smoke = a.smoke
-    a.docs = a.docs or (96 if smoke else 60_000)
-    a.baseline_docs = a.baseline_docs or (None if smoke else 10_000)
-    a.max_length = a.max_length or (64 if smoke else 512)
-    a.batch_size = a.batch_size or (16 if smoke else 64)
-    a.tasks = a.tasks or (2 if smoke else 4)
-    a.repeats = a.repeats or (1 if smoke else 3)
-    a.warmup = (0 if smoke else 1) if a.warmup is None else a.warmup
-    return a
+    return gpu_defaults(p.parse_args(argv), FULL, SMOKE)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo))
-    from bench.common import RESULT_KEYS, machine_info, setup_env, stop_spark, utc_now
+    from bench.common import setup_env, stop_spark
 
     setup_env()
     facts = gpu_facts()
@@ -523,63 +615,20 @@ def main(argv: list[str] | None = None) -> int:
         log(f"fused operators {fused}; max |pooled difference| against the plain fp32 export: {fuse_check:.2e}")
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
 
-    sides: dict[str, list[float]] = {}
     notes: dict[str, str] = {}
-    if cuda and not ort_cuda:
-        notes["onnxruntime"] = ("no CUDAExecutionProvider in onnxruntime " + str(facts.get("onnxruntime"))
-                                + ": install onnxruntime-gpu for the ONNX figures; measured torch on CUDA instead")
-    run_annotate_fn = None
-    spark = None
-    if args.skip_annotate:
-        notes["annotate"] = "skipped (--skip-annotate)"
-    elif cuda and not ort_cuda:
-        notes["annotate"] = "skipped: the onnx_transformer scorer needs onnxruntime's CUDAExecutionProvider (onnxruntime-gpu)"
-    else:
-        try:
-            spark, run_annotate_fn = annotate_runner(work, texts, scorer_settings(model_path, tokenizer, heads, args), args.tasks)
-        except Exception as e:  # noqa: BLE001 - no pyspark / Java / Delta jars: record why, keep the model figures
-            notes["annotate"] = f"skipped: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    spark, run_annotate_fn = start_annotate(args, facts, work, texts, scorer_settings(model_path, tokenizer, heads, args), notes)
     use_torch = cuda and (args.torch or not ort_cuda)
     if cuda:  # warm-up (CUDA context, cuDNN/cuBLAS autotuning)
         (time_ort(session, batches[:3]) if ort_cuda else time_torch(torch_model, batches[:3], "cuda"))
-    warmup_s = []
-    for i in range(args.warmup if run_annotate_fn is not None else 0):
-        warmup_s.append(run_annotate_fn(-1 - i)[0])
-        log(f"warm-up {i + 1}/{args.warmup}: annotate {warmup_s[-1]:.2f} s")
-    where: list[dict] = []
-    for i in range(args.repeats):
-        if ort_cuda or not cuda:
-            sides.setdefault("onnxruntime", []).append(time_ort(session, batches))
-        if use_torch:
-            sides.setdefault("torch", []).append(time_torch(torch_model, batches, "cuda"))
-        if run_annotate_fn is not None:
-            seconds, spent = run_annotate_fn(i)
-            sides.setdefault("annotate", []).append(seconds)
-            where.append(spent)
-            log(f"annotate {i + 1}: " + ", ".join(f"{k} {v}" for k, v in spent.items()))
-        log(f"repeat {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in sides.items()))
+    models = {}
+    if ort_cuda or not cuda:
+        models["onnxruntime"] = lambda: time_ort(session, batches)
+    if use_torch:
+        models["torch"] = lambda: time_torch(torch_model, batches, "cuda")
+    sides, warmup_s, where = timed_rounds(models, run_annotate_fn, args.repeats, args.warmup)
     if spark is not None:
         stop_spark()
-
-    rates = {k: round((len(texts) if k == "annotate" else n_base) / statistics.median(v), 1) for k, v in sides.items()}
-    if "annotate" in rates:
-        value, source = rates["annotate"], "annotate stage (run_annotate, onnxruntime " + ("CUDA)" if cuda else "CPU, smoke)")
-    elif "onnxruntime" in rates:
-        value, source = rates["onnxruntime"], "raw onnxruntime session (annotate skipped: see details.notes)"
-    else:
-        value, source = rates["torch"], "torch-cuda-fallback (onnxruntime-gpu missing: same model and batches in torch)"
-    baseline = rates.get("onnxruntime") or rates.get("torch")
-    result = {
-        "name": NAME,
-        "machine": machine_info(),
-        "metric": METRIC,
-        "value": value,
-        "baseline": baseline,
-        "ratio": round(value / baseline, 3) if "annotate" in rates and baseline else None,
-        "n_docs": len(texts),
-        "when": utc_now(),
-    }
-    assert tuple(result) == RESULT_KEYS
+    result, source, rates = result_head(NAME, sides, len(texts), n_base, cuda)
     result["details"] = {
         "gpu_name": facts.get("gpu_name") if cuda else None,
         "device": args.device,
@@ -604,13 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {k: facts.get(k) for k in ("torch", "onnxruntime", "ort_providers", "gpu_count", "gpu_memory_gib")},
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    out = Path(args.out) if args.out else repo / "bench" / "results" / f"{NAME}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    log(f"{source}: {value:,.1f} documents/s" + (f" (baseline {baseline:,.1f}, ratio {result['ratio']})" if result["ratio"] else "")
-        + f"; wrote {out}")
-    for k, v in notes.items():
-        log(f"note {k}: {v}")
+    write_gpu_result(result, args.out, source, notes)
     return 0
 
 

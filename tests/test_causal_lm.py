@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from quadmix_spark.annotate_config import ScorerConfig
 from quadmix_spark.proxy_model import ModelShape, ProxyLM, apply_rope
 from quadmix_spark.scorers import ScorerError, build_scorer, fingerprint
-from quadmix_udfs.fasttext_scorer import ModelLoadError
 from quadmix_udfs.onnx_causal_lm import ASKLLM_PROMPT, CausalLMScorer
 from tests.conftest import DATA
 
@@ -178,6 +177,34 @@ def test_truncation_keeps_the_first_tokens_and_the_whole_prompt(lm, models):
     for s in (ppl, ask):
         got = s.score([long])[0]
         assert abs(got[0] - torch_scores(lm, s, s.sequences([long]))[0]) < 1e-4
+
+
+def test_fp16_logits_are_scored_in_float32(lm, pages, tmp_path):
+    class Half(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            return self.lm(input_ids).half()
+
+    path = _export(Half(lm), (torch.randint(0, 1000, (2, 8)),), ["input_ids"], tmp_path / "half.onnx")
+    import onnx
+
+    assert onnx.load(path).graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    for head in ("perplexity", "askllm"):
+        s = scorer(path, head)
+        got = s.score(pages)[0]
+        want = []
+        with torch.no_grad():
+            for seq in s.sequences(pages):
+                logp = torch.log_softmax(lm(torch.tensor([seq]))[0].half().double(), dim=-1)
+                if head == "askllm":
+                    yes, no = s.answer_ids()
+                    want.append(float(logp[-1, yes] - logp[-1, no]))
+                else:
+                    want.append(float(logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])].mean()) if len(seq) > 1 else np.nan)
+        assert np.nanmax(np.abs(got - np.array(want))) < 2e-3  # fp16 logits differ in their last bits across kernels
 
 
 def test_weights_in_onnx_external_data_stay_in_their_folder(models, pages, tmp_path, monkeypatch):

@@ -97,10 +97,17 @@ def scoring_graph(path: str, head: str, logits_name: str | None = None):
         raise ModelLoadError(f"ONNX model {path!r} has no output {name!r} (outputs: {', '.join(outputs)})")
     graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "quadmix_last_axis"))
     dtype = next(o.type.tensor_type.elem_type for o in graph.output if o.name == name)
-    # logits already in float32 are used in place: a Cast to the same type would still copy [B, T, V]
-    logits = name if dtype == TensorProto.FLOAT else "quadmix_logits_f"
-    nodes = [] if dtype == TensorProto.FLOAT else [helper.make_node("Cast", [name], [logits], to=TensorProto.FLOAT)]
+    nodes = []
+
+    def as_float(x: str) -> str:
+        """``x`` in float32 (as it is when it already is: a Cast to the same type would still copy it)."""
+        if dtype == TensorProto.FLOAT:
+            return x
+        nodes.append(helper.make_node("Cast", [x], [f"{x}_f32"], to=TensorProto.FLOAT))
+        return f"{x}_f32"
+
     if head == "perplexity":
+        logits = as_float(name)
         graph.input.append(helper.make_tensor_value_info(TARGETS, TensorProto.INT64, ["batch", "sequence"]))
         # LogSoftmax, not ReduceLogSumExp: onnxruntime's LogSoftmax is vectorized and sums accurately; its
         # ReduceLogSumExp was 8x slower and 20x less accurate over a 50k vocabulary (measured)
@@ -116,8 +123,11 @@ def scoring_graph(path: str, head: str, logits_name: str | None = None):
         graph.input.append(helper.make_tensor_value_info(ANSWER_IDS, TensorProto.INT64, ["answers"]))
         nodes += [
             helper.make_node("Unsqueeze", [POSITION, "quadmix_last_axis"], ["quadmix_position2"]),
-            helper.make_node("GatherND", [logits, "quadmix_position2"], ["quadmix_last"], batch_dims=1),
-            helper.make_node("LogSoftmax", ["quadmix_last"], ["quadmix_last_logp"], axis=-1),
+            helper.make_node("GatherND", [name, "quadmix_position2"], ["quadmix_last"], batch_dims=1),
+        ]
+        last = as_float("quadmix_last")  # [B, V]: only the answer position's logits, in float32
+        nodes += [
+            helper.make_node("LogSoftmax", [last], ["quadmix_last_logp"], axis=-1),
             helper.make_node("Gather", ["quadmix_last_logp", ANSWER_IDS], [ANSWER_LOGPROB], axis=1),
         ]
         out = helper.make_tensor_value_info(ANSWER_LOGPROB, TensorProto.FLOAT, ["batch", "answers"])
