@@ -58,6 +58,7 @@ def plan(args) -> dict[str, Any]:
 
 SMOKE_OVERRIDES = [  # cheap scorers and tiny models: the same path, in minutes
     "train_scorers.models.ref_minilm.enabled=false", "train_scorers.models.topic_minilm.enabled=false",
+    "train_scorers.models.ref_lm.enabled=false",
     "train_scorers.models.dclm.negatives=300", "train_scorers.models.wiki_tfidf.negatives=300",
     "train_scorers.models.topic_fasttext.epoch=5", "train_scorers.report_docs=100",
     "train_scorers.reference.alpaca.max_docs=300", "train_scorers.reference.enwiki.max_docs=20",
