@@ -107,7 +107,9 @@ class SamplingConfig(_Section):
     max_epochs: int = Field(256, gt=0, description="most epochs (fresh Bernoulli draws) when under budget")
     rank_region: float = Field(0.2, gt=0, le=1, description="exact ranks for r̄ <= max(rank_region, ω)")
     coarse_bins: int = Field(1024, ge=16, le=65536, description="bins of the first-pass q̄ histogram per (θ, domain)")
-    export_format: Literal["parquet", "jsonl"] = "parquet"
+    export_format: Literal["parquet", "jsonl", "tokens"] = Field(
+        "parquet", description="parquet | jsonl: the text of every copy in training order; tokens: each unique "
+        "document's token ids (ingest.tokenizer) once and the order as pointers, Megatron's .bin/.idx layout")
     export_shards: int = Field(8, gt=0)
     baseline_fraction: float = Field(0.1, gt=0, le=1, description="token share kept by the top-k/random baselines")
     broadcast_copies_rows: int = Field(2_000_000, ge=0, description="broadcast up to this many copies in the join with text")

@@ -3,12 +3,15 @@
 Tables (each run is a slice, replaced as a whole, so a rerun gives the same tables):
 - ``selection``: run, theta_id, doc_id, domain, n_tokens, rbar, rank_exact, S, copies (epoch 0, every
   document);
-- ``training_output``: run, order_key, epoch, copy, doc_id, domain, n_tokens, text — the documents
-  repeated by their copies and fitted to ``sampling.budget_tokens`` (spec §2.6): over budget, a uniform
-  subsample of the copies; under budget, more epochs, each with fresh Bernoulli draws (seed + epoch),
-  the last one subsampled. Shuffled deterministically by ``order_key`` (a hash of doc, epoch, copy);
-- an export of the training output as Parquet or JSONL shards under ``<root>/export/<run>/`` with a
-  ``manifest.json`` (shard paths, rows, tokens).
+- ``training_output``: run, order_key, epoch, copy, doc_id, domain, n_tokens — the training order: the
+  documents repeated by their copies and fitted to ``sampling.budget_tokens`` (spec §2.6): over budget, a
+  uniform subsample of the copies; under budget, more epochs, each with fresh Bernoulli draws (seed +
+  epoch), the last one subsampled. Shuffled deterministically by ``order_key`` (a hash of doc, epoch, copy).
+  No text: a copy is a pointer to its document (tables written before kept a ``text`` column, now null);
+- an export under ``<root>/export/<run>/`` with a ``manifest.json``: Parquet or JSONL shards of the text in
+  training order (``sampling.export_format``: the text joined from ``documents`` as it is written), or
+  ``tokens``: each unique document's token ids once and the order as pointers, in Megatron's indexed-dataset
+  layout (:mod:`quadmix_spark.token_export`).
 
 Many θ at once (``sample_many``): ``proxy_index`` (theta_id, doc_id, domain, n_tokens, S, copies; rows
 with copies > 0) and ``proxy_theta_tokens`` (theta_id, realized/unique/expected tokens) in the fixed
@@ -45,8 +48,10 @@ from quadmix_spark.ranking import (
     rank_and_sample,
 )
 from quadmix_spark.storage import is_path, read_table, retry_conflicts, table_exists, table_version, write_table
+from quadmix_spark.token_export import export_tokens
 
 ANNOTATIONS, SELECTION, TRAINING_OUTPUT = "annotations", "selection", "training_output"
+ORDER_COLUMNS = ("order_key", "epoch", "copy", "doc_id", "domain", "n_tokens")  # training_output, after its run
 PROXY_INDEX, PROXY_THETA_TOKENS = "proxy_index", "proxy_theta_tokens"
 
 
@@ -475,12 +480,19 @@ def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = No
     plan, n_copies = _plan_epochs(selection, key, sc.seed, sc.budget_tokens, sc.max_epochs, float(report.expected_tokens.sum()))
     if n_copies is None:
         n_copies = int(report["copies"].sum())
-    rows = training_rows(documents, instances(selection.where(F.col("S") > 0), plan, key, sc.seed), sc.broadcast_copies_rows, n_copies)
+    rows = instances(selection.where(F.col("S") > 0), plan, key, sc.seed).select(*ORDER_COLUMNS)
     out_table = cfg.storage.table(TRAINING_OUTPUT)
     rows = faults.during(rows.select(F.lit(sc.run).alias("run"), "*"), "sample.output.write")
     _replace_slice(rows, out_table, predicate, {**meta, "theta_id": theta_id, "epochs": plan})
-    output = read_table(spark, out_table).where(F.col("run") == sc.run)
-    manifest, output_tokens = _export(output, cfg.storage.path("export", sc.run), sc.export_format, sc.export_shards)
+    output = read_table(spark, out_table).where(F.col("run") == sc.run).select(*ORDER_COLUMNS)
+    folder = cfg.storage.path("export", sc.run)
+    if sc.export_format == "tokens":
+        manifest = export_tokens(output, documents, folder, sc.export_shards, cfg.ingest.tokenizer, cfg.ingest.fast_tokenizer)
+        output_tokens = pd.DataFrame({"domain": list(manifest["tokens_by_domain"]),
+                                      "output_tokens": list(manifest["tokens_by_domain"].values())})
+    else:
+        text = training_rows(documents, output, sc.broadcast_copies_rows, n_copies)
+        manifest, output_tokens = _export(text, folder, sc.export_format, sc.export_shards)
     report = finish_report(report, output_tokens)
     return SampleResult(sc.run, theta_id, inp.annotations_version, report, int(manifest["tokens"]), plan, manifest)
 
