@@ -18,7 +18,7 @@ Files under ``<export folder>`` (one dataset prefix per shard; a document's copi
   (byte offsets into the ``.bin``; a repeated document repeats its pointer) and ``int64`` document
   indices ``[n + 1]`` (``0..n``: every sequence is one document). Sequence ``i`` is the shard's ``i``-th copy
   in training order;
-- ``manifest.json``: the format, dtype, end-of-document id, per shard its prefix, sequences, unique documents,
+- ``manifest.json``: the format, dtype, end-of-document id, ``rows`` (copies), per shard its prefix, sequences, unique documents,
   tokens in training order and ``.bin`` bytes, and the tokens per domain and per epoch (end-of-document
   tokens not counted, as ``n_tokens``).
 
@@ -201,6 +201,7 @@ def export_tokens(order: DataFrame, documents: DataFrame, folder: str, n_shards:
     by_epoch = {str(r["epoch"]): int(r["t"]) for r in order.groupBy("epoch").agg(F.sum("n_tokens").alias("t")).collect()}
     manifest = {"format": FORMAT, "dtype": dtype.name, "eod_id": eod, "tokenizer": os.path.basename(tokenizer),
                 "shards": shards, "sequences": sum(s["sequences"] for s in shards),
+                "rows": sum(s["sequences"] for s in shards),  # copies, as the text formats' rows
                 "tokens": sum(by_epoch.values()), "tokens_with_eod": sum(s["tokens"] for s in shards),
                 "bin_bytes": sum(s["bin_bytes"] for s in shards),
                 "tokens_by_domain": dict(sorted(by_domain.items())), "tokens_by_epoch": dict(sorted(by_epoch.items(), key=lambda kv: int(kv[0])))}

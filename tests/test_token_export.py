@@ -68,7 +68,7 @@ def test_the_token_stream_is_the_training_order_and_each_document_is_stored_once
         unique = {r.doc_id for r in docs_here}
         assert info["unique_docs"] == len(unique) and info["bin_bytes"] == 2 * sum(len(ids[d]) for d in unique)
         assert (tmp_path / "store" / "export" / "tok" / f"{info['prefix']}.bin").stat().st_size == info["bin_bytes"]
-    assert sum(info["sequences"] for info in manifest["shards"]) == len(rows)  # every copy of every epoch
+    assert sum(info["sequences"] for info in manifest["shards"]) == manifest["rows"] == len(rows)  # every copy of every epoch
     assert len(ids) < len(rows)  # documents repeat; each is stored once
     assert manifest["bin_bytes"] == 2 * sum(len(v) for v in ids.values())
     by_epoch = {}
