@@ -562,7 +562,7 @@ def causal_lm_scorers(model: Path) -> dict[str, dict]:
 def run_causal_lm(args: argparse.Namespace) -> dict[str, Any]:
     from bench.sample_data import generate_tables, read_source, source_path
     from quadmix_spark.scorers import resolve_scorers
-    from quadmix_udfs.onnx_transformer import MIN_ROWS, bucket_widths
+    from bench.gpu_askllm import adapter_batches
 
     t_start = time.perf_counter()
     docs = args.causal_lm_docs
@@ -577,15 +577,8 @@ def run_causal_lm(args: argparse.Namespace) -> dict[str, Any]:
     n_base = min(args.causal_lm_baseline_docs, docs)
     texts = [pages[j % len(pages)]["text"] + f"\n[copy {j // len(pages)}]" for j in range(n_base)]  # rows 0.. of the table
     session = adapter.session(None)
-    seqs = adapter.sequences(texts)
-    widths = bucket_widths(np.array([len(x) for x in seqs]), adapter.max_width())
-    rows = max(adapter.batch_size, MIN_ROWS)
-    batches = []
-    for width in np.unique(widths):
-        group = np.flatnonzero(widths == width)
-        batches += [adapter.batch_feeds(session, [seqs[i] for i in group[s : s + rows]], int(width), rows)
-                    for s in range(0, len(group), rows)]
-    tokens = sum(len(x) for x in seqs)
+    batches = adapter_batches(adapter, texts, session, len(texts))
+    tokens = sum(len(x) for x in adapter.sequences(texts))
     out_name = session.get_outputs()[0].name
     session.run([out_name], batches[0])
     log(f"causal LM baseline: {n_base} documents in {len(batches)} batches ({tokens / n_base:.0f} tokens/doc); annotate: {docs}")

@@ -75,20 +75,14 @@ def export_decoder(model, path: Path, dtype: str, device: str) -> None:
 
 
 def adapter_batches(adapter, texts: list[str], session, window: int) -> list[dict]:
-    """The adapter's own model calls: its sequences, grouped by width within each ``window`` documents."""
-    import numpy as np
-
-    from quadmix_udfs.onnx_transformer import MIN_ROWS, bucket_widths
+    """The adapter's own model calls (:meth:`CausalLMScorer.plan`) over each ``window`` documents."""
+    from quadmix_udfs.onnx_transformer import MIN_ROWS
 
     rows = max(adapter.batch_size, MIN_ROWS)
     out = []
     for w in range(0, len(texts), window):
         seqs = adapter.sequences(texts[w : w + window])
-        widths = bucket_widths(np.array([len(x) for x in seqs]), adapter.max_width())
-        for width in np.unique(widths):
-            group = np.flatnonzero(widths == width)
-            out += [adapter.batch_feeds(session, [seqs[i] for i in group[s : s + rows]], int(width), rows)
-                    for s in range(0, len(group), rows)]
+        out += [adapter.batch_feeds(session, [seqs[i] for i in idx], width, rows) for idx, width in adapter.plan(seqs)]
     return out
 
 

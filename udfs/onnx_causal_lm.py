@@ -200,16 +200,15 @@ class CausalLMScorer:
 
     # ---- token ids
 
-    def _plain_ids(self, text: str) -> list[int]:
-        """``text``'s ids without special tokens and without truncation (prompt parts, answers, prefix)."""
-        tok, _ = load_tokenizer(self.tokenizer, 1 << 30)
-        return tok.encode(text, add_special_tokens=False).ids
+    def _plain_ids(self, text: str, special: bool = False) -> list[int]:
+        """``text``'s ids without truncation (prompt parts, answers), with the tokenizer's special tokens or not;
+        encoded once per worker and tokenizer file (these are asked for on every batch)."""
+        return list(_encode_once(*stamp(self.tokenizer), text, special))
 
     def prompt_parts(self) -> tuple[list[int], list[int]]:
         """askllm: ids of the prompt before ``{text}`` (with the tokenizer's special tokens) and after it."""
         before, after = self.effective_prompt().split("{text}")
-        tok, _ = load_tokenizer(self.tokenizer, 1 << 30)
-        return tok.encode(before, add_special_tokens=True).ids, self._plain_ids(after)
+        return self._plain_ids(before, special=True), self._plain_ids(after)
 
     def answer_ids(self) -> list[int]:
         """askllm: one token id per answer (an error if an answer is not exactly one token)."""
@@ -278,25 +277,29 @@ class CausalLMScorer:
                 scores[i] = out[i, :n].astype(np.float64).sum() / n if n > 0 else np.nan
         return scores
 
-    def run(self, seqs: list[list[int]], session=None) -> np.ndarray:
-        """The score of every sequence, each computed at a shape fixed by its length (module docstring)."""
-        session = session or self.session()
+    def plan(self, seqs: list[list[int]]) -> list[tuple[np.ndarray, int]]:
+        """The model calls for ``seqs``: (positions in ``seqs``, padded width) each, grouped by length bucket
+        (in input order within one), at most ``max(batch_size, 2)`` sequences a call."""
         lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
         widths = bucket_widths(lengths, self.max_width())
         order = np.lexsort((np.arange(len(seqs)), widths))
+        rows = max(self.batch_size, MIN_ROWS)
+        bounds = np.flatnonzero(np.diff(widths[order])) + 1
+        return [(group[start : start + rows], max(1, int(widths[group[0]])))
+                for group in (np.split(order, bounds) if len(order) else []) for start in range(0, len(group), rows)]
+
+    def run(self, seqs: list[list[int]], session=None) -> np.ndarray:
+        """The score of every sequence, each computed at a shape fixed by its length (module docstring)."""
+        session = session or self.session()
         out_name = session.get_outputs()[0].name
         rows = max(self.batch_size, MIN_ROWS)
         scores = np.full(len(seqs), np.nan)
-        bounds = np.flatnonzero(np.diff(widths[order])) + 1
-        for group in np.split(order, bounds) if len(order) else []:
-            width = max(1, int(widths[group[0]]))
-            for start in range(0, len(group), rows):
-                idx = group[start : start + rows]
-                batch = [seqs[i] for i in idx]
-                feeds = self.batch_feeds(session, batch, width, rows)
-                with trace.span("model", docs=len(idx), tokens=int(rows * width)):
-                    (out,) = session.run([out_name], feeds)
-                scores[idx] = self._row_scores(out, batch)
+        for idx, width in self.plan(seqs):
+            batch = [seqs[i] for i in idx]
+            feeds = self.batch_feeds(session, batch, width, rows)
+            with trace.span("model", docs=len(idx), tokens=int(rows * width)):
+                (out,) = session.run([out_name], feeds)
+            scores[idx] = self._row_scores(out, batch)
         return scores
 
     def score(self, texts: Sequence[str | None]) -> tuple[np.ndarray, None]:
@@ -351,3 +354,9 @@ def _logits_width(path: str, logits_name: str | None) -> int | None:
     name = logits_name or ("logits" if "logits" in outputs else graph.output[0].name)
     dims = outputs[name].type.tensor_type.shape.dim
     return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else None
+
+
+@lru_cache(maxsize=64)
+def _encode_once(local: str, _size: int, _mtime: int, text: str, special: bool) -> tuple[int, ...]:
+    tok, _ = load_tokenizer(local, 1 << 30)
+    return tuple(tok.encode(text, add_special_tokens=special).ids)
