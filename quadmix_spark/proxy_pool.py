@@ -3,7 +3,8 @@
 Every proxy of a search reads the same pool through its θ's index, so the text is tokenized once and
 never copied per θ. Layout of ``<storage.root>/proxy/pools/<pool key>/``::
 
-    shards/shard-00000.bin   packed uint16 token ids, documents concatenated (one Spark task each)
+    shards/shard-00000.bin   packed token ids (uint16; uint32 past 65,536 ids), documents concatenated,
+                             written as a stream of batches (memory holds one Arrow batch, not a shard)
     counts/shard-00000.npy   token frequencies of the shard (summed into token_counts.npy)
     offsets/                 Delta table: doc_id, doc_hash, domain, shard, offset, length
     docs/shard-00000.npz     the same per shard as arrays (doc_hash, offset, length, domain codes and names),
@@ -37,6 +38,7 @@ from quadmix_spark.config import QuadmixConfig, local_path
 from quadmix_spark.ingest import DOCUMENTS
 from quadmix_spark.kernel.copies import UNIFORM_SCALE as UNIFORM
 from quadmix_spark.storage import read_table, table_version, write_table
+from quadmix_spark.token_store import dtype_for_vocab
 
 FORMAT = "quadmix-token-pool/1"
 DOCS_DIR, DOCS_DONE = "docs", "docs.json"
@@ -96,29 +98,57 @@ def _eos_id(tok) -> int:
 
 
 def _write_shards(folder: str, tok_path: str, batch_size: int, vocab: int, fast: bool, batches):
-    """mapInPandas body: tokenize the documents of each shard in this partition and write the shard."""
-    from quadmix_spark.token_store import count_tokens, write_shard
+    """mapInPandas body: the partition's rows arrive sorted by (shard, doc_id); each Arrow batch is tokenized and
+    appended to its shard's file as it comes, so memory holds one batch (its text and ids), never a shard."""
+    from quadmix_spark.token_store import ShardWriter, dtype_for_vocab
     from quadmix_udfs.tokens import load_encoder
 
     encoder = load_encoder(tok_path, fast)
-    frames = [pdf for pdf in batches if len(pdf)]
-    if not frames:
-        return
-    pdf = pd.concat(frames, ignore_index=True).sort_values(["shard", "doc_id"], kind="stable")
-    for shard, part in pdf.groupby("shard", sort=True):
-        texts = part["text"].tolist()
-        arrays = [np.asarray(ids, dtype=np.uint32) for ids in encoder.encode_batch(texts, batch_size)]
-        name = f"shard-{int(shard):05d}"
-        offsets, lengths = write_shard(f"{folder}/shards/{name}.bin", arrays)
-        counts = count_tokens(arrays, vocab)
-        tmp = f"{folder}/counts/.{name}.{os.getpid()}.npy"
-        np.save(tmp, counts)
-        os.replace(tmp, f"{folder}/counts/{name}.npy")
-        yield pd.DataFrame({
-            "doc_id": part["doc_id"].to_numpy(), "doc_hash": part["doc_hash"].to_numpy(np.int64),
-            "domain": part["domain"].to_numpy(), "shard": np.int32(shard), "offset": offsets.astype(np.int64),
-            "length": lengths.astype(np.int32),
-        })
+    writer: ShardWriter | None = None
+    shard, written = -1, set()
+    try:
+        for pdf in batches:
+            if not len(pdf):
+                continue
+            shards = pdf["shard"].to_numpy(np.int64)
+            for lo, hi in _runs(shards):
+                if shards[lo] != shard:
+                    if writer is not None:
+                        _close_shard(folder, shard, writer)
+                        written.add(shard)
+                    shard = int(shards[lo])
+                    if shard in written:  # the rows are not sorted by shard: never rewrite a finished shard
+                        raise RuntimeError(f"pool shard {shard} came back after it was written")
+                    writer = ShardWriter(f"{folder}/shards/shard-{shard:05d}.bin", dtype_for_vocab(vocab), vocab)
+                part = pdf.iloc[lo:hi]
+                arrays = [np.asarray(ids, dtype=np.uint32) for ids in encoder.encode_batch(part["text"].tolist(), batch_size)]
+                offsets, lengths = writer.append(arrays)
+                yield pd.DataFrame({
+                    "doc_id": part["doc_id"].to_numpy(), "doc_hash": part["doc_hash"].to_numpy(np.int64),
+                    "domain": part["domain"].to_numpy(), "shard": np.int32(shard), "offset": offsets.astype(np.int64),
+                    "length": lengths.astype(np.int32),
+                })
+        if writer is not None:
+            _close_shard(folder, shard, writer)
+            writer = None
+    finally:
+        if writer is not None:  # an error: the unfinished shard leaves no file
+            writer.abort()
+
+
+def _runs(keys: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) of each run of equal consecutive keys."""
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return list(zip(starts.tolist(), np.r_[starts[1:], len(keys)].tolist()))
+
+
+def _close_shard(folder: str, shard: int, writer) -> None:
+    """The shard's file appears (atomically), then its token counts."""
+    writer.close()
+    name = f"shard-{shard:05d}"
+    tmp = f"{folder}/counts/.{name}.{os.getpid()}.npy"
+    np.save(tmp, writer.counts)
+    os.replace(tmp, f"{folder}/counts/{name}.npy")
 
 
 def _sum_counts(spark: SparkSession, folder: str, shards: int, vocab: int) -> np.ndarray:
@@ -163,14 +193,16 @@ def build_pool(spark: SparkSession, cfg: QuadmixConfig, domains: DataFrame, run_
     docs = docs.join(domains.select("doc_id", "domain"), "doc_id", "inner")
     docs = docs.withColumn("doc_hash", F.xxhash64("doc_id")).withColumn("shard", F.pmod(F.col("doc_hash"), F.lit(pc.shards)).cast("int"))
     body = functools.partial(_write_shards, folder, tok_path, pc.batch_size, vocab, cfg.ingest.fast_tokenizer)
-    offsets = faults.during(docs.repartition(pc.shards, "shard").mapInPandas(body, OFFSETS_SCHEMA), "proxy.pool.write")
+    # sorted inside each partition by Spark (which spills), so the writer streams one shard after another
+    ordered = docs.repartition(pc.shards, "shard").sortWithinPartitions("shard", "doc_id")
+    offsets = faults.during(ordered.mapInPandas(body, OFFSETS_SCHEMA), "proxy.pool.write")
     write_table(offsets, f"{folder}/offsets", mode="overwrite", metadata={"stage": "proxy-pool", "run_id": run_id, "pool": key})
 
     counts = _sum_counts(spark, folder, pc.shards, vocab)
     np.save(Path(folder) / "token_counts.npy", counts)
     stats = read_table(spark, f"{folder}/offsets").agg(F.count("*").alias("docs"), F.sum("length").alias("tokens")).first()
     meta = {
-        "format": FORMAT, "dtype": "uint16" if vocab < 65536 else "uint32", "eos_id": eos, "tokenizer_vocab": vocab,
+        "format": FORMAT, "dtype": dtype_for_vocab(vocab), "eos_id": eos, "tokenizer_vocab": vocab,
         "tokenizer": tok_path, "shards": [f"shard-{i:05d}.bin" for i in range(pc.shards)], "n_docs": int(stats["docs"]),
         "n_tokens": int(stats["tokens"] or 0), "documents_version": version, "fraction": pc.fraction, "seed": pc.seed,
     }

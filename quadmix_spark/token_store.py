@@ -73,14 +73,33 @@ def write_shard(path: str, token_arrays: list[np.ndarray], dtype: str = "uint16"
     task rewrites the same file with the same content.  Raises ``ValueError`` when an id does not fit
     ``dtype`` or is negative.
     """
-    dt = _np_dtype(dtype)
-    limit = np.iinfo(dt).max
-    lengths = np.fromiter((len(a) for a in token_arrays), dtype=np.int64, count=len(token_arrays))
-    offsets = np.zeros(len(token_arrays), dtype=np.int64)
-    if len(lengths) > 1:
-        np.cumsum(lengths[:-1], out=offsets[1:])
+    with ShardWriter(path, dtype) as writer:
+        return writer.append(token_arrays)
 
-    def write(f) -> None:
+
+class ShardWriter:
+    """One shard written as its documents come: ``append`` writes a batch of token arrays at once (memory holds
+    one batch, never the shard) and returns their (offsets, lengths); the file appears, atomically, when the
+    ``with`` block ends without an error or at ``close()`` (a temporary file in the same folder, then
+    ``os.replace``); an error or ``abort()`` leaves nothing behind. With ``vocab``, ``counts`` is the frequency of every id 0 .. vocab-1."""
+
+    def __init__(self, path: str | Path, dtype: str = "uint16", vocab: int | None = None):
+        self.path = Path(path)
+        self.dtype = _np_dtype(dtype)
+        self.dtype_name = str(dtype)
+        self.tokens = 0
+        self.counts = np.zeros(vocab, dtype=np.int64) if vocab else None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._file = os.fdopen(fd, "wb")
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def append(self, token_arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        limit = np.iinfo(self.dtype).max
+        lengths = np.fromiter((len(a) for a in token_arrays), dtype=np.int64, count=len(token_arrays))
+        offsets = self.tokens + np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64) if len(lengths) else np.zeros(0, np.int64)
         for a in token_arrays:
             arr = np.asarray(a)
             if arr.size == 0:
@@ -88,11 +107,32 @@ def write_shard(path: str, token_arrays: list[np.ndarray], dtype: str = "uint16"
             if arr.ndim != 1 or arr.dtype.kind not in "iu":
                 raise ValueError(f"token arrays must be 1-D integer arrays, got {arr.dtype} with shape {arr.shape}")
             if arr.min() < 0 or arr.max() > limit:
-                raise ValueError(f"token id out of range for {dtype}: [{arr.min()}, {arr.max()}]")
-            f.write(arr.astype(dt, copy=False).tobytes())
+                raise ValueError(f"token id out of range for {self.dtype_name}: [{arr.min()}, {arr.max()}]")
+            if self.counts is not None:
+                if arr.max() >= len(self.counts):
+                    raise ValueError(f"token id out of range [0, {len(self.counts)}): [{arr.min()}, {arr.max()}]")
+                self.counts += np.bincount(arr.astype(np.int64, copy=False), minlength=len(self.counts))
+            self._file.write(arr.astype(self.dtype, copy=False).tobytes())
+        self.tokens += int(lengths.sum())
+        return offsets, lengths
 
-    _atomic_write_bytes(Path(path), write)
-    return offsets, lengths
+    def close(self) -> None:
+        """The file is complete: it appears under its name."""
+        with self._file:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop what was written: no file appears."""
+        self._file.close()
+        try:
+            os.unlink(self._tmp)
+        except OSError:
+            pass
+
+    def __exit__(self, kind, error, tb) -> None:
+        self.close() if kind is None else self.abort()
 
 
 def write_meta(dir: str, meta: dict[str, Any]) -> None:
