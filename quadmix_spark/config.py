@@ -113,6 +113,8 @@ class SamplingConfig(_Section):
     export_shards: int = Field(8, gt=0)
     baseline_fraction: float = Field(0.1, gt=0, le=1, description="token share kept by the top-k/random baselines")
     broadcast_copies_rows: int = Field(2_000_000, ge=0, description="broadcast up to this many copies in the join with text")
+    theta_chunk: int = Field(64, gt=0, description="θ ranked together by `sample --params-set` and `proxy`: memory per task "
+                             "and on the driver grows with chunk × domains × coarse_bins, not with the number of θ")
 
 
 class QuadmixConfig(_Section):

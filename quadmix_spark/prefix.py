@@ -199,8 +199,7 @@ def cell_cumulative(
     cell: str,
     value: str,
     weight: str,
-    cells: np.ndarray,
-    cell_base: np.ndarray,
+    known,
     cuts: np.ndarray,
     n_partitions: int | None = None,
     finish=None,
@@ -210,8 +209,8 @@ def cell_cumulative(
     whose ``value`` is <= this row's (ties inclusive).
 
     The cells (integers, e.g. a (group, histogram bin) index, ordered so that a group's cells follow its
-    values) and the weight before each of them are known in advance (``cells`` sorted, ``cell_base``
-    aligned), so no pass is needed to find bounds or offsets: runs of whole cells (``cuts``: the first cell
+    values) and the weight before each of them are known in advance (``known`` = (cells sorted, cell_base
+    aligned), int64 arrays, or a broadcast of that pair when they are large), so no pass is needed to find bounds or offsets: runs of whole cells (``cuts``: the first cell
     of each run, from :func:`balanced_cuts`) go to partitions round-robin, each is sorted by (cell, value)
     and summed in one ``mapInPandas``. Every row's cell must be in ``cells``. Integer weights: exact, and
     independent of the partitioning. ``finish`` (pandas -> pandas, with ``out_schema``) post-processes each
@@ -219,8 +218,6 @@ def cell_cumulative(
     """
     spark = df.sparkSession
     parts = n_partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
-    cells = np.asarray(cells, dtype=np.int64)
-    cell_base = np.asarray(cell_base, dtype=np.int64)
     cuts = np.asarray(cuts, dtype=np.int64)
     # the run index of a cell, in SQL: how many cuts are <= cell, minus one
     run_col = F.size(F.filter(F.array(*[F.lit(int(c)) for c in cuts]), lambda x: x <= F.col(cell))) - 1
@@ -229,6 +226,7 @@ def cell_cumulative(
         out_schema = T.StructType(list(df.schema.fields) + [T.StructField("cum_weight", T.LongType())])
 
     def add_cumulative(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        cells, cell_base = (np.asarray(a, dtype=np.int64) for a in (known.value if hasattr(known, "value") else known))
         carry: tuple[int, int] | None = None  # (cell, weight so far) of the cell that ended the last batch
         for done in _tie_complete(batches, cell, value):
             out, carry = _cumulate_cells(done, cell, value, weight, cells, cell_base, carry)

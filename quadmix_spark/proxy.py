@@ -309,20 +309,26 @@ def build_ngram_index(pool_dir: str, vocab_size: int, order: int) -> None:
 
 
 def execute(spark: SparkSession, cfg: QuadmixConfig, tasks: list[ProxyTask], env: TaskEnv) -> list[ProxyOutcome]:
-    """Train every task: one Spark task each (one partition per task), or in this process."""
+    """Train every task: one Spark task each (one partition per task), ``proxy.submit_chunk`` tasks per Spark
+    job (a job's outcomes are collected before the next is submitted), or in this process."""
     if not tasks:
         return []
     if cfg.proxy.model.kind == "ngram":
         build_ngram_index(env.pool_dir, cfg.proxy.model.vocab_size, cfg.proxy.model.order)
     if cfg.proxy.mode == "local":
         return [train_one(t, env) for t in tasks]
-    rdd = spark.sparkContext.parallelize(tasks, len(tasks))
     profile, _why = task_profile(spark, cfg)
-    if profile is not None:
-        rdd = rdd.withResources(profile)
-    spark.sparkContext.setJobDescription(f"quadmix proxy: {len(tasks)} proxies")
-    rows = rdd.mapPartitions(lambda it: _train_partition(env, it)).collect()
-    return [ProxyOutcome(**r) for r in rows]
+    size = cfg.proxy.submit_chunk
+    outcomes: list[ProxyOutcome] = []
+    for lo in range(0, len(tasks), size):
+        chunk = tasks[lo:lo + size]
+        rdd = spark.sparkContext.parallelize(chunk, len(chunk))
+        if profile is not None:
+            rdd = rdd.withResources(profile)
+        spark.sparkContext.setJobDescription(
+            f"quadmix proxy: proxies {lo + 1}-{lo + len(chunk)} of {len(tasks)}")
+        outcomes += [ProxyOutcome(**r) for r in rdd.mapPartitions(lambda it: _train_partition(env, it)).collect()]
+    return outcomes
 
 
 def ensure_eval_set(cfg: QuadmixConfig, pool: Pool, part: str = "search") -> str:

@@ -95,6 +95,15 @@ class ThetaStack:
     def k(self) -> int:
         return self.alpha.shape[0]
 
+    def chunks(self, size: int) -> Iterator[ThetaStack]:
+        """The stack cut into consecutive stacks of at most ``size`` θ (same order, same keys)."""
+        if size <= 0:
+            raise ValueError(f"a θ chunk holds at least one θ (got {size})")
+        for lo in range(0, self.k, size):
+            hi = lo + size
+            yield replace(self, alpha=self.alpha[lo:hi], lam=self.lam[lo:hi], omega=self.omega[lo:hi],
+                          eta=self.eta[lo:hi], eps=self.eps[lo:hi], keys=self.keys[lo:hi], ids=self.ids[lo:hi])
+
 
 @dataclass(frozen=True)
 class RankSettings:
@@ -228,12 +237,13 @@ SPLIT_SCHEMA = T.StructType(
 
 
 def _split_rows(
-    stack: ThetaStack, knots: list[Knots], s: RankSettings, bstar: np.ndarray, lookup: tuple | None, keep_all: bool,
-    batches: Iterator[pd.DataFrame],
+    stack: ThetaStack, knots: list[Knots], s: RankSettings, shared, keep_all: bool, batches: Iterator[pd.DataFrame],
 ) -> Iterator[pd.DataFrame]:
     """The pandas pass B (any K): σ, q̄ and bins per θ; region rows carry their cell and q̄ for the sort, the
-    rest get S = ε and their copies (and, with ``lookup`` = (mass before, mass, total), an interpolated r̄)."""
+    rest get S = ε and their copies (and, with ``lookup`` = (mass before, mass, total), an interpolated r̄).
+    ``shared`` is a broadcast of (b* (K, M), lookup | None)."""
     method, B, M = knots[0].method, s.coarse_bins, len(stack.domains)
+    bstar, lookup = shared.value
     before, mass, total = lookup if lookup is not None else (None, None, None)
     for pdf in batches:
         sig, d = _sigma(pdf, knots), pdf["domain_idx"].to_numpy(np.int64)
@@ -313,6 +323,12 @@ def rank_and_sample(
     prepared = prepare(annotations, list(stack.domains), criteria)
     on_jvm = ranking_sql.supported(stack.k, knots)  # one θ: both passes in SQL, same numbers
     cached: list[DataFrame] = []
+    shipped: list = []  # broadcasts: constant arrays read by every task go once per executor, not in each closure
+
+    def broadcast(value):
+        shipped.append(annotations.sparkSession.sparkContext.broadcast(value))
+        return shipped[-1]
+
     try:
         if on_jvm:
             # computed once on the JVM and cached (narrow: ids, q̄, bin): read by pass A and by both branches
@@ -342,17 +358,20 @@ def rank_and_sample(
             rest = ranking_sql.rest_rows(binned, in_region, stack.eps[0], int(stack.keys[0]), s.seed, B, first, keep_all)
         else:
             # one evaluation, read twice (measured: cheaper than evaluating the split for each branch)
-            split = functools.partial(_split_rows, stack, knots, s, bstar, lookup, keep_all)
+            split = functools.partial(_split_rows, stack, knots, s, broadcast((bstar, lookup)), keep_all)
             split_rows = prepared.mapInPandas(split, SPLIT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
             cached.append(split_rows)
             region = split_rows.where(F.col("rank_exact")).select("theta_idx", "doc_id", "domain_idx", "n_tokens", "cell", "qbar", "doc_hash")
             rest = split_rows.where(~F.col("rank_exact")).select(*RANKED_SCHEMA.names)
         finish = functools.partial(_finish_region, stack, s, domain_total, keep_all)
-        ranked = cell_cumulative(region, "cell", "qbar", "n_tokens", cells, cell_base, cuts, parts, finish=finish, out_schema=RANKED_SCHEMA)
+        ranked = cell_cumulative(region, "cell", "qbar", "n_tokens", broadcast((cells, cell_base)), cuts, parts,
+                                 finish=finish, out_schema=RANKED_SCHEMA)
         yield ranked.unionByName(rest)
     finally:
         for frame in cached:
             frame.unpersist()
+        for b in shipped:
+            b.unpersist()
 
 
 @contextmanager

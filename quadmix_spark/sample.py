@@ -14,8 +14,8 @@ Tables (each run is a slice, replaced as a whole, so a rerun gives the same tabl
   layout (:mod:`quadmix_spark.token_export`).
 
 Many θ at once (``sample_many``): ``proxy_index`` (theta_id, doc_id, domain, n_tokens, S, copies; rows
-with copies > 0) and ``proxy_theta_tokens`` (theta_id, realized/unique/expected tokens) in the fixed
-passes of :mod:`quadmix_spark.ranking`, whatever the number of θ.
+with copies > 0) and ``proxy_theta_tokens`` (theta_id, realized/unique/expected tokens): chunks of
+``sampling.theta_chunk`` θ, each in the fixed two passes of :mod:`quadmix_spark.ranking`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -34,7 +35,7 @@ from quadmix_spark.ingest import DOCUMENTS
 from quadmix_spark.kernel.copies import UNIFORM_SCALE as UNIFORM
 from quadmix_spark.kernel.sampling_fn import expected_from_rank_knots
 from quadmix_spark.kernel.theta import Theta
-from quadmix_spark.normalize import SCORE_KNOTS, criteria_of, load_knots
+from quadmix_spark.normalize import SCORE_KNOTS, SCORE_PREFIX, criteria_of, load_knots
 from quadmix_spark.prefilter import keep_passing
 from quadmix_spark.prefix import by_labels
 from quadmix_spark.ranking_sql import realized_copies
@@ -510,7 +511,13 @@ class ManyResult:
 
 def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta], run_id: str | None = None,
                     where: F.Column | None = None) -> ManyResult:
-    """K θ in one job: ``proxy_index`` and ``proxy_theta_tokens`` in a fixed number of passes.
+    """K θ: ``proxy_index`` and ``proxy_theta_tokens``, in chunks of ``sampling.theta_chunk`` θ.
+
+    Each chunk is ranked in the fixed two passes of :func:`rank_and_sample` and its slice of ``proxy_index``
+    replaced in one commit, so no task or driver structure grows with K beyond a chunk (the histogram is
+    chunk × domains × coarse_bins) while the cost per θ stays that of one chunk. Every θ's rows are the same
+    whatever the chunk size (a θ's copies depend on its own key only). The narrow annotations are cached
+    while more than one chunk reads them.
 
     ``where`` restricts the documents to the proxy pool (see :func:`load_inputs`)."""
     inp = load_inputs(spark, cfg, where)
@@ -518,16 +525,28 @@ def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta]
     stack = ThetaStack.of(thetas, domains, inp.criteria)
     if len(set(stack.ids)) != len(stack.ids):
         raise ValueError("the parameter set holds the same θ twice")
-    ids = F.array(*[F.lit(i) for i in stack.ids])
-    meta = {"stage": "sample-many", "run_id": run_id, "annotations_version": inp.annotations_version, "n_theta": stack.k}
-    predicate = "theta_id IN (" + ", ".join(f"'{i}'" for i in stack.ids) + ")"
+    size = cfg.sampling.theta_chunk
+    n_chunks = -(-stack.k // size)
     index_table = cfg.storage.table(PROXY_INDEX)
-    with narrow_batches(spark), rank_and_sample(inp.annotations, stack, inp.knots, settings(cfg), keep_all=False) as ranked:
-        index = _with_domain_names(ranked, domains).select(
-            F.element_at(ids, F.col("theta_idx") + 1).alias("theta_id"), "doc_id", "domain", "n_tokens", "S", "copies"
-        )
-        _replace_slice(faults.during(index, "sample-many.index.write"), index_table, predicate, meta)
+    annotations = inp.annotations.select("doc_id", "domain", "n_tokens", *[SCORE_PREFIX + c for c in inp.criteria])
+    if n_chunks > 1:
+        annotations = annotations.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        for i, chunk in enumerate(stack.chunks(size)):
+            ids = F.array(*[F.lit(t) for t in chunk.ids])
+            meta = {"stage": "sample-many", "run_id": run_id, "annotations_version": inp.annotations_version,
+                    "n_theta": stack.k, "chunk": f"{i + 1}/{n_chunks}"}
+            spark.sparkContext.setJobDescription(f"quadmix sample-many: θ chunk {i + 1}/{n_chunks} ({chunk.k} θ)")
+            with narrow_batches(spark), rank_and_sample(annotations, chunk, inp.knots, settings(cfg), keep_all=False) as ranked:
+                index = _with_domain_names(ranked, domains).select(
+                    F.element_at(ids, F.col("theta_idx") + 1).alias("theta_id"), "doc_id", "domain", "n_tokens", "S", "copies"
+                )
+                _replace_slice(faults.during(index, "sample-many.index.write"), index_table, _theta_predicate(chunk.ids), meta)
+    finally:
+        if n_chunks > 1:
+            annotations.unpersist()
     faults.point("sample-many.index.committed")
+    predicate = _theta_predicate(stack.ids)
     index = read_table(spark, index_table).where(F.expr(predicate))
     tokens = index.groupBy("theta_id").agg(
         F.sum(F.col("copies") * F.col("n_tokens")).alias("realized_tokens"), F.sum("n_tokens").alias("unique_tokens"),
@@ -536,8 +555,13 @@ def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta]
     tokens = pd.DataFrame({"theta_id": list(stack.ids)}).merge(tokens, on="theta_id", how="left").fillna(0)
     tokens[["realized_tokens", "unique_tokens", "selected_docs"]] = tokens[["realized_tokens", "unique_tokens", "selected_docs"]].astype("int64")
     tokens_table = cfg.storage.table(PROXY_THETA_TOKENS)
+    meta = {"stage": "sample-many", "run_id": run_id, "annotations_version": inp.annotations_version, "n_theta": stack.k}
     _replace_slice(spark.createDataFrame(tokens), tokens_table, predicate, meta)
     return ManyResult(list(stack.ids), tokens)
+
+
+def _theta_predicate(ids) -> str:
+    return "theta_id IN (" + ", ".join(f"'{i}'" for i in ids) + ")"
 
 
 def run_baseline_index(spark: SparkSession, cfg: QuadmixConfig, kinds: list[str], where: F.Column | None = None,

@@ -138,6 +138,8 @@ class ProxyConfig(Section):
     train: ProxyTrainConfig = Field(default_factory=ProxyTrainConfig)
     target: TargetConfig = Field(default_factory=TargetConfig)
     mode: Literal["spark", "local"] = Field("spark", description="one Spark task per θ, or in the driver process")
+    submit_chunk: int = Field(256, gt=0, description="proxies per Spark job: thousands of θ go as several jobs, so "
+                              "the driver holds one job's tasks and outcomes at a time")
     gpus_per_task: float = Field(0.0, ge=0, description="GPUs requested per proxy task (fractions pack several)")
     cpus_per_task: int = Field(1, gt=0, description="CPU cores per proxy task (torch threads)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the task's GPU if any, else CPU")

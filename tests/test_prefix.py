@@ -65,9 +65,10 @@ def test_cell_cumulative_matches_the_kernel_for_any_partitioning_and_batching(sp
     old = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "37")  # tie groups and cells straddle batches
     try:
-        for parts, runs in ((1, 1), (7, 5), (4, 40)):
+        shipped = spark.sparkContext.broadcast((cells, before_in_group[cells]))
+        for parts, runs, known in ((1, 1, (cells, before_in_group[cells])), (7, 5, shipped), (4, 40, shipped)):
             cuts = cells[balanced_cuts(mass[cells], runs)]
-            ranked = cell_cumulative(df, "c", "v", "w", cells, before_in_group[cells], cuts, n_partitions=parts)
+            ranked = cell_cumulative(df, "c", "v", "w", known, cuts, n_partitions=parts)
             got = {r.id: r.cum_weight for r in ranked.select("id", "cum_weight").collect()}
             assert np.allclose(np.array([got[i] for i in range(n)], dtype=np.float64), expected, rtol=0, atol=1e-6)
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from pyspark.sql import functions as F
@@ -164,6 +166,43 @@ def test_many_thetas_equal_single_theta_selections(spark, corpus):
         assert got == want
         realized = many.tokens.set_index("theta_id").loc[t.theta_id, "realized_tokens"]
         assert realized == int((copies * data["tokens"]).sum())
+
+
+def test_many_thetas_in_chunks_give_the_same_index_with_memory_of_one_chunk(spark, corpus, monkeypatch):
+    """``sampling.theta_chunk``: 5 θ ranked in chunks of 2 give the same ``proxy_index`` rows and tokens as in one
+    chunk, and no histogram (the structure that grows with θ × domains × bins) holds more than a chunk."""
+    from quadmix_spark import ranking
+
+    cfg, _ = corpus
+    inp = load_inputs(spark, cfg)
+    thetas = [a_theta(inp.domains, seed=s) for s in range(41, 46)]
+    ids = [t.theta_id for t in thetas]
+
+    def index_rows():
+        return sorted(read_table(spark, cfg.storage.table("proxy_index")).where(F.col("theta_id").isin(ids)).collect())
+
+    seen: list[int] = []
+    real = ranking.coarse_histograms
+
+    def spy(prepared, stack, *args):
+        hist = real(prepared, stack, *args)
+        seen.append(hist.mass.shape[0])
+        return hist
+
+    monkeypatch.setattr(ranking, "coarse_histograms", spy)
+    whole = run_sample_many(spark, cfg, thetas)
+    one_chunk = index_rows()
+    assert seen == [5]
+    chunked_cfg = cfg.model_copy(deep=True)
+    chunked_cfg.sampling.theta_chunk = 2
+    seen.clear()
+    chunked = run_sample_many(spark, chunked_cfg, thetas)
+    assert seen == [2, 2]  # the last chunk holds one θ: the SQL passes of ranking_sql, the same numbers
+    assert index_rows() == one_chunk and len(one_chunk) > 0
+    assert chunked.tokens.equals(whole.tokens)
+    versions = read_table(spark, cfg.storage.table("proxy_index")).sparkSession.sql(
+        f"DESCRIBE HISTORY delta.`{cfg.storage.table('proxy_index')}`").limit(3).collect()
+    assert [json.loads(v.userMetadata)["chunk"] for v in versions] == ["3/3", "2/3", "1/3"]
 
 
 def test_baselines_select_by_sigma(spark, corpus):
