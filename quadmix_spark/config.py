@@ -85,6 +85,8 @@ class IngestConfig(_Section):
     fast_tokenizer: bool = Field(True, description="count and encode byte-level BPE files with the exact fast path "
                                  "(quadmix_udfs.bpe_fast; the same ids as tokenizers); false = tokenizers everywhere")
     source_name: str | None = Field(None, description="value of the `source` column; default = input file path")
+    broadcast_rejects_rows: int = Field(200_000, ge=0, description="id-rule rejections (duplicates, conflicts) applied to "
+                                        "the rows by broadcast up to this many (the text never moves), else by a join")
 
     @field_validator("input", mode="before")
     @classmethod

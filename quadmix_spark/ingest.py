@@ -14,7 +14,9 @@ Contract
   ``txnAppId``/``txnVersion``, so a retried batch never appends twice.
 - Duplicates: the same id with the same text is kept once (the others are rejected as ``duplicate``); the
   same id with different texts is ambiguous, so every row of that id is rejected as ``id_conflict``.
-  Both rules also hold against documents ingested by earlier batches.
+  Both rules also hold against documents ingested by earlier batches. They run on narrow rows (row id,
+  doc_id, text hash, file, row hash, metadata): no shuffle carries a document's text; their rejections go
+  back to the rows by a broadcast join (a shuffle join past ``ingest.broadcast_rejects_rows``).
 """
 
 from __future__ import annotations
@@ -142,52 +144,66 @@ def assign_doc_ids(rows: DataFrame, id_column: str | None) -> DataFrame:
     return sha.withColumns({"text_hash": F.when(usable, F.col("_sha")), "doc_id": F.substring(F.col("_sha"), 1, 32)}).drop("_sha")
 
 
-def mark_duplicates(rows: DataFrame, existing: DataFrame | None, conflicted: DataFrame | None = None) -> DataFrame:
-    """Reject repeated ids among usable rows, against ``existing`` (doc_id, text_hash, source) documents and
-    against ``conflicted`` (doc_id): ids an earlier batch rejected as ``id_conflict`` stay untrusted.
+ROW_ID = "_rid"
 
-    The kept copy of an exact duplicate is the first by (source, row hash): deterministic whatever the
-    partitioning. Usable rows are grouped by ``doc_id``; rejected rows, which take no part in the ranking, by
-    a hash of their file and content, so they do not all land in one task.
+
+def duplicate_decisions(usable: DataFrame, existing: DataFrame | None, conflicted: DataFrame | None = None) -> DataFrame:
+    """(``_rid``, ``_dup_reason``, ``_dup_detail``) for the usable rows the id rules reject: repeated ids among
+    ``usable``, against ``existing`` (doc_id, text_hash, source) documents and against ``conflicted`` (doc_id):
+    ids an earlier batch rejected as ``id_conflict`` stay untrusted.
+
+    ``usable`` holds narrow rows only (``_rid``, doc_id, text_hash, unit, raw_hash, meta_json): the grouping by
+    ``doc_id`` shuffles no text. The kept copy of an exact duplicate is the first by (source, row hash,
+    metadata): deterministic whatever the partitioning (rows equal in all of these are interchangeable: the one
+    kept gives the same document).
     """
-    usable = F.col("reason").isNull()
-    spread = F.xxhash64("unit", "raw_hash", "text", "id").cast("string")
-    rows = rows.withColumns({"_usable": usable, "_group": F.when(usable, F.col("doc_id")).otherwise(spread)})
-    w = Window.partitionBy("_usable", "_group")
-    ordered = w.orderBy("unit", "raw_hash", F.to_json("meta"))
-    conflict = F.min("text_hash").over(w) != F.max("text_hash").over(w)
-    first_source = F.first("unit").over(ordered.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing))
-    out = rows.withColumn("_n", F.when(usable, F.row_number().over(ordered)))
-    out = out.withColumn("_conflict", F.when(usable, conflict)).withColumn("_first", F.when(usable, first_source))
+    w = Window.partitionBy("doc_id")
+    ordered = w.orderBy("unit", "raw_hash", "meta_json")
+    out = usable.withColumns({
+        "_n": F.row_number().over(ordered),
+        "_conflict": F.min("text_hash").over(w) != F.max("text_hash").over(w),
+        "_first": F.first("unit").over(ordered.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)),
+    })
     if existing is not None:
-        prior = existing.select(
-            "doc_id", F.col("text_hash").alias("_prior_hash"), F.col("source").alias("_prior_source")
-        )
+        prior = existing.select("doc_id", F.col("text_hash").alias("_prior_hash"), F.col("source").alias("_prior_source"))
         out = out.join(prior, on="doc_id", how="left")
     else:
-        out = out.withColumn("_prior_hash", F.lit(None).cast("string")).withColumn("_prior_source", F.lit(None).cast("string"))
+        out = out.withColumns({"_prior_hash": F.lit(None).cast("string"), "_prior_source": F.lit(None).cast("string")})
     if conflicted is not None:
         out = out.join(conflicted.select("doc_id", F.lit(True).alias("_was_conflict")).distinct(), on="doc_id", how="left")
     else:
         out = out.withColumn("_was_conflict", F.lit(None).cast("boolean"))
     rules = [  # the first that holds gives the reason
-        (usable & F.col("_conflict"), "id_conflict", F.format_string("id %s has different texts in this input", F.col("doc_id"))),
-        (usable & F.col("_prior_hash").isNotNull() & (F.col("_prior_hash") != F.col("text_hash")), "id_conflict",
+        (F.col("_conflict"), "id_conflict", F.format_string("id %s has different texts in this input", F.col("doc_id"))),
+        (F.col("_prior_hash").isNotNull() & (F.col("_prior_hash") != F.col("text_hash")), "id_conflict",
          F.format_string("id %s already ingested from %s with a different text", F.col("doc_id"), F.col("_prior_source"))),
-        (usable & F.col("_prior_hash").isNotNull(), "duplicate",
-         F.format_string("already ingested from %s", F.col("_prior_source"))),
-        (usable & F.col("_was_conflict").isNotNull(), "id_conflict",
+        (F.col("_prior_hash").isNotNull(), "duplicate", F.format_string("already ingested from %s", F.col("_prior_source"))),
+        (F.col("_was_conflict").isNotNull(), "id_conflict",
          F.format_string("id %s was rejected as id_conflict by an earlier input", F.col("doc_id"))),
-        (usable & (F.col("_n") > 1), "duplicate", F.format_string("same id and text as a row of %s", F.col("_first"))),
+        (F.col("_n") > 1, "duplicate", F.format_string("same id and text as a row of %s", F.col("_first"))),
     ]
-    reason, detail = F.col("reason"), F.col("detail")
+    reason, detail = F.lit(None).cast("string"), F.lit(None).cast("string")
     for cond, r, d in reversed(rules):
         reason = F.when(cond, F.lit(r)).otherwise(reason)
         detail = F.when(cond, d).otherwise(detail)
-    # both from the same input row: ``detail``'s conditions read the ``reason`` that ``reason`` replaces
-    return out.withColumns({"reason": reason, "detail": detail}).drop(
-        "_usable", "_group", "_n", "_conflict", "_first", "_prior_hash", "_prior_source", "_was_conflict"
-    )
+    return out.select(ROW_ID, reason.alias("_dup_reason"), detail.alias("_dup_detail")).where(F.col("_dup_reason").isNotNull())
+
+
+def narrow_usable(rows: DataFrame) -> DataFrame:
+    """The columns of the usable rows that :func:`duplicate_decisions` reads (no text)."""
+    return rows.where(F.col("reason").isNull()).select(ROW_ID, "doc_id", "text_hash", "unit", "raw_hash",
+                                                       F.to_json("meta").alias("meta_json"))
+
+
+def apply_decisions(rows: DataFrame, decisions: DataFrame, broadcast: bool) -> DataFrame:
+    """``rows`` with the rejections of :func:`duplicate_decisions` in ``reason``/``detail``, joined by row id: by
+    broadcast when the decisions are few (the rows, with their text, stay where they are), else by a shuffle."""
+    joined = rows.join(F.broadcast(decisions) if broadcast else decisions, on=ROW_ID, how="left")
+    rejected = F.col("_dup_reason").isNotNull()
+    return joined.withColumns({
+        "reason": F.when(rejected, F.col("_dup_reason")).otherwise(F.col("reason")),
+        "detail": F.when(rejected, F.col("_dup_detail")).otherwise(F.col("detail")),
+    }).drop("_dup_reason", "_dup_detail", ROW_ID)
 
 
 def documents_frame(staged: DataFrame, batch_id: str) -> DataFrame:
@@ -270,8 +286,10 @@ def reading_settings(cfg: QuadmixConfig) -> str:
     return hashlib.sha256(repr(keys).encode()).hexdigest()[:8]
 
 
-def stage_batch(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: list[InputFile], batch_id: str) -> DataFrame:
-    """Read, check, de-duplicate and token-count one batch of input units; one row per input record."""
+def stage_batch(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: list[InputFile]) -> DataFrame:
+    """Read, check and token-count one batch of input units; one row per input record, with a row id
+    (``_rid``) for :func:`apply_decisions`. The tokens of a usable row are counted before the id rules run (a
+    duplicate's count is dropped with it)."""
     ic = cfg.ingest
     if fmt == "jsonl":
         rows = read_jsonl(spark, [u.path for u in units], ic.text_column, ic.id_column, ic.metadata_columns, ic.json_schema, ic.invalid_utf8)
@@ -279,8 +297,19 @@ def stage_batch(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: list[I
         rows = read_table_input(spark, fmt, units, ic.text_column, ic.id_column, ic.metadata_columns)
     rows = rows.withColumn("source", F.lit(ic.source_name) if ic.source_name else F.col("unit"))
     rows = assign_doc_ids(classify_rows(rows, ic.max_chars, ic.id_column), ic.id_column)
-    docs_table = cfg.storage.table(DOCUMENTS)
+
+    from quadmix_udfs.tokens import token_count_column
+
+    text_to_count = F.when(F.col("reason").isNull(), F.col("text"))
+    rows = rows.withColumn("n_tokens", token_count_column(text_to_count, local_path(ic.tokenizer), ic.batch_size, ic.fast_tokenizer))
+    # unique within the batch; read once, from the persisted rows (see stage_and_write), so it is stable
+    return rows.withColumn(ROW_ID, F.monotonically_increasing_id())
+
+
+def prior_ids(spark: SparkSession, cfg: QuadmixConfig, batch_id: str) -> tuple[DataFrame | None, DataFrame | None]:
+    """(documents of earlier batches, ids earlier batches rejected as id_conflict), or None where no table yet."""
     existing = conflicted = None
+    docs_table = cfg.storage.table(DOCUMENTS)
     if table_exists(spark, docs_table):
         existing = read_table(spark, docs_table).where(F.col("ingest_batch") != batch_id)
     rejects_table = cfg.storage.table(REJECTS)
@@ -288,12 +317,7 @@ def stage_batch(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: list[I
         conflicted = read_table(spark, rejects_table).where(
             (F.col("reason") == "id_conflict") & (F.col("ingest_batch") != batch_id) & F.col("doc_id").isNotNull()
         )
-    rows = mark_duplicates(rows, existing, conflicted)
-
-    from quadmix_udfs.tokens import token_count_column
-
-    text_to_count = F.when(F.col("reason").isNull(), F.col("text"))
-    return rows.withColumn("n_tokens", token_count_column(text_to_count, local_path(ic.tokenizer), ic.batch_size, ic.fast_tokenizer))
+    return existing, conflicted
 
 
 def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = None) -> IngestReport:
@@ -342,9 +366,17 @@ def stage_and_write(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: li
                     report: IngestReport, meta: dict, txn: tuple[str, int]) -> dict[str, Row]:
     """Stage ``units``, append their documents and rejects, fill ``report``'s counts; per-file statistics
     (rows, documents, blank lines, the content digest's hash sum) keyed by canonical path."""
-    staged = stage_batch(spark, cfg, fmt, units, batch_id).persist(StorageLevel.MEMORY_AND_DISK)
+    rows = stage_batch(spark, cfg, fmt, units).persist(StorageLevel.MEMORY_AND_DISK)
+    cached = [rows]
     try:
         try:
+            decisions = duplicate_decisions(narrow_usable(rows), *prior_ids(spark, cfg, batch_id)).persist(StorageLevel.MEMORY_AND_DISK)
+            cached.append(decisions)
+            few = decisions.count() <= cfg.ingest.broadcast_rejects_rows
+            staged = apply_decisions(rows, decisions, broadcast=few)
+            if not few:  # a shuffle join: done once, not for each of the reads below
+                staged = staged.persist(StorageLevel.MEMORY_AND_DISK)
+                cached.append(staged)
             counts = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
         except Exception as e:  # a file that breaks while read (e.g. a truncated gzip with a configured schema)
             named = failed_file(e)
@@ -370,7 +402,8 @@ def stage_and_write(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: li
             ).collect()
         }
     finally:
-        staged.unpersist()
+        for frame in cached:
+            frame.unpersist()
 
 
 def check_tokenizer(path: str, fast: bool = True) -> str:

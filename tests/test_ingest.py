@@ -285,3 +285,28 @@ def test_robustness_crawl_counts_add_up_and_tokens_are_real(spark, cfg_factory):
     for row in docs.orderBy("doc_id").limit(20).collect():
         assert row.n_tokens == len(tok.encode(row.text, add_special_tokens=False).ids)
         assert row.n_chars == len(row.text)
+
+
+@pytest.mark.parametrize("broadcast_rows", [200_000, 0])
+def test_duplicate_detection_moves_no_text(spark, cfg_factory, tmp_path, broadcast_rows):
+    """The id rules run on narrow rows: with the rejections joined back by broadcast, ingest shuffles a small
+    fraction of the text it reads (the window over whole rows shuffled all of it); by a shuffle join (past
+    ``ingest.broadcast_rejects_rows``) the same tables come out. Identical lines in one file keep exactly one."""
+    from bench.bench_scale import stage_shuffle_bytes
+
+    pages = [{"id": f"p{i}", "text": f"page {i} " + "lorem ipsum dolor sit amet " * 400} for i in range(120)]
+    dup_file = [pages[0], pages[0], pages[1], {"id": "p2", "text": "another text"}]  # same line twice; a conflict
+    write_jsonl(tmp_path / "a.jsonl", pages)
+    write_jsonl(tmp_path / "b.jsonl", dup_file)
+    cfg = cfg_factory(f"ingest.input=[{tmp_path}/*.jsonl]", f"ingest.broadcast_rejects_rows={broadcast_rows}")
+    before = max((s for s, _ in stage_shuffle_bytes(spark)), default=-1)
+    report = run_ingest(spark, cfg)
+    shuffled = sum(b for s, b in stage_shuffle_bytes(spark) if s > before)
+    text_bytes = sum(len(r["text"]) for r in pages + dup_file)
+    if broadcast_rows:
+        assert shuffled < 0.1 * text_bytes, (shuffled, text_bytes)
+    docs, rejects = tables(spark, cfg)
+    assert report.documents == 119 and report.input_rows == 124
+    assert sorted(r.reason for r in rejects.collect()) == ["duplicate", "duplicate", "duplicate", "id_conflict", "id_conflict"]
+    kept = {r.doc_id: r.source for r in docs.collect()}
+    assert "p2" not in kept and kept["p0"].endswith("a.jsonl") and kept["p1"].endswith("a.jsonl")
