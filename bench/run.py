@@ -28,6 +28,7 @@ BENCHMARKS = {
     "search": "bench.bench_search",
     "proxy": "bench.bench_proxy",
     "ngram": "bench.bench_ngram",
+    "scale": "bench.bench_scale",
 }
 
 
