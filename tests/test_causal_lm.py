@@ -352,4 +352,6 @@ def test_the_trained_reference_lm_is_deterministic_and_a_distribution_over_every
     with torch.no_grad():
         ref = [float(torch.log_softmax(a(torch.tensor([q]))[0].double(), -1)[torch.arange(len(q) - 1), torch.tensor(q[1:])].mean())
                for q in seqs]
-    assert np.max(np.abs(got - np.array(ref))) < 1e-4
+    # the graph's LogSoftmax runs in float32 over 50,280 ids, the reference in float64: ~1e-4 apart on this
+    # machine and others (a head off by a position or a token is off by ~1)
+    assert np.max(np.abs(got - np.array(ref))) < 5e-4
