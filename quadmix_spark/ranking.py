@@ -20,7 +20,10 @@ For K parameter sets at once, over an annotations frame (doc_id, domain, n_token
 - S is the kernel's Eq. 3 and copies = ⌊S⌋ + [u < frac S] with u the kernel's hash of
   (doc_id, θ key, seed), bit-identical to Spark's ``xxhash64``. Nothing depends on partitioning.
 
-The number of passes over the annotations is fixed (A, then B), whatever K.
+The number of passes over the annotations is fixed (A, then B), whatever K. What the tasks and the driver hold
+grows with K (the histogram is K × M × ``coarse_bins``), so callers with many θ pass chunks of them
+(:func:`quadmix_spark.sample.run_sample_many`, ``sampling.theta_chunk``); the arrays every task reads (b*, the
+lookup, the region's cells) go by broadcast.
 
 With ONE θ and percentile σ (``quadmix sample``), :mod:`quadmix_spark.ranking_sql` does both passes in Spark
 SQL instead of pandas UDFs: σ, q̄ and the bins are computed on the JVM and cached, the histogram is an
