@@ -9,7 +9,7 @@ Points, each timed in one SparkSession (the embedded default of ``conf/default.y
 after one untimed warm-up of every stage on the smallest size:
 
 - rows sweep, at every size: ``normalize`` (``run_normalize``: the percentile knots of every criterion),
-  ``rank1`` (one θ, ω = 0.1: ``rank_and_sample(keep_all=True)`` written as a Delta ``selection`` table, the
+  ``rank1`` (one θ, every ω = 0.1 as in ``bench_sample``: ``rank_and_sample(keep_all=True)`` written as a Delta ``selection`` table, the
   annotations-only part of ``quadmix sample``), ``many`` (``run_sample_many`` with ``--scale-row-thetas`` θ:
   ``proxy_index`` + ``proxy_theta_tokens``), and at sizes <= ``--scale-docs-rows`` ``sample_docs`` (the whole
   ``run_sample``: selection, training order, the text export joined from ``documents``);
@@ -39,7 +39,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from bench.common import (
     RESULTS_DIR,
@@ -59,6 +58,7 @@ from bench.common import (
     write_json,
     write_result,
 )
+from bench.bench_sample import paper_theta
 from bench.sample_data import CRITERIA, generate_tables, link_inputs
 
 NAME = "scale_rows_growth"
@@ -69,7 +69,6 @@ DEFAULT_THETAS = "64,256"
 DEFAULT_ROW_THETAS = 16
 DEFAULT_ROWS_PER_FILE = 125_000
 DEFAULT_DOCS_ROWS = 0
-OMEGA = 0.1
 POLL_S = 0.2
 # the status store keeps every stage of a long θ sweep (bytes shuffled are summed over them)
 SCALE_CONF = {"spark.ui.retainedStages": "1000000", "spark.ui.retainedJobs": "1000000"}
@@ -242,13 +241,6 @@ def _thetas(domains: list[str], k: int, seed: int):
     return sample_thetas(domains, list(CRITERIA), k, seed)
 
 
-def _paper_theta(domains: list[str], seed: int):
-    from quadmix_spark.kernel.theta import Theta
-
-    t = _thetas(domains, 1, seed)[0]
-    return Theta(t.domains, t.criteria, t.alpha, t.lam, np.full(len(domains), OMEGA), t.eta, t.eps)
-
-
 class Store:
     """A benchmark storage root linked to the cached tables of one size, its knots computed."""
 
@@ -322,7 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         # warm-up: every stage once on the smallest size (the JIT compiles the paths; not reported)
         warm = Store(spark, min(rows_list), args.scale_rows_per_file, False, conf)
-        theta = _paper_theta(warm.manifest["domains"], args.theta_seed)
+        theta = paper_theta(warm.manifest["domains"], args.theta_seed)
         row_thetas = _thetas(warm.manifest["domains"], row_k, args.theta_seed)
         measure(spark, "warm-up normalize", lambda: warm.normalize(spark))
         measure(spark, "warm-up rank1", lambda: warm.rank1(spark, theta))

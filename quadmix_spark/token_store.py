@@ -109,9 +109,7 @@ class ShardWriter:
             if arr.min() < 0 or arr.max() > limit:
                 raise ValueError(f"token id out of range for {self.dtype_name}: [{arr.min()}, {arr.max()}]")
             if self.counts is not None:
-                if arr.max() >= len(self.counts):
-                    raise ValueError(f"token id out of range [0, {len(self.counts)}): [{arr.min()}, {arr.max()}]")
-                self.counts += np.bincount(arr.astype(np.int64, copy=False), minlength=len(self.counts))
+                self.counts += count_tokens([arr], len(self.counts))
             self._file.write(arr.astype(self.dtype, copy=False).tobytes())
         self.tokens += int(lengths.sum())
         return offsets, lengths
