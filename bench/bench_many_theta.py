@@ -80,7 +80,8 @@ def _event_log_conf(folder: str | None) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from quadmix_spark.kernel.theta import sample_thetas
-    from quadmix_spark.normalize import SCORE_KNOTS, run_normalize
+    from quadmix_spark.normalize import run_normalize
+    from quadmix_spark.tables import SCORE_KNOTS
     from quadmix_spark.sample import run_sample_many
 
     t_start = time.perf_counter()

@@ -132,7 +132,8 @@ def accuracy(ranked, exact, stack, s) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from quadmix_spark.normalize import SCORE_KNOTS, run_normalize
+    from quadmix_spark.normalize import run_normalize
+    from quadmix_spark.tables import SCORE_KNOTS
     from quadmix_spark.ranking import Histogram, ThetaStack, coarse_histograms, narrow_batches, prepare, rank_and_sample
     from quadmix_spark.sample import load_inputs, settings
 

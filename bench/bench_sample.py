@@ -97,7 +97,8 @@ def paper_theta(domains: list[str], seed: int):
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from quadmix_spark.normalize import SCORE_KNOTS, run_normalize
+    from quadmix_spark.normalize import run_normalize
+    from quadmix_spark.tables import SCORE_KNOTS
     from quadmix_spark.sample import run_sample
 
     t_start = time.perf_counter()

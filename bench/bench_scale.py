@@ -257,7 +257,8 @@ class Store:
         return bench_config(self.root, *self.overrides, *extra)
 
     def normalize(self, spark) -> None:
-        from quadmix_spark.normalize import SCORE_KNOTS, run_normalize
+        from quadmix_spark.normalize import run_normalize
+        from quadmix_spark.tables import SCORE_KNOTS
 
         c = self.cfg
         run_normalize(spark, c.storage.table("annotations"), c.storage.table(SCORE_KNOTS), c.normalize.method, c.normalize.n_knots)

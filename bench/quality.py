@@ -131,13 +131,13 @@ def train_search(cfg) -> dict[str, float]:
 def finished_losses(cfg) -> dict[str, float]:
     import mlflow
 
-    from quadmix_spark.propose import child_runs, experiment_id, require_search
+    from quadmix_spark.runs import TAG_THETA_ID, child_runs, experiment_id, require_search
 
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
     exp_id = experiment_id(client, cfg.tracking.experiment)
     parent = require_search(client, exp_id, cfg.search.name)
     metric = cfg.search.metric
-    return {r.data.tags["quadmix.theta_id"]: float(r.data.metrics[metric]) for r in child_runs(client, exp_id, parent.info.run_id)
+    return {r.data.tags[TAG_THETA_ID]: float(r.data.metrics[metric]) for r in child_runs(client, exp_id, parent.info.run_id)
             if r.info.status == "FINISHED" and metric in r.data.metrics}
 
 

@@ -43,11 +43,12 @@ from pyspark.sql import types as T
 from quadmix_spark import faults
 from quadmix_spark.config import QuadmixConfig
 from quadmix_spark.prefilter import prefilter_counts
+from quadmix_spark.runs import PARAM_GPU_STAGE, TAG_ANNOTATIONS_VERSION
 from quadmix_spark.scorers import ScorerError, ScorerSet, resolve_scorers
+from quadmix_spark.tables import ANNOTATIONS, DOCUMENTS, SCORE_PREFIX
 from quadmix_spark.storage import is_path, read_table, table_exists, table_version
 from quadmix_udfs.scoring import need_column, score_partitions
 
-ANNOTATIONS, DOCUMENTS = "annotations", "documents"
 VERSIONS = "scorer_versions"
 
 
@@ -517,7 +518,7 @@ def run_annotate(
         report.seconds_scoring = time.perf_counter() - t0
     report.table_version_after = table_version(spark, table)
     if report.changed and histograms:  # row and domain counts come with the histograms
-        hist = score_histograms(read_table(spark, table), [f"q_{s.name}" for s in scorers.quality], cfg.annotate.histogram_bins)
+        hist = score_histograms(read_table(spark, table), [SCORE_PREFIX + s.name for s in scorers.quality], cfg.annotate.histogram_bins)
         conf = hist[hist["criterion"] == "domain_conf"]
         report.rows, report.domains = int(conf["count"].sum()), int(conf["domain"].nunique())
         report.histograms = hist
@@ -544,9 +545,9 @@ def annotate_job(cfg: QuadmixConfig, rescore: list[str] | None = None) -> Annota
     with stage_run(cfg, "annotate") as run:
         report = run_annotate(spark, cfg, rescore, run.info.run_id, scorers)
         mlflow.log_params({f"quadmix.scorer.{k}": v for k, v in report.versions.items()})
-        mlflow.log_params({"quadmix.annotate.gpu_stage": report.gpu_profile[:250]})
+        mlflow.log_params({PARAM_GPU_STAGE: report.gpu_profile[:250]})
         mlflow.log_metrics({f"annotate.{k}": float(v) for k, v in report.metrics().items()})
-        mlflow.set_tag("quadmix.annotations_version", str(report.table_version_after))
+        mlflow.set_tag(TAG_ANNOTATIONS_VERSION, str(report.table_version_after))
         if report.histograms is not None and len(report.histograms):
             mlflow.log_table(report.histograms, "annotate/score_histograms.json")
             fig = plot_score_histograms(report.histograms, cfg.annotate.histogram_bins)

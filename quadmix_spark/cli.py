@@ -39,10 +39,9 @@ def _user_errors(cfg: QuadmixConfig):
     """Problems with the user's input (files, names, tables, an unreachable tracking server) end the command
     with their message, not a traceback. The tracking server is checked first, before any Spark work.
     Another run holding this stage's lease on the store ends it with exit code 75 (try again later)."""
-    from quadmix_spark.evaluate import ThetaStarMissing
     from quadmix_spark.inputs import IngestInputError
     from quadmix_spark.normalize import KnotsMissingError
-    from quadmix_spark.propose import SearchNotFound
+    from quadmix_spark.runs import SearchNotFound, ThetaStarMissing
     from quadmix_spark.run_guard import BUSY_EXIT_CODE, StageBusy
     from quadmix_spark.tracking import TrackingUnreachable, check_tracking
 

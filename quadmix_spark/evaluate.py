@@ -21,7 +21,6 @@ and retrains only the missing ones.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,26 +31,10 @@ from pyspark.sql import SparkSession
 
 from quadmix_spark.config import QuadmixConfig
 from quadmix_spark.kernel.theta import Theta
-from quadmix_spark.propose import experiment_id, require_search
-
-ROLE_EVALUATE, ROLE_EVALUATE_PROXY = "evaluate", "evaluate-proxy"
-THETA_STAR_ARTIFACT = "theta_star.json"
-
-
-class ThetaStarMissing(LookupError):
-    """A search has no fitted θ* yet."""
-
-
-def latest_theta_star(client, exp_id: str, search: str) -> tuple[str, dict]:
-    """(run id, θ* dict) of the newest search fit of ``search``."""
-    runs = client.search_runs([exp_id], filter_string=f"tags.`quadmix.role` = 'search-fit' and tags.`quadmix.search` = '{search}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise ThetaStarMissing(f"search {search!r} has no fitted θ*: run `quadmix search --search {search}` first")
-    run_id = runs[0].info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run_id, THETA_STAR_ARTIFACT, tmp)
-        return run_id, json.loads(Path(local).read_text())
+from quadmix_spark.runs import (PENDING, ROLE_EVALUATE, ROLE_EVALUATE_PROXY, TAG_ARM, TAG_BASELINE_FRACTION,
+                                TAG_BASELINES_VERSION, TAG_PARENT, TAG_PROXY_FINGERPRINT, TAG_PROXY_STATUS, TAG_ROLE,
+                                TAG_SEARCH, TAG_SEARCH_FIT_RUN, TAG_SEED, TAG_STAGE, TAG_THETA_ID, TAG_THETA_STAR,
+                                THETA_STAR_ARTIFACT, child_runs, experiment_id, latest_theta_star, quote, require_search)
 
 
 def expand_baselines(names: list[str], criteria: list[str]) -> list[str]:
@@ -155,7 +138,6 @@ def plot_evaluation(table: pd.DataFrame, paired: pd.DataFrame, path: str | Path)
 # The baselines' definition: runs of another version are not reused. 2: every baseline a fixed set of
 # documents (random was S = fraction for every document, a fresh draw each epoch, which read several times
 # θ*'s unique tokens), and mix cut to the fraction (it was the union of the top-k sets, larger than θ*'s).
-BASELINES_TAG = "quadmix.baselines_version"
 BASELINES_VERSION = "2"
 
 
@@ -170,7 +152,7 @@ def baseline_fraction(spark: SparkSession, cfg: QuadmixConfig, inp, theta_id: st
     rows with S >= 1), rounded to 4 significant digits (it names the baselines' runs)."""
     from pyspark.sql import functions as F
 
-    from quadmix_spark.sample import PROXY_INDEX
+    from quadmix_spark.tables import PROXY_INDEX
     from quadmix_spark.storage import read_table
 
     setting = cfg.evaluate.baseline_fraction
@@ -187,8 +169,7 @@ def baseline_fraction(spark: SparkSession, cfg: QuadmixConfig, inp, theta_id: st
 def run_evaluate(spark: SparkSession, cfg: QuadmixConfig) -> EvaluateResult:
     import mlflow
 
-    from quadmix_spark.propose import STATUS_TAG, child_runs
-    from quadmix_spark.proxy import (FINGERPRINT_TAG, ProxyTask, ensure_eval_set, execute, is_finished, outcomes_frame,
+    from quadmix_spark.proxy import (ProxyTask, ensure_eval_set, execute, is_finished, outcomes_frame,
                                      prepare_pool, proxy_fingerprint, tail_defaults, task_env, write_plans)
     from quadmix_spark.proxy_pool import pool_predicate
     from quadmix_spark.proxy_train import EVALUATE_PART, SEARCH_PART
@@ -205,22 +186,22 @@ def run_evaluate(spark: SparkSession, cfg: QuadmixConfig) -> EvaluateResult:
     fingerprint = proxy_fingerprint(cfg)  # results of other proxy settings are not reused
 
     parent = next(iter(client.search_runs(
-        [exp_id], filter_string=f"tags.`quadmix.role` = '{ROLE_EVALUATE}' and tags.`quadmix.search` = '{search}' "
-                                f"and tags.`quadmix.theta_star` = '{star.theta_id}' "
-                                f"and tags.`{FINGERPRINT_TAG}` = '{fingerprint}' "
-                                f"and tags.`{BASELINES_TAG}` = '{BASELINES_VERSION}'", max_results=1)), None)
+        [exp_id], filter_string=f"tags.`{TAG_ROLE}` = '{ROLE_EVALUATE}' and tags.`{TAG_SEARCH}` = {quote(search)} "
+                                f"and tags.`{TAG_THETA_STAR}` = '{star.theta_id}' "
+                                f"and tags.`{TAG_PROXY_FINGERPRINT}` = '{fingerprint}' "
+                                f"and tags.`{TAG_BASELINES_VERSION}` = '{BASELINES_VERSION}'", max_results=1)), None)
     if parent is None:
         parent = client.create_run(exp_id, run_name=f"evaluate-{search}", tags={
-            "quadmix.role": ROLE_EVALUATE, "quadmix.search": search, "quadmix.theta_star": star.theta_id,
-            "quadmix.search_fit_run": fit_run, "quadmix.stage": "evaluate", FINGERPRINT_TAG: fingerprint,
-            BASELINES_TAG: BASELINES_VERSION})
+            TAG_ROLE: ROLE_EVALUATE, TAG_SEARCH: search, TAG_THETA_STAR: star.theta_id,
+            TAG_SEARCH_FIT_RUN: fit_run, TAG_STAGE: "evaluate", TAG_PROXY_FINGERPRINT: fingerprint,
+            TAG_BASELINES_VERSION: BASELINES_VERSION})
         client.log_dict(parent.info.run_id, star.to_dict(), THETA_STAR_ARTIFACT)
     parent_id = parent.info.run_id
-    have = {(r.data.tags.get("quadmix.arm"), r.data.tags.get("quadmix.seed")): r for r in child_runs(client, exp_id, parent_id)}
+    have = {(r.data.tags.get(TAG_ARM), r.data.tags.get(TAG_SEED)): r for r in child_runs(client, exp_id, parent_id)}
 
     run_sample_many(spark, cfg, [star], run_id=parent_id, where=pool_predicate(cfg))
     fraction = baseline_fraction(spark, cfg, inp, star.theta_id)
-    client.set_tag(parent_id, "quadmix.baseline_fraction", repr(fraction))
+    client.set_tag(parent_id, TAG_BASELINE_FRACTION, repr(fraction))
     base_cfg = cfg.model_copy(deep=True)
     base_cfg.sampling.baseline_fraction = fraction
     ids = {REFERENCE_ARM: (star.theta_id, star.theta_key)}
@@ -241,8 +222,8 @@ def run_evaluate(spark: SparkSession, cfg: QuadmixConfig) -> EvaluateResult:
                 continue
             if run is None:
                 run = client.create_run(exp_id, run_name=f"{arm}-seed{seed}", tags={
-                    "mlflow.parentRunId": parent_id, "quadmix.role": ROLE_EVALUATE_PROXY, "quadmix.search": search,
-                    "quadmix.arm": arm, "quadmix.seed": str(seed), "quadmix.theta_id": theta_id, STATUS_TAG: "pending"})
+                    TAG_PARENT: parent_id, TAG_ROLE: ROLE_EVALUATE_PROXY, TAG_SEARCH: search,
+                    TAG_ARM: arm, TAG_SEED: str(seed), TAG_THETA_ID: theta_id, TAG_PROXY_STATUS: PENDING})
             tasks.append(ProxyTask(theta_id, key, run.info.run_id, seed, arm))
     env = task_env(cfg, pool, plans_dir, ensure_eval_set(cfg, pool, EVALUATE_PART),
                    extra_evals={SEARCH_PART_NAME: ensure_eval_set(cfg, pool, SEARCH_PART)})

@@ -48,8 +48,8 @@ from quadmix_spark.inputs import (
     unit_digests,
 )
 from quadmix_spark.storage import read_table, table_exists, write_table
+from quadmix_spark.tables import DOCUMENTS, INGEST_LOG, REJECTS
 
-DOCUMENTS, REJECTS, INGEST_LOG = "documents", "rejects", "ingest_log"
 REJECT_REASONS = (
     "invalid_utf8",
     "malformed_json",

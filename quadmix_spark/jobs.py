@@ -6,6 +6,7 @@ from pyspark.sql import functions as F
 
 from quadmix_spark.config import QuadmixConfig
 from quadmix_spark.ingest import IngestReport, report_dict, run_ingest
+from quadmix_spark.runs import TAG_KNOTS_WRITTEN, TAG_RUN, TAG_SEARCH, TAG_THETA_ID, THETA_ARTIFACT
 from quadmix_spark.session import get_spark
 from quadmix_spark.tracking import stage_run
 
@@ -27,8 +28,8 @@ def normalize_job(cfg: QuadmixConfig):
     """σ knots of the current annotations (idempotent per annotations version)."""
     import mlflow
 
-    from quadmix_spark.normalize import SCORE_KNOTS, run_normalize
-    from quadmix_spark.sample import ANNOTATIONS
+    from quadmix_spark.normalize import run_normalize
+    from quadmix_spark.tables import ANNOTATIONS, SCORE_KNOTS
 
     with stage_run(cfg, "normalize") as run:
         spark = get_spark(cfg)
@@ -38,7 +39,7 @@ def normalize_job(cfg: QuadmixConfig):
         )
         mlflow.log_params({"normalize.method": cfg.normalize.method, "normalize.n_knots": cfg.normalize.n_knots})
         mlflow.log_dict({"knots": [k.to_dict() for k in knots]}, "score_knots.json")
-        mlflow.set_tag("quadmix.knots_written", str(written).lower())
+        mlflow.set_tag(TAG_KNOTS_WRITTEN, str(written).lower())
     return knots, written
 
 
@@ -61,7 +62,7 @@ def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | No
 
     import mlflow
 
-    from quadmix_spark.sample import ANNOTATIONS, load_inputs, plot_report, run_sample
+    from quadmix_spark.sample import load_inputs, plot_report, run_sample
     from quadmix_spark.storage import table_version
     from quadmix_spark.thetas import check_file, load_one, theta_params
     from quadmix_spark.tracking import configure_mlflow
@@ -82,9 +83,9 @@ def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | No
     with stage_run(cfg, "sample", run_name=f"sample-{cfg.sampling.run}", scope=f"sample.{cfg.sampling.run}") as run:
         if theta is not None:
             mlflow.log_params(theta_params(theta))
-            mlflow.log_dict(theta.to_dict(), "theta.json")
+            mlflow.log_dict(theta.to_dict(), THETA_ARTIFACT)
         result = run_sample(spark, cfg, theta=theta, baseline=baseline, run_id=run.info.run_id)
-        mlflow.set_tags({"quadmix.run": result.run, "quadmix.theta_id": result.theta_id})
+        mlflow.set_tags({TAG_RUN: result.run, TAG_THETA_ID: result.theta_id})
         mlflow.log_params({
             "sampling.run": result.run, "sampling.seed": cfg.sampling.seed, "sampling.budget_tokens": cfg.sampling.budget_tokens,
             "delta.annotations_version": result.annotations_version,
@@ -150,7 +151,7 @@ def proxy_job(cfg: QuadmixConfig):
 
     with stage_run(cfg, "proxy", run_name=f"proxy-{cfg.search.name}", scope=search_scope(cfg.search.name)) as run:
         spark = get_spark(cfg)
-        mlflow.set_tag("quadmix.search", cfg.search.name)
+        mlflow.set_tag(TAG_SEARCH, cfg.search.name)
         report = run_search_proxies(spark, cfg, run_id=run.info.run_id)
         mlflow.log_metrics({"trained": float(len(report.outcomes) - len(report.failed)), "failed": float(len(report.failed)),
                             "skipped": float(report.skipped), "pool_docs": float(report.pool.get("n_docs", 0)),

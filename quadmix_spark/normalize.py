@@ -23,9 +23,7 @@ from quadmix_spark import faults
 from quadmix_spark.kernel.sigma import Knots, zscore_missing
 from quadmix_spark.prefix import within_group_cumulative
 from quadmix_spark.storage import read_table, table_exists, table_version, write_table
-
-SCORE_KNOTS = "score_knots"
-SCORE_PREFIX = "q_"
+from quadmix_spark.tables import SCORE_PREFIX
 
 
 class KnotsMissingError(RuntimeError):

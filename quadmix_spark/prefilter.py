@@ -15,6 +15,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from quadmix_spark.tables import SCORE_PREFIX
 from quadmix_udfs.text_stats import REJECTED_SUFFIX
 
 _REJECTED_TYPE = T.ArrayType(T.StringType())
@@ -23,7 +24,7 @@ _REJECTED_TYPE = T.ArrayType(T.StringType())
 def rejected_columns(annotations: DataFrame) -> list[str]:
     """The annotation columns that hold pre-filter rejections (``<scorer>_rejected``, array<string>)."""
     return [f.name for f in annotations.schema.fields
-            if f.name.endswith(REJECTED_SUFFIX) and not f.name.startswith("q_") and f.dataType == _REJECTED_TYPE]
+            if f.name.endswith(REJECTED_SUFFIX) and not f.name.startswith(SCORE_PREFIX) and f.dataType == _REJECTED_TYPE]
 
 
 def passes_prefilter(annotations: DataFrame) -> Column | None:

@@ -28,9 +28,12 @@ import numpy as np
 
 from quadmix_spark.config import QuadmixConfig
 from quadmix_spark.kernel.theta import Theta, sample_theta_matrix
-from quadmix_spark.thetas import THETA_ARTIFACT, THETAS_ARTIFACT, theta_params
+from quadmix_spark.runs import (DOMAIN_TOKENS_ARTIFACT, PENDING, ROLE_PROXY, ROLE_SEARCH, TAG_CRITERIA, TAG_DOMAINS,
+                                TAG_N_PROPOSALS, TAG_PARENT, TAG_PROPOSAL_INDEX, TAG_PROXY_STATUS, TAG_ROLE, TAG_SEARCH,
+                                TAG_STAGE, TAG_THETA_ID, THETA_ARTIFACT, THETAS_ARTIFACT, child_runs, experiment_id,
+                                find_search)
+from quadmix_spark.thetas import theta_params
 
-ROLE_SEARCH, ROLE_PROXY = "search", "proxy"
 SAMPLER_VERSION = "algorithm1/1"  # recorded on a search: a change to the θ sampler's ranges must bump it
 
 
@@ -40,12 +43,6 @@ def sampler_version(sc) -> str:
     if not sc.shared_omega:
         return SAMPLER_VERSION
     return f"{SAMPLER_VERSION}+shared-omega/{sc.shared_omega:g}/{sc.omega_spread:g}"
-STATUS_TAG = "quadmix.proxy.status"
-PENDING, RUNNING, FINISHED, FAILED = "pending", "running", "finished", "failed"
-
-
-class SearchNotFound(LookupError):
-    """No search of that name in the experiment."""
 
 
 def draw_theta(domains: list[str], criteria: list[str], seed: int, index: int, lambda_mode: str,
@@ -54,43 +51,6 @@ def draw_theta(domains: list[str], criteria: list[str], seed: int, index: int, l
     b = sample_theta_matrix(1, len(domains), len(criteria), np.random.default_rng([seed, index]), lambda_mode, mask,
                             shared_omega, omega_spread)
     return Theta(tuple(domains), tuple(criteria), b.alpha[0], b.lam[0], b.omega[0], b.eta[0], b.eps[0])
-
-
-def experiment_id(client, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        raise SearchNotFound(f"MLflow experiment {name!r} does not exist: run `quadmix propose` first")
-    return exp.experiment_id
-
-
-def find_search(client, exp_id: str, name: str):
-    """The parent run of search ``name`` (the oldest if several), or None."""
-    runs = client.search_runs([exp_id], filter_string=f"tags.`quadmix.search` = '{name}' and tags.`quadmix.role` = '{ROLE_SEARCH}'",
-                              order_by=["attributes.start_time ASC"], max_results=10)
-    return runs[0] if runs else None
-
-
-def require_search(client, exp_id: str, name: str):
-    run = find_search(client, exp_id, name)
-    if run is None:
-        known = sorted({r.data.tags.get("quadmix.search") for r in client.search_runs(
-            [exp_id], filter_string=f"tags.`quadmix.role` = '{ROLE_SEARCH}'", max_results=1000)} - {None})
-        raise SearchNotFound(f"no search named {name!r} (searches in this experiment: {known or 'none'}): "
-                             f"run `quadmix propose --search {name}`")
-    return run
-
-
-def child_runs(client, exp_id: str, parent_id: str) -> list:
-    """Every child run of a search, in proposal order (paged: any number of θ)."""
-    out, token = [], None
-    while True:
-        page = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                                  max_results=1000, page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            break
-    return sorted(out, key=lambda r: int(r.data.tags.get("quadmix.proposal_index", 0)))
 
 
 @dataclass
@@ -111,9 +71,6 @@ def _log_params(client, run_id: str, params: dict) -> None:
     items = [Param(k, repr(v) if isinstance(v, float) else str(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
-
-
-DOMAIN_TOKENS_ARTIFACT = "domain_tokens.json"
 
 
 def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
@@ -141,7 +98,7 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
     parent = resume_search_parent(client, find_search(client, exp_id, sc.name), recorded, cfg.resolved())
     if parent is None:
         parent = client.create_run(exp_id, run_name=f"search-{sc.name}",
-                                   tags={"quadmix.search": sc.name, "quadmix.role": ROLE_SEARCH, "quadmix.stage": "propose"})
+                                   tags={TAG_SEARCH: sc.name, TAG_ROLE: ROLE_SEARCH, TAG_STAGE: "propose"})
         faults.point("propose.parent.created")
         _log_params(client, parent.info.run_id, recorded)
         client.log_dict(parent.info.run_id, cfg.resolved(), "config.yaml")
@@ -153,17 +110,17 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
                              "use another search.name or the recorded settings")
     parent_id = parent.info.run_id
     children = settle_children(client, child_runs(client, exp_id, parent_id), sc.metric, repair=True)
-    existing = {int(r.data.tags["quadmix.proposal_index"]) for r in children if "quadmix.proposal_index" in r.data.tags}
+    existing = {int(r.data.tags[TAG_PROPOSAL_INDEX]) for r in children if TAG_PROPOSAL_INDEX in r.data.tags}
     thetas, created = [], 0
-    tags_common = {"mlflow.parentRunId": parent_id, "quadmix.search": sc.name, "quadmix.role": ROLE_PROXY,
-                   "quadmix.domains": json.dumps(domains), "quadmix.criteria": json.dumps(criteria)}
+    tags_common = {TAG_PARENT: parent_id, TAG_SEARCH: sc.name, TAG_ROLE: ROLE_PROXY,
+                   TAG_DOMAINS: json.dumps(domains), TAG_CRITERIA: json.dumps(criteria)}
     for i in range(n):
         theta = draw_theta(domains, criteria, sc.seed, i, sc.lambda_mode, sc.criteria, sc.shared_omega, sc.omega_spread)
         thetas.append(theta)
         if i in existing:
             continue
         child = client.create_run(exp_id, run_name=f"theta-{i:04d}", tags={
-            **tags_common, "quadmix.theta_id": theta.theta_id, "quadmix.proposal_index": str(i), STATUS_TAG: PENDING})
+            **tags_common, TAG_THETA_ID: theta.theta_id, TAG_PROPOSAL_INDEX: str(i), TAG_PROXY_STATUS: PENDING})
         faults.point("propose.child.created")
         _log_params(client, child.info.run_id, theta_params(theta))
         client.log_dict(child.info.run_id, theta.to_dict(), THETA_ARTIFACT)
@@ -175,7 +132,7 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
     client.log_dict(parent_id, {"thetas": [t.to_dict() for t in all_thetas]}, THETAS_ARTIFACT)
     if domain_tokens is not None:
         client.log_dict(parent_id, {d: int(v) for d, v in sorted(domain_tokens.items())}, DOMAIN_TOKENS_ARTIFACT)
-    client.set_tag(parent_id, "quadmix.n_proposals", str(n_all))
+    client.set_tag(parent_id, TAG_N_PROPOSALS, str(n_all))
     faults.point("propose.end")
     if parent.info.status == "RUNNING":
         client.set_terminated(parent_id, "FINISHED")

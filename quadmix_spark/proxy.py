@@ -29,13 +29,12 @@ from pyspark.sql import functions as F
 
 from quadmix_spark import faults
 from quadmix_spark.config import QuadmixConfig, local_path
-from quadmix_spark.propose import FAILED, FINISHED, PENDING, RUNNING, STATUS_TAG
 from quadmix_spark.proxy_pool import Pool
-from quadmix_spark.sample import PROXY_INDEX
+from quadmix_spark.runs import (FAILED, FINISHED, PENDING, RUNNING, TAG_CRITERIA, TAG_DOMAINS, TAG_PROXY_DEVICE,
+                                TAG_PROXY_ERROR, TAG_PROXY_FINGERPRINT, TAG_PROXY_STATUS, TAG_THETA_ID, child_runs,
+                                experiment_id, require_search)
 from quadmix_spark.storage import read_table
-
-ERROR_TAG = "quadmix.proxy.error"
-FINGERPRINT_TAG = "quadmix.proxy.fingerprint"
+from quadmix_spark.tables import PROXY_INDEX
 
 
 def proxy_fingerprint(cfg: QuadmixConfig) -> str:
@@ -170,9 +169,9 @@ def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
     out = ProxyOutcome(task.theta_id, task.run_id, FAILED, label=task.label, seed=task.seed)
     try:
         client.update_run(task.run_id, status="RUNNING")
-        client.set_tag(task.run_id, STATUS_TAG, RUNNING)
+        client.set_tag(task.run_id, TAG_PROXY_STATUS, RUNNING)
         if env.fingerprint:
-            client.set_tag(task.run_id, FINGERPRINT_TAG, env.fingerprint)
+            client.set_tag(task.run_id, TAG_PROXY_FINGERPRINT, env.fingerprint)
         import torch
 
         from quadmix_spark.proxy_model import ModelShape
@@ -181,7 +180,7 @@ def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
 
         torch.set_num_threads(max(1, env.cpus))
         device = _device(env.device)
-        client.set_tag(task.run_id, "quadmix.proxy.device", device)
+        client.set_tag(task.run_id, TAG_PROXY_DEVICE, device)
         settings = TrainSettings(**{**env.train, "seed": task.seed})
 
         def log_metrics(values: dict, step: int) -> None:
@@ -216,7 +215,7 @@ def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
             metrics.update({f"{name}.{env.metric}.{k}": v for k, v in tasks.items()})
         client.log_batch(task.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         faults.point("proxy.trained")
-        client.set_tag(task.run_id, STATUS_TAG, FINISHED)
+        client.set_tag(task.run_id, TAG_PROXY_STATUS, FINISHED)
         client.set_terminated(task.run_id, "FINISHED")
         out.status, out.target_loss, out.tokens = FINISHED, result.target_loss, result.tokens
         out.seconds, out.tokens_per_s, out.task_losses = result.seconds, result.tokens_per_s, dict(result.task_losses)
@@ -224,8 +223,8 @@ def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
     except Exception as e:  # recorded on the run; the rerun retries it
         out.error = f"{type(e).__name__}: {e}"
         try:
-            client.set_tag(task.run_id, ERROR_TAG, (out.error + "\n" + traceback.format_exc())[-4000:])
-            client.set_tag(task.run_id, STATUS_TAG, FAILED)
+            client.set_tag(task.run_id, TAG_PROXY_ERROR, (out.error + "\n" + traceback.format_exc())[-4000:])
+            client.set_tag(task.run_id, TAG_PROXY_STATUS, FAILED)
             client.set_terminated(task.run_id, "FAILED")
         except Exception:  # the tracking server itself is gone: the driver still sees the outcome
             pass
@@ -394,14 +393,14 @@ def theta_of_run(run) -> "Theta":
     from quadmix_spark.kernel.theta import Theta, feature_names
 
     tags = run.data.tags
-    domains, criteria = json.loads(tags["quadmix.domains"]), json.loads(tags["quadmix.criteria"])
+    domains, criteria = json.loads(tags[TAG_DOMAINS]), json.loads(tags[TAG_CRITERIA])
     names = feature_names(domains, criteria)
     missing = [n for n in names if n not in run.data.params]
     if missing:
         raise ValueError(f"run {run.info.run_id} lacks θ params {missing[:5]}{'...' if len(missing) > 5 else ''}")
     theta = Theta.from_vector([float(run.data.params[n]) for n in names], domains, criteria)
-    if tags.get("quadmix.theta_id") and tags["quadmix.theta_id"] != theta.theta_id:
-        raise ValueError(f"run {run.info.run_id}: params give θ {theta.theta_id}, tag says {tags['quadmix.theta_id']}")
+    if tags.get(TAG_THETA_ID) and tags[TAG_THETA_ID] != theta.theta_id:
+        raise ValueError(f"run {run.info.run_id}: params give θ {theta.theta_id}, tag says {tags[TAG_THETA_ID]}")
     return theta
 
 
@@ -422,7 +421,6 @@ def run_search_proxies(spark: SparkSession, cfg: QuadmixConfig, run_id: str | No
     """Train the proxies of search ``cfg.search.name`` that have not finished."""
     import mlflow
 
-    from quadmix_spark.propose import child_runs, experiment_id, require_search
     from quadmix_spark.proxy_pool import pool_predicate
     from quadmix_spark.run_guard import settle_children
     from quadmix_spark.sample import run_sample_many
@@ -434,17 +432,17 @@ def run_search_proxies(spark: SparkSession, cfg: QuadmixConfig, run_id: str | No
     todo = [c for c in children if not is_finished(c, cfg.search.metric)]
     skipped = len(children) - len(todo)
     fp = proxy_fingerprint(cfg)
-    other = [c for c in children if is_finished(c, cfg.search.metric) and c.data.tags.get(FINGERPRINT_TAG, fp) != fp]
+    other = [c for c in children if is_finished(c, cfg.search.metric) and c.data.tags.get(TAG_PROXY_FINGERPRINT, fp) != fp]
     if other:
         raise ValueError(f"search {cfg.search.name!r} has {len(other)} proxies finished with other proxy settings "
-                         f"(fingerprint {other[0].data.tags[FINGERPRINT_TAG]}, now {fp}): their losses would not be "
+                         f"(fingerprint {other[0].data.tags[TAG_PROXY_FINGERPRINT]}, now {fp}): their losses would not be "
                          "comparable; use another search.name, or the proxy/sampling settings they were trained with")
     inp, pool = prepare_pool(spark, cfg, run_id)
     if not todo:
         return ProxyReport(cfg.search.name, skipped, [], pool.meta)
     thetas = [theta_of_run(c) for c in todo]
     for c in todo:
-        client.set_tag(c.info.run_id, STATUS_TAG, PENDING)
+        client.set_tag(c.info.run_id, TAG_PROXY_STATUS, PENDING)
     run_sample_many(spark, cfg, thetas, run_id=run_id, where=pool_predicate(cfg))
     faults.point("proxy.index.committed")
     plans_dir = write_plans(spark, cfg, pool, {t.theta_id: tail_defaults(t) for t in thetas})

@@ -35,10 +35,10 @@ from pyspark.sql import types as T
 
 from quadmix_spark import faults
 from quadmix_spark.config import QuadmixConfig, local_path
-from quadmix_spark.ingest import DOCUMENTS
 from quadmix_spark.kernel.copies import UNIFORM_SCALE as UNIFORM
 from quadmix_spark.storage import read_table, table_version, write_table
 from quadmix_spark.token_store import dtype_for_vocab
+from quadmix_spark.tables import DOCUMENTS
 
 FORMAT = "quadmix-token-pool/1"
 DOCS_DIR, DOCS_DONE = "docs", "docs.json"

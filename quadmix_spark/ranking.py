@@ -52,8 +52,8 @@ from quadmix_spark.kernel.merge import merged_score
 from quadmix_spark.kernel.sampling_fn import sampling_value
 from quadmix_spark.kernel.sigma import Knots, map_scores
 from quadmix_spark.kernel.theta import Theta, ThetaMismatchError
-from quadmix_spark.normalize import SCORE_PREFIX
 from quadmix_spark.prefix import balanced_cuts, cell_cumulative
+from quadmix_spark.tables import SCORE_PREFIX
 
 RANKED_SCHEMA = T.StructType(
     [

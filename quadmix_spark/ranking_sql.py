@@ -32,7 +32,7 @@ from pyspark.sql import functions as F
 
 from quadmix_spark.kernel.copies import spark_uniform_expr_sql
 from quadmix_spark.kernel.sigma import Knots
-from quadmix_spark.normalize import SCORE_PREFIX
+from quadmix_spark.tables import SCORE_PREFIX
 
 try:  # Spark >= 4.0 (SPARK-49203); internal, so its absence only disables this path
     from pyspark.sql.internal import InternalFunction as _Internal

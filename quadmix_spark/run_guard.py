@@ -35,9 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quadmix_spark.config import QuadmixConfig
-
-HOST_TAG, PID_TAG, PID_START_TAG, LEASE_TAG = "quadmix.host", "quadmix.pid", "quadmix.pid_start", "quadmix.lease"
-FAILURE_TAG = "quadmix.failure"
+from quadmix_spark.runs import (FAILED, FINISHED, PENDING, TAG_CRITERIA, TAG_DOMAINS, TAG_FAILURE, TAG_HOST, TAG_LEASE,
+                                TAG_PID, TAG_PID_START, TAG_PROXY_ERROR, TAG_PROXY_FINGERPRINT, TAG_PROXY_STATUS, TAG_SEARCH,
+                                THETA_ARTIFACT)
 BUSY_EXIT_CODE = 75  # EX_TEMPFAIL: try again later
 HOLDER_WAIT_S = 10.0  # a new holder writes its record right after locking
 
@@ -102,8 +102,8 @@ class Lease:
 
     @property
     def tags(self) -> dict[str, str]:
-        return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: process_start(os.getpid()) or "",
-                LEASE_TAG: self.key}
+        return {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()), TAG_PID_START: process_start(os.getpid()) or "",
+                TAG_LEASE: self.key}
 
     def record(self, run_id: str | None = None) -> None:
         """Write who holds the lease (with the MLflow run id once there is one)."""
@@ -195,19 +195,19 @@ def _running(client, exp_id: str, tag: str, value: str) -> list:
 def end_stale_runs(client, exp_id: str, held: Lease) -> list[str]:
     """End as FAILED the RUNNING runs whose driver is gone (see the module doc); returns their ids."""
     host = socket.gethostname()
-    found = {r.info.run_id: r for r in _running(client, exp_id, LEASE_TAG, held.key)} if held.fd is not None else {}
-    found.update({r.info.run_id: r for r in _running(client, exp_id, HOST_TAG, host)})
+    found = {r.info.run_id: r for r in _running(client, exp_id, TAG_LEASE, held.key)} if held.fd is not None else {}
+    found.update({r.info.run_id: r for r in _running(client, exp_id, TAG_HOST, host)})
     ended = []
     for run_id, run in found.items():
         tags = run.data.tags
-        pid, where = tags.get(PID_TAG), tags.get(HOST_TAG)
-        if tags.get(LEASE_TAG) == held.key and held.fd is not None:
+        pid, where = tags.get(TAG_PID), tags.get(TAG_HOST)
+        if tags.get(TAG_LEASE) == held.key and held.fd is not None:
             why = f"its lease {held.scope!r} was free"
-        elif where == host and pid and pid.isdigit() and not process_alive(int(pid), tags.get(PID_START_TAG) or None):
+        elif where == host and pid and pid.isdigit() and not process_alive(int(pid), tags.get(TAG_PID_START) or None):
             why = "that process no longer runs"
         else:
             continue
-        client.set_tag(run_id, FAILURE_TAG, f"interrupted: its driver (pid {pid} on {where}) stopped without ending the run "
+        client.set_tag(run_id, TAG_FAILURE, f"interrupted: its driver (pid {pid} on {where}) stopped without ending the run "
                                             f"({why}); found by stage {held.stage}, pid {os.getpid()}")
         client.set_terminated(run_id, "FAILED")
         ended.append(run_id)
@@ -226,9 +226,6 @@ def settle_children(client, children: list, metric: str, repair: bool) -> list:
       ``repair`` (``propose`` makes it again), else a ``ValueError`` asking for ``quadmix propose``.
     """
     from quadmix_spark.kernel.theta import feature_names
-    from quadmix_spark.propose import FAILED, FINISHED, PENDING, STATUS_TAG
-    from quadmix_spark.proxy import ERROR_TAG, FINGERPRINT_TAG
-    from quadmix_spark.thetas import THETA_ARTIFACT
 
     out = []
     for run in children:
@@ -237,14 +234,14 @@ def settle_children(client, children: list, metric: str, repair: bool) -> list:
             out.append(run)
             continue
         if metric in run.data.metrics:
-            client.set_tag(run_id, STATUS_TAG, FINISHED)
+            client.set_tag(run_id, TAG_PROXY_STATUS, FINISHED)
             client.set_terminated(run_id, "FINISHED")
-        elif FINGERPRINT_TAG in tags or tags.get(STATUS_TAG, PENDING) != PENDING:
-            client.set_tag(run_id, ERROR_TAG, "interrupted: the proxy's driver stopped while training it")
-            client.set_tag(run_id, STATUS_TAG, FAILED)
+        elif TAG_PROXY_FINGERPRINT in tags or tags.get(TAG_PROXY_STATUS, PENDING) != PENDING:
+            client.set_tag(run_id, TAG_PROXY_ERROR, "interrupted: the proxy's driver stopped while training it")
+            client.set_tag(run_id, TAG_PROXY_STATUS, FAILED)
             client.set_terminated(run_id, "FAILED")
         else:
-            names = feature_names(json.loads(tags["quadmix.domains"]), json.loads(tags["quadmix.criteria"]))
+            names = feature_names(json.loads(tags[TAG_DOMAINS]), json.loads(tags[TAG_CRITERIA]))
             complete = set(names) <= set(run.data.params) and THETA_ARTIFACT in {a.path for a in client.list_artifacts(run_id)}
             if complete:
                 client.update_run(run_id, status="SCHEDULED")
@@ -252,7 +249,7 @@ def settle_children(client, children: list, metric: str, repair: bool) -> list:
                 client.delete_run(run_id)
                 continue
             else:
-                raise ValueError(f"proposal run {run_id} ({run.info.run_name}) of search {tags.get('quadmix.search')!r} was left "
+                raise ValueError(f"proposal run {run_id} ({run.info.run_name}) of search {tags.get(TAG_SEARCH)!r} was left "
                                  "incomplete by an interrupted `quadmix propose`: run `quadmix propose` for this search again")
         out.append(client.get_run(run_id))
     return out

@@ -31,11 +31,10 @@ from pyspark.sql import functions as F
 
 from quadmix_spark import faults
 from quadmix_spark.config import QuadmixConfig
-from quadmix_spark.ingest import DOCUMENTS
 from quadmix_spark.kernel.copies import UNIFORM_SCALE as UNIFORM
 from quadmix_spark.kernel.sampling_fn import expected_from_rank_knots
 from quadmix_spark.kernel.theta import Theta
-from quadmix_spark.normalize import SCORE_KNOTS, SCORE_PREFIX, criteria_of, load_knots
+from quadmix_spark.normalize import criteria_of, load_knots
 from quadmix_spark.prefilter import keep_passing
 from quadmix_spark.prefix import by_labels
 from quadmix_spark.ranking_sql import realized_copies
@@ -48,12 +47,12 @@ from quadmix_spark.ranking import (
     prepare,
     rank_and_sample,
 )
-from quadmix_spark.storage import is_path, read_table, retry_conflicts, table_exists, table_version, write_table
+from quadmix_spark.storage import read_table, replace_slice, table_version
+from quadmix_spark.tables import (ANNOTATIONS, DOCUMENTS, PROXY_INDEX, PROXY_THETA_TOKENS, SCORE_KNOTS, SCORE_PREFIX,
+                                  SELECTION, TRAINING_OUTPUT)
 from quadmix_spark.token_export import export_tokens
 
-ANNOTATIONS, SELECTION, TRAINING_OUTPUT = "annotations", "selection", "training_output"
 ORDER_COLUMNS = ("order_key", "epoch", "copy", "doc_id", "domain", "n_tokens")  # training_output, after its run
-PROXY_INDEX, PROXY_THETA_TOKENS = "proxy_index", "proxy_theta_tokens"
 
 
 class Inputs:
@@ -108,19 +107,6 @@ def settings(cfg: QuadmixConfig) -> RankSettings:
 def _with_domain_names(df: DataFrame, domains: list[str]) -> DataFrame:
     names = F.array(*[F.lit(d) for d in domains])
     return df.withColumn("domain", F.element_at(names, F.col("domain_idx") + 1)).drop("domain_idx")
-
-
-def _replace_slice(df: DataFrame, table: str, predicate: str, meta: dict) -> None:
-    """Overwrite the rows matching ``predicate`` (a run or θ slice) with ``df``: idempotent, and retried when
-    a concurrent writer of another slice commits first. A path table is written with replaceWhere even
-    when it does not exist yet: a plain overwrite would erase a slice another run committed meanwhile."""
-    def write() -> None:
-        writer = df.write.format("delta").option("userMetadata", json.dumps(meta, sort_keys=True, default=str)).mode("overwrite")
-        if is_path(table) or table_exists(df.sparkSession, table):
-            writer = writer.option("replaceWhere", predicate)
-        writer.save(table) if is_path(table) else writer.saveAsTable(table)
-
-    retry_conflicts(write, f"{table} [{predicate}]")
 
 
 # ---------------------------------------------------------------- budget fitting (spec §2.6)
@@ -462,7 +448,7 @@ def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = No
             F.lit(sc.run).alias("run"), F.lit(theta_id).alias("theta_id"), "doc_id", "domain", "n_tokens", "rbar",
             "rank_exact", "S", "copies",
         )
-        _replace_slice(faults.during(sel, "sample.selection.write"), selection_table, predicate, {**meta, "theta_id": theta_id})
+        replace_slice(faults.during(sel, "sample.selection.write"), selection_table, predicate, {**meta, "theta_id": theta_id})
 
     if baseline:
         frame, theta_id, key = baseline_selection(inp, baseline, sc.baseline_fraction, sc.seed)
@@ -484,7 +470,7 @@ def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = No
     rows = instances(selection.where(F.col("S") > 0), plan, key, sc.seed).select(*ORDER_COLUMNS)
     out_table = cfg.storage.table(TRAINING_OUTPUT)
     rows = faults.during(rows.select(F.lit(sc.run).alias("run"), "*"), "sample.output.write")
-    _replace_slice(rows, out_table, predicate, {**meta, "theta_id": theta_id, "epochs": plan})
+    replace_slice(rows, out_table, predicate, {**meta, "theta_id": theta_id, "epochs": plan})
     output = read_table(spark, out_table).where(F.col("run") == sc.run).select(*ORDER_COLUMNS)
     folder = cfg.storage.path("export", sc.run)
     if sc.export_format == "tokens":
@@ -541,7 +527,7 @@ def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta]
                 index = _with_domain_names(ranked, domains).select(
                     F.element_at(ids, F.col("theta_idx") + 1).alias("theta_id"), "doc_id", "domain", "n_tokens", "S", "copies"
                 )
-                _replace_slice(faults.during(index, "sample-many.index.write"), index_table, _theta_predicate(chunk.ids), meta)
+                replace_slice(faults.during(index, "sample-many.index.write"), index_table, _theta_predicate(chunk.ids), meta)
     finally:
         if n_chunks > 1:
             annotations.unpersist()
@@ -556,7 +542,7 @@ def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta]
     tokens[["realized_tokens", "unique_tokens", "selected_docs"]] = tokens[["realized_tokens", "unique_tokens", "selected_docs"]].astype("int64")
     tokens_table = cfg.storage.table(PROXY_THETA_TOKENS)
     meta = {"stage": "sample-many", "run_id": run_id, "annotations_version": inp.annotations_version, "n_theta": stack.k}
-    _replace_slice(spark.createDataFrame(tokens), tokens_table, predicate, meta)
+    replace_slice(spark.createDataFrame(tokens), tokens_table, predicate, meta)
     return ManyResult(list(stack.ids), tokens)
 
 
@@ -579,6 +565,6 @@ def run_baseline_index(spark: SparkSession, cfg: QuadmixConfig, kinds: list[str]
         )
         meta = {"stage": "baseline-index", "run_id": run_id, "annotations_version": inp.annotations_version, "baseline": kind}
         with narrow_batches(spark):
-            _replace_slice(index, index_table, f"theta_id = '{name}'", meta)
+            replace_slice(index, index_table, f"theta_id = '{name}'", meta)
         out[kind] = (name, key)
     return out

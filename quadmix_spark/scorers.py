@@ -28,6 +28,7 @@ from typing import Any
 
 from quadmix_spark.annotate_config import ScorerConfig
 from quadmix_spark.config import ConfigError, QuadmixConfig
+from quadmix_spark.tables import SCORE_PREFIX
 from quadmix_udfs.fasttext_scorer import FastTextScorer, ModelLoadError
 from quadmix_udfs.onnx_causal_lm import CausalLMScorer
 from quadmix_udfs.onnx_text import OnnxTextScorer
@@ -220,7 +221,7 @@ class ScorerSet:
 
     def by_key(self) -> dict[str, Scorer]:
         """Version key -> scorer: ``domain`` and ``q_<name>``."""
-        return {"domain": self.domain, **{f"q_{s.name}": s for s in self.quality}}
+        return {"domain": self.domain, **{f"{SCORE_PREFIX}{s.name}": s for s in self.quality}}
 
     def versions(self) -> dict[str, str]:
         return {key: s.tag for key, s in self.by_key().items()}
@@ -234,7 +235,7 @@ class ScorerSet:
         from pyspark.sql import types as T
         from pyspark.sql.pandas.types import from_arrow_type
 
-        return [f for s in self.quality for f in [T.StructField(f"q_{s.name}", T.DoubleType()),
+        return [f for s in self.quality for f in [T.StructField(f"{SCORE_PREFIX}{s.name}", T.DoubleType()),
                                                   *(T.StructField(c, from_arrow_type(t)) for c, t in s.extra_columns())]]
 
     def filters(self) -> dict[str, tuple[str, ...]]:
@@ -243,11 +244,11 @@ class ScorerSet:
 
     @staticmethod
     def _columns(s: Scorer) -> tuple[str, ...]:
-        return (f"q_{s.name}", *(c for c, _ in s.extra_columns()))
+        return (f"{SCORE_PREFIX}{s.name}", *(c for c, _ in s.extra_columns()))
 
     def runs(self) -> list[tuple[str, Scorer, ScorerRun]]:
         out = [("domain", self.domain, self.domain.run(DOMAIN_COLUMNS))]
-        out += [(f"q_{s.name}", s, s.run(self._columns(s))) for s in self.quality]
+        out += [(f"{SCORE_PREFIX}{s.name}", s, s.run(self._columns(s))) for s in self.quality]
         return out
 
 
@@ -275,7 +276,7 @@ def resolve_scorers(cfg: QuadmixConfig, validate: bool = True) -> ScorerSet:
     domain = build_scorer(ac.domain_scorer, cfg.scorers[ac.domain_scorer], validate)
     quality = tuple(build_scorer(n, cfg.scorers[n], validate) for n in ac.quality_scorers)
     for s in quality:
-        clash = [c for c, _ in s.extra_columns() if c.startswith("q_")]
+        clash = [c for c, _ in s.extra_columns() if c.startswith(SCORE_PREFIX)]
         if clash:
             raise ScorerError(f"scorer {s.name!r}: its column(s) {', '.join(clash)} would be read as quality criteria "
                               "(the q_ prefix): give the scorer a name that does not start with 'q_'")

@@ -65,23 +65,14 @@ from quadmix_spark.kernel.theta import (
     unflatten,
 )
 from quadmix_spark.plots import pyplot, save
+from quadmix_spark.runs import (DOMAIN_TOKENS_ARTIFACT, ROLE_FIT, ROLE_PROXY, ROLE_SEARCH, TAG_CONFIG_FINGERPRINT,
+                                TAG_CRITERIA, TAG_DOMAINS, TAG_PROXY_FINGERPRINT, TAG_ROLE, TAG_SEARCH, TAG_SEARCH_RUN_ID,
+                                TAG_SEARCH_WARNINGS, TAG_STAGE, TAG_THETA_ID, THETA_STAR_ARTIFACT, names_tag, quote,
+                                search_all)
 
-ROLE_SEARCH = "search"
-ROLE_PROXY = "proxy"
-ROLE_FIT = "search-fit"
-TAG_SEARCH = "quadmix.search"
-TAG_ROLE = "quadmix.role"
-TAG_THETA_ID = "quadmix.theta_id"
-TAG_DOMAINS = "quadmix.domains"
-TAG_CRITERIA = "quadmix.criteria"
-THETA_STAR_ARTIFACT = "theta_star.json"
-PAGE_SIZE = 1000
 PLOT_SAMPLE = 2000
 QUANTILES = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)
 _LIST_LIMIT = 10  # names/run ids shown in an error message before "... and n more"
-
-
-TAG_PROXY_FINGERPRINT = "quadmix.proxy.fingerprint"
 
 
 class SearchInputError(ValueError):
@@ -125,54 +116,15 @@ class RunTable:
         return out
 
 
-def _search_all(client, experiment_id: str, filter_string: str) -> list:
-    """Every run matching the filter, page by page (``search_runs`` returns at most 1,000 at a time)."""
-    from mlflow.entities import ViewType
-
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id],
-            filter_string=filter_string,
-            run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=PAGE_SIZE,
-            order_by=["attributes.start_time ASC"],
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _quote(value: str) -> str:
-    if "'" in value:
-        raise SearchInputError(f"search name {value!r} must not contain a quote")
-    return f"'{value}'"
-
-
 def search_names_in(client, experiment_id: str) -> list[str]:
     """The search names that appear in the experiment (on search parents and proxy runs), sorted."""
     names: set[str] = set()
     for role in (ROLE_SEARCH, ROLE_PROXY):
-        for run in _search_all(client, experiment_id, f"tags.`{TAG_ROLE}` = '{role}'"):
+        for run in search_all(client, experiment_id, f"tags.`{TAG_ROLE}` = '{role}'"):
             name = run.data.tags.get(TAG_SEARCH)
             if name:
                 names.add(name)
     return sorted(names)
-
-
-def _names_tag(run, key: str) -> tuple[str, ...] | None:
-    raw = run.data.tags.get(key)
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        return None
-    return tuple(value)
 
 
 def collect_runs(client, experiment_id: str, search_names: Sequence[str], metric: str) -> RunTable:
@@ -194,11 +146,11 @@ def collect_runs(client, experiment_id: str, search_names: Sequence[str], metric
     skipped: dict[str, dict[str, int]] = {}
     unknown = []
     for name in names:
-        runs = _search_all(
-            client, experiment_id, f"tags.`{TAG_SEARCH}` = {_quote(name)} AND tags.`{TAG_ROLE}` = '{ROLE_PROXY}'"
+        runs = search_all(
+            client, experiment_id, f"tags.`{TAG_SEARCH}` = {quote(name)} AND tags.`{TAG_ROLE}` = '{ROLE_PROXY}'"
         )
-        if not runs and not _search_all(
-            client, experiment_id, f"tags.`{TAG_SEARCH}` = {_quote(name)} AND tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'"
+        if not runs and not search_all(
+            client, experiment_id, f"tags.`{TAG_SEARCH}` = {quote(name)} AND tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'"
         ):
             unknown.append(name)
             continue
@@ -222,7 +174,7 @@ def collect_runs(client, experiment_id: str, search_names: Sequence[str], metric
 
     # -- domain and criterion names: every run must carry them, and all must agree (as sets)
     untagged = [r.info.run_id for rs in finished.values() for r in rs
-                if _names_tag(r, TAG_DOMAINS) is None or _names_tag(r, TAG_CRITERIA) is None]
+                if names_tag(r, TAG_DOMAINS) is None or names_tag(r, TAG_CRITERIA) is None]
     if untagged:
         raise SearchInputError(
             f"{len(untagged)} finished proxy run(s) lack a JSON list in the tags {TAG_DOMAINS} / {TAG_CRITERIA}: "
@@ -231,7 +183,7 @@ def collect_runs(client, experiment_id: str, search_names: Sequence[str], metric
     variants: dict[tuple[frozenset, frozenset], dict[str, Any]] = {}
     for name, rs in finished.items():
         for r in rs:
-            doms, crits = _names_tag(r, TAG_DOMAINS), _names_tag(r, TAG_CRITERIA)
+            doms, crits = names_tag(r, TAG_DOMAINS), names_tag(r, TAG_CRITERIA)
             key = (frozenset(doms), frozenset(crits))
             v = variants.setdefault(key, {"domains": doms, "criteria": crits, "searches": {}, "runs": 0})
             v["searches"][name] = v["searches"].get(name, 0) + 1
@@ -274,8 +226,8 @@ def collect_runs(client, experiment_id: str, search_names: Sequence[str], metric
 
     # canonical order: the first run's (no finished run at all: an empty table, check_enough reports it)
     first = next((r for rs in finished.values() for r in rs), None)
-    domains = _names_tag(first, TAG_DOMAINS) if first is not None else ()
-    criteria = _names_tag(first, TAG_CRITERIA) if first is not None else ()
+    domains = names_tag(first, TAG_DOMAINS) if first is not None else ()
+    criteria = names_tag(first, TAG_CRITERIA) if first is not None else ()
 
     # -- features by name
     cols = feature_names(domains, criteria) if domains else []
@@ -367,7 +319,7 @@ def check_draw_settings(client, experiment_id: str, names: Sequence[str], cfg, t
            "search.sampler": sampler_version(cfg.search), "search.domains": json.dumps(list(table.domains)),
            "search.all_criteria": json.dumps(list(table.criteria))}
     for name in names:
-        parents = _search_all(client, experiment_id, f"tags.`{TAG_SEARCH}` = {_quote(name)} AND tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'")
+        parents = search_all(client, experiment_id, f"tags.`{TAG_SEARCH}` = {quote(name)} AND tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'")
         for parent in parents:
             recorded = parent.data.params
             for key, value in now.items():
@@ -435,11 +387,10 @@ def search_domain_tokens(client, experiment_id: str, names: Sequence[str], domai
     """The pool's tokens per domain recorded on the searches' parent runs (in ``domains`` order), or None when
     a search has none (proposed before it was recorded, or by a user's own tooling). Searches over different
     pools are refused: their domain mixes would not be comparable."""
-    from quadmix_spark.propose import DOMAIN_TOKENS_ARTIFACT
 
     found = {}
     for name in names:
-        for parent in _search_all(client, experiment_id, f"tags.`{TAG_SEARCH}` = {_quote(name)} AND tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'"):
+        for parent in search_all(client, experiment_id, f"tags.`{TAG_SEARCH}` = {quote(name)} AND tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'"):
             try:
                 with tempfile.TemporaryDirectory() as tmp:
                     tokens = json.loads(Path(client.download_artifacts(parent.info.run_id, DOMAIN_TOKENS_ARTIFACT, tmp)).read_text())
@@ -983,20 +934,20 @@ def run_search(cfg, search_names: Sequence[str] | None = None, out_path: str | P
     tags = {
         TAG_ROLE: ROLE_FIT,
         TAG_SEARCH: ",".join(names),
-        "quadmix.stage": "search",
+        TAG_STAGE: "search",
         TAG_THETA_ID: theta.theta_id,
         TAG_DOMAINS: json.dumps(list(table.domains)),
         TAG_CRITERIA: json.dumps(list(table.criteria)),
-        "quadmix.config_fingerprint": cfg.fingerprint(),
+        TAG_CONFIG_FINGERPRINT: cfg.fingerprint(),
     }
     warnings = fit_warnings(fit)
     if warnings:
-        tags["quadmix.search.warnings"] = " | ".join(warnings)[:5000]
+        tags[TAG_SEARCH_WARNINGS] = " | ".join(warnings)[:5000]
     if len(names) == 1:
-        parents = _search_all(client, exp.experiment_id,
-                              f"tags.`{TAG_SEARCH}` = {_quote(names[0])} AND tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'")
+        parents = search_all(client, exp.experiment_id,
+                              f"tags.`{TAG_SEARCH}` = {quote(names[0])} AND tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'")
         if len(parents) == 1:
-            tags["quadmix.search_run_id"] = parents[0].info.run_id
+            tags[TAG_SEARCH_RUN_ID] = parents[0].info.run_id
 
     written = None
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(

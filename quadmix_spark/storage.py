@@ -81,12 +81,13 @@ def write_table(
     metadata: dict[str, Any] | None = None,
     txn: tuple[str, int] | None = None,
     merge_schema: bool = False,
+    replace_where: str | None = None,
 ) -> None:
     """Write ``df`` as Delta.
 
     ``txn=(app_id, version)`` makes an append idempotent: Delta skips a write whose app id already
     committed that version, so a retried job does not append twice. ``metadata`` lands in the commit's
-    ``userMetadata``.
+    ``userMetadata``. ``replace_where`` (with ``mode="overwrite"``) replaces only the rows matching it.
     """
     writer = df.write.format("delta").mode(mode)
     if metadata:
@@ -95,7 +96,21 @@ def write_table(
         writer = writer.option("txnAppId", txn[0]).option("txnVersion", str(txn[1]))
     if merge_schema:
         writer = writer.option("mergeSchema", "true")
+    if replace_where is not None:
+        writer = writer.option("replaceWhere", replace_where)
     if is_path(table):
         writer.save(table)
     else:
         writer.saveAsTable(table)
+
+
+def replace_slice(df: DataFrame, table: str, predicate: str, metadata: dict[str, Any] | None = None) -> None:
+    """Overwrite the rows of ``table`` matching ``predicate`` (a run's or θ's slice) with ``df``: idempotent, and
+    written again when a concurrent writer of another slice commits first. A path table is written with
+    replaceWhere even when it does not exist yet: a plain overwrite would erase a slice another run committed
+    meanwhile."""
+    def write() -> None:
+        where = predicate if is_path(table) or table_exists(df.sparkSession, table) else None
+        write_table(df, table, mode="overwrite", metadata=metadata, replace_where=where)
+
+    retry_conflicts(write, f"{table} [{predicate}]")

@@ -8,7 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
-from quadmix_spark.config import QuadmixConfig, load_config
+from quadmix_spark.config import QuadmixConfig, StorageConfig, load_config
+from quadmix_spark.runs import ROLE_EVALUATE, ROLE_FIT, ROLE_PROXY, ROLE_SEARCH, role_filter, search_all
 
 
 def _tables(cfg: QuadmixConfig) -> list[str]:
@@ -42,9 +43,8 @@ def _search(cfg: QuadmixConfig) -> list[str]:
     if exp is None:
         return ["  (no MLflow experiment yet)"]
     name, lines = cfg.search.name, []
-    q = lambda role: client.search_runs([exp.experiment_id], filter_string=f"tags.`quadmix.role` = '{role}' and tags.`quadmix.search` = '{name}'",
-                                        order_by=["attributes.start_time DESC"], max_results=5000)
-    parents, children, fits, evals = q("search"), q("proxy"), q("search-fit"), q("evaluate")
+    q = lambda role: search_all(client, exp.experiment_id, role_filter(role, name), order="attributes.start_time DESC")
+    parents, children, fits, evals = q(ROLE_SEARCH), q(ROLE_PROXY), q(ROLE_FIT), q(ROLE_EVALUATE)
     if not parents:
         return [f"  search {name!r}: not proposed yet"]
     done = sum(r.info.status == "FINISHED" and cfg.search.metric in r.data.metrics for r in children)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  export {manifest.parent.name}: {m['rows']:,} documents, {m['tokens']:,} tokens in {len(m['shards'])} shards ({manifest})")
     uri = cfg.tracking_uri
     if uri.startswith("sqlite:"):
-        how = f"mlflow ui --backend-store-uri {uri}" if Path(cfg.storage.root).resolve() != Path(".quadmix").resolve() else "make ui"
+        how = f"mlflow ui --backend-store-uri {uri}" if Path(cfg.storage.root).resolve() != Path(StorageConfig.model_fields["root"].default).resolve() else "make ui"
         print(f"MLflow UI: {how}   (http://127.0.0.1:5000; open experiment {cfg.tracking.experiment!r}, search runs nest their proxies)")
     else:
         print(f"MLflow runs: {uri}, experiment {cfg.tracking.experiment!r}")

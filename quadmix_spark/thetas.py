@@ -10,13 +10,9 @@ from pathlib import Path
 import yaml
 
 from quadmix_spark.kernel.theta import Theta, load_theta
+from quadmix_spark.runs import THETA_ARTIFACT, THETA_STAR_ARTIFACT, THETAS_ARTIFACT, child_runs, latest_fit
 
 _RUN_ID = re.compile(r"^(runs:/)?([0-9a-f]{32})/?$")
-THETAS_ARTIFACT = "thetas.json"
-THETA_ARTIFACT = "theta.json"
-
-
-THETA_STAR_ARTIFACT = "theta_star.json"
 
 
 def load_one(path: str, domains: list[str], criteria: list[str]) -> Theta:
@@ -64,11 +60,10 @@ def latest_search_fit(client, search: str) -> str:
     """Run id of the newest search fit (``quadmix search``) of ``search`` in the active experiment."""
     from mlflow.tracking.fluent import _get_experiment_id
 
-    runs = client.search_runs([_get_experiment_id()], order_by=["attributes.start_time DESC"], max_results=1,
-                              filter_string=f"tags.`quadmix.role` = 'search-fit' and tags.`quadmix.search` = '{search}'")
-    if not runs:
+    run = latest_fit(client, _get_experiment_id(), search)
+    if run is None:
         raise FileNotFoundError(f"--params search:{search}: search {search!r} has no fitted θ* (run `quadmix search --search {search}`)")
-    return runs[0].info.run_id
+    return run.info.run_id
 
 
 def load_set(source: str, domains: list[str], criteria: list[str]) -> list[Theta]:
@@ -100,10 +95,7 @@ def _from_mlflow(run_id: str, domains, criteria) -> list[Theta]:
             local = client.download_artifacts(run_id, THETAS_ARTIFACT, tmp)
             return _from_document(json.loads(Path(local).read_text()), domains, criteria, f"run {run_id}")
         run = client.get_run(run_id)
-        children = client.search_runs(
-            [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'", order_by=["attributes.start_time ASC"],
-            max_results=50000,
-        )
+        children = child_runs(client, run.info.experiment_id, run_id)
         if not children:
             raise ValueError(f"MLflow run {run_id} has no {THETAS_ARTIFACT} artifact and no child runs")
         out = []

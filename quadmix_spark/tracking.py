@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from quadmix_spark.config import QuadmixConfig
+from quadmix_spark.runs import TAG_CONFIG_FINGERPRINT, TAG_STAGE
 
 
 def configure_mlflow(cfg: QuadmixConfig) -> str:
@@ -52,10 +53,10 @@ def stage_run(cfg: QuadmixConfig, stage: str, run_name: str | None = None, scope
     with lease(cfg, scope or stage, stage) as held:
         client = mlflow.MlflowClient()
         end_stale_runs(client, client.get_experiment_by_name(cfg.tracking.experiment).experiment_id, held)
-        with mlflow.start_run(run_name=run_name or stage, tags={"quadmix.stage": stage, **held.tags}) as run:
+        with mlflow.start_run(run_name=run_name or stage, tags={TAG_STAGE: stage, **held.tags}) as run:
             held.record(run.info.run_id)
             mlflow.log_dict(cfg.resolved(), "config.yaml")
-            mlflow.set_tag("quadmix.config_fingerprint", cfg.fingerprint())
+            mlflow.set_tag(TAG_CONFIG_FINGERPRINT, cfg.fingerprint())
             faults.point(f"{stage}.start")
             yield run
             faults.point(f"{stage}.end")

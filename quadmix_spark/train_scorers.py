@@ -47,13 +47,14 @@ from pyspark.sql import functions as F
 from quadmix_spark.annotate_config import ReferenceSetConfig, TrainModelConfig
 from quadmix_spark.config import ConfigError, QuadmixConfig
 from quadmix_spark.quality_examples import chunk_text, match_lengths
+from quadmix_spark.runs import TAG_MODEL, TAG_STAGE, TAG_TRAIN_WARNINGS
 from quadmix_spark.scorer_report import auc, auc_by_length, corpus_report, plot_report, report_warnings
 from quadmix_spark.storage import read_table, table_exists
+from quadmix_spark.tables import DOCUMENTS
 from quadmix_udfs.fasttext_scorer import FastTextScorer, prepare_lines
 from quadmix_udfs.onnx_text import OnnxTextScorer
 from quadmix_udfs.onnx_transformer import Encoder, OnnxTransformerScorer
 
-DOCUMENTS = "documents"
 HQ, CC = "hq", "cc"
 FORMAT = 3  # bump when the training code changes what a given config produces
 
@@ -610,7 +611,7 @@ def train_scorers_job(cfg: QuadmixConfig) -> TrainReport:
     spark = get_spark(cfg)
 
     def log(t: TrainedModel) -> None:
-        with mlflow.start_run(run_name=f"train:{t.name}", nested=True, tags={"quadmix.stage": "train-scorers", "quadmix.model": t.name}):
+        with mlflow.start_run(run_name=f"train:{t.name}", nested=True, tags={TAG_STAGE: "train-scorers", TAG_MODEL: t.name}):
             params = {"version": t.version, "task": t.task, "model": t.model, "skipped": t.skipped, "n_train": t.n_train,
                       "n_holdout": t.n_holdout}
             params.update({f"param.{k}": v for k, v in cfg.train_scorers.models[t.name].model_dump().items() if v is not None})
@@ -618,7 +619,7 @@ def train_scorers_job(cfg: QuadmixConfig) -> TrainReport:
             mlflow.log_metrics({k: float(v) for k, v in t.metrics.items()})
             mlflow.log_artifacts(t.folder, artifact_path=f"models/{t.name}")  # with report.json / report.png
             if t.warnings:
-                mlflow.set_tag("quadmix.train.warnings", " | ".join(t.warnings)[:5000])
+                mlflow.set_tag(TAG_TRAIN_WARNINGS, " | ".join(t.warnings)[:5000])
         mlflow.log_metrics({f"{t.name}.{k}": float(v) for k, v in t.metrics.items()})
         mlflow.log_param(f"{t.name}.version", t.version)
 

@@ -15,16 +15,12 @@ import pytest
 
 from quadmix_spark import faults
 from quadmix_spark.run_guard import (
-    FAILURE_TAG,
-    HOST_TAG,
-    LEASE_TAG,
-    PID_START_TAG,
-    PID_TAG,
     StageBusy,
     end_stale_runs,
     lease,
     process_start,
 )
+from quadmix_spark.runs import TAG_FAILURE, TAG_HOST, TAG_LEASE, TAG_PID, TAG_PID_START
 from quadmix_spark.storage import retry_conflicts
 from tests.conftest import REPO, make_config
 
@@ -70,7 +66,7 @@ def test_stale_runs_end_failed_and_live_ones_stay(tmp_path):
     host = socket.gethostname()
 
     def running(pid: int, lease_key: str) -> str:
-        tags = {HOST_TAG: host, PID_TAG: str(pid), PID_START_TAG: process_start(pid) or "", LEASE_TAG: lease_key}
+        tags = {TAG_HOST: host, TAG_PID: str(pid), TAG_PID_START: process_start(pid) or "", TAG_LEASE: lease_key}
         return client.create_run(exp, tags=tags).info.run_id
 
     other_store = make_config(tmp_path / "other")
@@ -82,7 +78,7 @@ def test_stale_runs_end_failed_and_live_ones_stay(tmp_path):
     for run_id, status in ((dead, "FAILED"), (same_scope, "FAILED"), (alive, "RUNNING"), (live_elsewhere, "RUNNING")):
         run = client.get_run(run_id)
         assert run.info.status == status
-        assert ("interrupted" in run.data.tags.get(FAILURE_TAG, "")) == (status == "FAILED")
+        assert ("interrupted" in run.data.tags.get(TAG_FAILURE, "")) == (status == "FAILED")
 
 
 def test_conflicts_are_retried_a_bounded_number_of_times(capsys):

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from quadmix_spark import runs as R
 from quadmix_spark import search as S
 from quadmix_spark.kernel.theta import Theta, feature_names, load_theta, sample_theta_matrix
 from tests.conftest import make_config
@@ -39,13 +40,13 @@ def add_search(client, exp_id, name, thetas, *, loss=true_loss, status="FINISHED
 
     parent_id = None
     if parent:
-        parent_id = client.create_run(exp_id, run_name=name, tags={S.TAG_SEARCH: name, S.TAG_ROLE: S.ROLE_SEARCH}).info.run_id
+        parent_id = client.create_run(exp_id, run_name=name, tags={R.TAG_SEARCH: name, R.TAG_ROLE: R.ROLE_SEARCH}).info.run_id
     noise = np.random.default_rng(noise_seed).normal(0, 0.01, len(thetas))
     statuses = [status] * len(thetas) if isinstance(status, str) else status
     ids = []
     for i, th in enumerate(thetas):
-        tags = {S.TAG_SEARCH: name, S.TAG_ROLE: S.ROLE_PROXY, S.TAG_THETA_ID: th.theta_id,
-                S.TAG_DOMAINS: json.dumps(list(th.domains)), S.TAG_CRITERIA: json.dumps(list(th.criteria))}
+        tags = {R.TAG_SEARCH: name, R.TAG_ROLE: R.ROLE_PROXY, R.TAG_THETA_ID: th.theta_id,
+                R.TAG_DOMAINS: json.dumps(list(th.domains)), R.TAG_CRITERIA: json.dumps(list(th.criteria))}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         run_id = client.create_run(exp_id, run_name=f"{name}-{i}", tags=tags).info.run_id
@@ -75,7 +76,7 @@ def store(tmp_path_factory):
     main_thetas = _thetas(N_MAIN + 6, seed=1)
     add_search(client, exp_id, "main", main_thetas[:N_MAIN])
     # the same search's leftovers: failed / killed / running / no metric — all ignored
-    parent = client.search_runs([exp_id], f"tags.`{S.TAG_SEARCH}` = 'main' AND tags.`{S.TAG_ROLE}` = 'search'")[0]
+    parent = client.search_runs([exp_id], f"tags.`{R.TAG_SEARCH}` = 'main' AND tags.`{R.TAG_ROLE}` = 'search'")[0]
     for th, st in zip(main_thetas[N_MAIN:N_MAIN + 5], ["FAILED", "FAILED", "KILLED", "RUNNING", "RUNNING"]):
         ids = add_search(client, exp_id, "main", [th], status=st, parent=False, loss=lambda t: 0.0)
         client.set_tag(ids[0], "mlflow.parentRunId", parent.info.run_id)
@@ -131,7 +132,7 @@ def test_collect_keeps_only_finished_runs_with_the_metric(main_table, store):
 
 
 def test_collect_pages_through_the_store(store, main_table, monkeypatch):
-    monkeypatch.setattr(S, "PAGE_SIZE", 7)
+    monkeypatch.setattr(R, "PAGE_SIZE", 7)
     t = S.collect_runs(store["client"], store["exp_id"], ["main"], "target_loss")
     assert t.run_ids == main_table.run_ids
 
@@ -148,7 +149,7 @@ def test_collect_refuses_runs_of_different_proxy_settings(store):
     ids = add_search(client, exp_id, "fp_a", _thetas(4, seed=5))
     ids += add_search(client, exp_id, "fp_b", _thetas(4, seed=6))
     for run_id, fp in zip(ids, ["aaa"] * 4 + ["bbb"] * 4):
-        client.set_tag(run_id, S.TAG_PROXY_FINGERPRINT, fp)
+        client.set_tag(run_id, R.TAG_PROXY_FINGERPRINT, fp)
     assert len(S.collect_runs(client, exp_id, ["fp_a"], "target_loss").y) == 4  # one setting: fine
     with pytest.raises(S.SearchInputError, match="different proxy settings") as e:
         S.collect_runs(client, exp_id, ["fp_a", "fp_b"], "target_loss")
@@ -243,7 +244,7 @@ def test_run_search_logs_one_run_with_theta_star(store, tmp_path):
     outcome = S.run_search(_cfg(store), out_path=out)
     client = store["client"]
     run = client.get_run(outcome.run_id)
-    assert run.data.tags[S.TAG_ROLE] == "search-fit" and run.data.tags[S.TAG_SEARCH] == "main"
+    assert run.data.tags[R.TAG_ROLE] == "search-fit" and run.data.tags[R.TAG_SEARCH] == "main"
     assert run.info.run_name == "search-fit-main"
     assert run.data.params["n_runs"] == str(N_MAIN)
     assert run.data.metrics["cv_spearman"] > 0.5 and run.data.metrics["cv_folds"] == 5 and "n_trees" in run.data.metrics
@@ -314,7 +315,7 @@ def test_a_fit_with_other_candidate_settings_than_the_proposals_is_refused(store
 
     client = store["client"]
     add_search(client, store["exp_id"], "drawn", _thetas(12, seed=9))
-    (parent,) = client.search_runs([store["exp_id"]], f"tags.`{S.TAG_SEARCH}` = 'drawn' AND tags.`{S.TAG_ROLE}` = 'search'")
+    (parent,) = client.search_runs([store["exp_id"]], f"tags.`{R.TAG_SEARCH}` = 'drawn' AND tags.`{R.TAG_ROLE}` = 'search'")
     client.log_batch(parent.info.run_id, params=[Param("search.lambda_mode", "log"), Param("search.criteria", '["q_a", "q_c"]')])
     base = ("search.name=drawn", "search.min_runs=5", "search.n_candidates=500", "search.top_k=3")
     with pytest.raises(S.SearchInputError, match=r"search.lambda_mode=log, but this fit would draw its candidates with linear"):
@@ -357,7 +358,7 @@ def test_mix_features_are_the_domain_shares_criterion_weights_and_size_theta_imp
 def test_a_search_with_recorded_domain_tokens_is_fitted_on_its_domain_mix(store):
     client = store["client"]
     add_search(client, store["exp_id"], "mixed", _thetas(40, seed=31))
-    (parent,) = client.search_runs([store["exp_id"]], f"tags.`{S.TAG_SEARCH}` = 'mixed' AND tags.`{S.TAG_ROLE}` = 'search'")
+    (parent,) = client.search_runs([store["exp_id"]], f"tags.`{R.TAG_SEARCH}` = 'mixed' AND tags.`{R.TAG_ROLE}` = 'search'")
     client.log_dict(parent.info.run_id, {"d0": 1000, "d1": 2000, "d2": 3000, "d3": 4000}, "domain_tokens.json")
     outcome = S.run_search(_cfg(store, "search.name=mixed", "search.min_runs=20", "search.n_candidates=500", "search.top_k=3",
                                 "search.features=mix"))

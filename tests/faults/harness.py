@@ -253,21 +253,21 @@ def all_runs(root: Path, filter_string: str = "") -> list:
 
 def assert_runs_settled(root: Path, killed_pid: int | None) -> None:
     """No run is left RUNNING; the stage run the killed driver had opened (if any) ended FAILED, saying why."""
-    from quadmix_spark.run_guard import FAILURE_TAG, PID_TAG
+    from quadmix_spark.runs import TAG_FAILURE, TAG_PID
 
     running = [(r.info.run_name, r.info.run_id) for r in all_runs(root, "attributes.status = 'RUNNING'")]
     assert not running, f"runs left RUNNING in {root}: {running}"
     if killed_pid is None:
         return
-    mine = all_runs(root, f"tags.`{PID_TAG}` = '{killed_pid}'")
+    mine = all_runs(root, f"tags.`{TAG_PID}` = '{killed_pid}'")
     assert mine, f"the killed driver (pid {killed_pid}) opened no stage run"
     for r in mine:
-        assert r.info.status == "FAILED" and "interrupted" in r.data.tags.get(FAILURE_TAG, ""), (r.info, r.data.tags)
+        assert r.info.status == "FAILED" and "interrupted" in r.data.tags.get(TAG_FAILURE, ""), (r.info, r.data.tags)
 
 
 def search_state(root: Path, search: str) -> dict:
     """A search's runs by proposal index: θ id, status, params, and every value of ``target_loss`` logged."""
-    from quadmix_spark.propose import child_runs, find_search
+    from quadmix_spark.runs import child_runs, find_search
 
     client = client_of(root)
     exp_id = client.get_experiment_by_name("quadmix").experiment_id

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from quadmix_spark.run_guard import BUSY_EXIT_CODE, PID_TAG
+from quadmix_spark.run_guard import BUSY_EXIT_CODE
+from quadmix_spark.runs import TAG_PID
 from quadmix_spark.storage import read_table
 from tests.faults.pipeline import SEARCH
 from tests.faults.harness import (
@@ -57,11 +58,11 @@ def race(commands: list[list[str]], store: Path, tmp_path: Path, point: str) -> 
         for a in attempts:
             a.stop()
     assert len(hits(hit_dir, point)) == 1
-    first = all_runs(store, f"tags.`{PID_TAG}` = '{winner.pid}'")
+    first = all_runs(store, f"tags.`{TAG_PID}` = '{winner.pid}'")
     assert len(first) == 1 and first[0].info.status == "FINISHED"
     message = loser.output()
     assert first[0].info.run_id in message and f"pid {winner.pid}" in message, message[-2000:]
-    assert not all_runs(store, f"tags.`{PID_TAG}` = '{loser.pid}'"), "the stopped run opened an MLflow run"
+    assert not all_runs(store, f"tags.`{TAG_PID}` = '{loser.pid}'"), "the stopped run opened an MLflow run"
     return winner, loser
 
 
