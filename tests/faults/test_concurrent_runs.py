@@ -66,6 +66,7 @@ def race(commands: list[list[str]], store: Path, tmp_path: Path, point: str) -> 
     return winner, loser
 
 
+@pytest.mark.ci
 def test_ingest_of_overlapping_inputs_at_once(pipeline, spark, tmp_path):
     store = copy_store(pipeline.before("ingest"), tmp_path / "store")
     a, b = pipeline.inputs
@@ -93,6 +94,7 @@ def test_annotate_twice_at_once(pipeline, spark, tmp_path):
     assert_runs_settled(store, None)
 
 
+@pytest.mark.ci
 def test_proxy_of_one_search_twice_at_once(pipeline, spark, tmp_path):
     store = copy_store(pipeline.before("proxy"), tmp_path / "store")
     race([["proxy"], ["proxy"]], store, tmp_path, "proxy.start")
@@ -103,7 +105,7 @@ def test_proxy_of_one_search_twice_at_once(pipeline, spark, tmp_path):
     assert_runs_settled(store, None)
 
 
-@pytest.mark.parametrize("tables", ["new", "existing"])
+@pytest.mark.parametrize("tables", ["new", pytest.param("existing", marks=pytest.mark.ci)])
 def test_two_sample_runs_at_once_both_succeed(tables, pipeline, spark, tmp_path):
     """Run c1 is held inside its selection write (its Delta transaction open) until run c2 has committed
     everything and ended; c1's commit then conflicts (with the tables' creation, or with c2's slice of
