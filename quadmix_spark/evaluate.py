@@ -171,7 +171,6 @@ def run_evaluate(spark: SparkSession, cfg: QuadmixConfig) -> EvaluateResult:
 
     from quadmix_spark.proxy import (ProxyTask, ensure_eval_set, execute, is_finished, outcomes_frame,
                                      prepare_pool, proxy_fingerprint, tail_defaults, task_env, write_plans)
-    from quadmix_spark.proxy_pool import pool_predicate
     from quadmix_spark.proxy_train import EVALUATE_PART, SEARCH_PART
     from quadmix_spark.sample import run_baseline_index, run_sample_many
 
@@ -199,13 +198,13 @@ def run_evaluate(spark: SparkSession, cfg: QuadmixConfig) -> EvaluateResult:
     parent_id = parent.info.run_id
     have = {(r.data.tags.get(TAG_ARM), r.data.tags.get(TAG_SEED)): r for r in child_runs(client, exp_id, parent_id)}
 
-    run_sample_many(spark, cfg, [star], run_id=parent_id, where=pool_predicate(cfg))
+    run_sample_many(spark, cfg, [star], run_id=parent_id, inp=inp)
     fraction = baseline_fraction(spark, cfg, inp, star.theta_id)
     client.set_tag(parent_id, TAG_BASELINE_FRACTION, repr(fraction))
     base_cfg = cfg.model_copy(deep=True)
     base_cfg.sampling.baseline_fraction = fraction
     ids = {REFERENCE_ARM: (star.theta_id, star.theta_key)}
-    ids.update({k: v for k, v in run_baseline_index(spark, base_cfg, kinds, where=pool_predicate(cfg), run_id=parent_id).items()})
+    ids.update({k: v for k, v in run_baseline_index(spark, base_cfg, kinds, run_id=parent_id, inp=inp).items()})
     defaults = {star.theta_id: tail_defaults(star)}
     defaults.update({ids[k][0]: baseline_defaults(inp.domains) for k in kinds})
     plans_dir = write_plans(spark, cfg, pool, defaults)

@@ -71,7 +71,7 @@ def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | No
         check_file(params)
     configure_mlflow(cfg)  # --params may name an MLflow run (a search fit's θ*)
     spark = get_spark(cfg)
-    theta = None
+    theta = inp = None
     if params or random_seed is not None:
         inp = load_inputs(spark, cfg)
         if params:
@@ -84,7 +84,7 @@ def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | No
         if theta is not None:
             mlflow.log_params(theta_params(theta))
             mlflow.log_dict(theta.to_dict(), THETA_ARTIFACT)
-        result = run_sample(spark, cfg, theta=theta, baseline=baseline, run_id=run.info.run_id)
+        result = run_sample(spark, cfg, theta=theta, baseline=baseline, run_id=run.info.run_id, inp=inp)
         mlflow.set_tags({TAG_RUN: result.run, TAG_THETA_ID: result.theta_id})
         mlflow.log_params({
             "sampling.run": result.run, "sampling.seed": cfg.sampling.seed, "sampling.budget_tokens": cfg.sampling.budget_tokens,
@@ -118,7 +118,7 @@ def sample_many_job(cfg: QuadmixConfig, params_set: str):
     thetas = load_set(params_set, inp.domains, inp.criteria)
     ids = sorted(t.theta_id for t in thetas)  # the same θ set twice at once: the second stops
     with stage_run(cfg, "sample-many", scope=f"sample-many.{hashlib.sha256(' '.join(ids).encode()).hexdigest()[:16]}") as run:
-        result = run_sample_many(spark, cfg, thetas, run_id=run.info.run_id)
+        result = run_sample_many(spark, cfg, thetas, run_id=run.info.run_id, inp=inp)
         mlflow.log_params({"n_theta": len(thetas), "params_set": params_set})
         mlflow.log_table(result.tokens, "theta_tokens.json")
     return result

@@ -421,7 +421,6 @@ def run_search_proxies(spark: SparkSession, cfg: QuadmixConfig, run_id: str | No
     """Train the proxies of search ``cfg.search.name`` that have not finished."""
     import mlflow
 
-    from quadmix_spark.proxy_pool import pool_predicate
     from quadmix_spark.run_guard import settle_children
     from quadmix_spark.sample import run_sample_many
 
@@ -443,7 +442,7 @@ def run_search_proxies(spark: SparkSession, cfg: QuadmixConfig, run_id: str | No
     thetas = [theta_of_run(c) for c in todo]
     for c in todo:
         client.set_tag(c.info.run_id, TAG_PROXY_STATUS, PENDING)
-    run_sample_many(spark, cfg, thetas, run_id=run_id, where=pool_predicate(cfg))
+    run_sample_many(spark, cfg, thetas, run_id=run_id, inp=inp)
     faults.point("proxy.index.committed")
     plans_dir = write_plans(spark, cfg, pool, {t.theta_id: tail_defaults(t) for t in thetas})
     env = task_env(cfg, pool, plans_dir, ensure_eval_set(cfg, pool))

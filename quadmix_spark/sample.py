@@ -434,10 +434,11 @@ class SampleResult:
 
 
 def run_sample(spark: SparkSession, cfg: QuadmixConfig, theta: Theta | None = None, baseline: str | None = None,
-               run_id: str | None = None) -> SampleResult:
-    """One θ (or one baseline) over the full annotations: selection, training output, export, report."""
+               run_id: str | None = None, inp: Inputs | None = None) -> SampleResult:
+    """One θ (or one baseline) over the full annotations: selection, training output, export, report.
+    ``inp``: the inputs θ's names were matched to (:func:`load_inputs`), so both see one annotations version."""
     sc = cfg.sampling
-    inp = load_inputs(spark, cfg)
+    inp = inp if inp is not None else load_inputs(spark, cfg)
     documents = read_table(spark, cfg.storage.table(DOCUMENTS))
     meta = {"stage": "sample", "run": sc.run, "run_id": run_id, "annotations_version": inp.annotations_version}
     selection_table = cfg.storage.table(SELECTION)
@@ -496,7 +497,7 @@ class ManyResult:
 
 
 def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta], run_id: str | None = None,
-                    where: F.Column | None = None) -> ManyResult:
+                    where: F.Column | None = None, inp: Inputs | None = None) -> ManyResult:
     """K θ: ``proxy_index`` and ``proxy_theta_tokens``, in chunks of ``sampling.theta_chunk`` θ.
 
     Each chunk is ranked in the fixed two passes of :func:`rank_and_sample` and its slice of ``proxy_index``
@@ -505,8 +506,11 @@ def run_sample_many(spark: SparkSession, cfg: QuadmixConfig, thetas: list[Theta]
     whatever the chunk size (a θ's copies depend on its own key only). The narrow annotations are cached
     while more than one chunk reads them.
 
-    ``where`` restricts the documents to the proxy pool (see :func:`load_inputs`)."""
-    inp = load_inputs(spark, cfg, where)
+    ``where`` restricts the documents to the proxy pool (see :func:`load_inputs`); or ``inp``, inputs already
+    loaded (with their restriction), which θ's names were matched to."""
+    if inp is not None and where is not None:
+        raise ValueError("run_sample_many: give the inputs or the restriction to load them with, not both")
+    inp = inp if inp is not None else load_inputs(spark, cfg, where)
     domains = theta_domains(inp, thetas)
     stack = ThetaStack.of(thetas, domains, inp.criteria)
     if len(set(stack.ids)) != len(stack.ids):
@@ -551,10 +555,13 @@ def _theta_predicate(ids) -> str:
 
 
 def run_baseline_index(spark: SparkSession, cfg: QuadmixConfig, kinds: list[str], where: F.Column | None = None,
-                       run_id: str | None = None) -> dict[str, tuple[str, int]]:
+                       run_id: str | None = None, inp: Inputs | None = None) -> dict[str, tuple[str, int]]:
     """Baselines (``random``, ``topk:<criterion>``, ``mix``) written to ``proxy_index`` like θ, so proxies
-    train on them through the same path. Returns {kind: (baseline id, hash key)}."""
-    inp = load_inputs(spark, cfg, where)
+    train on them through the same path. Returns {kind: (baseline id, hash key)}. ``where`` and ``inp`` as for
+    :func:`run_sample_many`."""
+    if inp is not None and where is not None:
+        raise ValueError("run_baseline_index: give the inputs or the restriction to load them with, not both")
+    inp = inp if inp is not None else load_inputs(spark, cfg, where)
     sc = cfg.sampling
     out = {}
     index_table = cfg.storage.table(PROXY_INDEX)

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.spark
+# about 3 minutes on 2 cores: in `make slow`; the stages it chains are each tested in `make test`
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 
 def test_the_smoke_run_goes_end_to_end_and_writes_every_figure(tmp_path, spark):
