@@ -10,12 +10,14 @@ Inputs: generated strings (mixed scripts, emoji, combining marks, characters the
 versions class differently, unassigned code points, whitespace runs, contractions in any case, added-token
 look-alikes, long numbers, NUL and control characters) and every text of the shared data: the web pages, the
 multilingual robustness crawl, the target validation set and the reference texts. ``make test``
-runs 20,000 generated strings per file; the ``slow`` run 1,000,000 per file.
+runs 20,000 generated strings per file; the ``slow`` run 1,000,000 per file. Files with GPT-2's pattern alone are
+checked twice, through the compiled inner loop (``udfs/_bpe_native.c``) and through the Python one.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 
 import numpy as np
@@ -137,9 +139,10 @@ def _reference(path: str, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
 
 
-def _assert_same(path: str, texts: list[str]) -> None:
-    enc = bpe_fast.load_encoder(path)
+def _assert_same(path: str, texts: list[str], engine: str = "python") -> None:
+    enc = bpe_fast.load_encoder(path, native=engine == "compiled")
     assert enc.fast is not None, enc.reason
+    assert (enc.fast.native is not None) == (engine == "compiled"), enc.fast.native_reason
     want = _reference(path, texts)
     got = enc.encode_batch(texts)
     bad = [i for i in range(len(texts)) if got[i] != want[i]]
@@ -149,45 +152,58 @@ def _assert_same(path: str, texts: list[str]) -> None:
 
 
 STYLES = ["gpt_neox", "gpt2", "roberta", "llama3"]
+COMPILED = importlib.util.find_spec("quadmix_udfs._bpe_native") is not None
+# (file, engine): the compiled loop serves the files with GPT-2's pattern alone; llama3 has its own pattern
+RUNS = [("gpt_neox", "compiled"), ("gpt_neox", "python"), ("gpt2", "compiled"), ("gpt2", "python"),
+        ("roberta", "compiled"), ("roberta", "python"), ("llama3", "python")]
+RUNS = [r for r in RUNS if COMPILED or r[1] == "python"]
+SHARED_RUNS = [r for r in RUNS if r[0] in ("gpt_neox", "llama3")]
 
 
-@pytest.mark.parametrize("style", STYLES)
-def test_generated_strings_give_the_same_ids(files, style):
-    _assert_same(files[style], generated(20_000, seed=STYLES.index(style)))
+def test_the_compiled_loop_is_built():
+    # setup.py marks it optional so an install without a C compiler works; this project's own set-up builds it
+    assert COMPILED, "udfs/_bpe_native.c was not compiled: run make setup (needs a C compiler)"
+
+
+@pytest.mark.parametrize("style, engine", RUNS)
+def test_generated_strings_give_the_same_ids(files, style, engine):
+    _assert_same(files[style], generated(20_000, seed=STYLES.index(style)), engine)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("style", STYLES)
-def test_a_million_generated_strings_give_the_same_ids(files, style):
+@pytest.mark.parametrize("style, engine", RUNS)
+def test_a_million_generated_strings_give_the_same_ids(files, style, engine):
     for part in range(10):
-        _assert_same(files[style], generated(100_000, seed=1000 * (STYLES.index(style) + 1) + part))
+        _assert_same(files[style], generated(100_000, seed=1000 * (STYLES.index(style) + 1) + part), engine)
 
 
 @pytest.mark.slow  # ~100 s a file on 2 cores; make test checks every 8th text below
-@pytest.mark.parametrize("style", ["gpt_neox", "llama3"])
-def test_every_shared_text_gives_the_same_ids(files, style):
+@pytest.mark.parametrize("style, engine", SHARED_RUNS)
+def test_every_shared_text_gives_the_same_ids(files, style, engine):
     texts = _pages()
     assert len(texts) > 55_000
-    _assert_same(files[style], texts)
+    _assert_same(files[style], texts, engine)
 
 
-@pytest.mark.parametrize("style", ["gpt_neox", "llama3"])
-def test_every_eighth_shared_text_gives_the_same_ids(files, style):
+@pytest.mark.parametrize("style, engine", SHARED_RUNS)
+def test_every_eighth_shared_text_gives_the_same_ids(files, style, engine):
     texts = _pages()[::8]  # every shared file contributes
     assert len(texts) > 55_000 // 8
-    _assert_same(files[style], texts)
+    _assert_same(files[style], texts, engine)
 
 
-@pytest.mark.parametrize("style", ["gpt_neox", "llama3"])  # cached chunks, cached pieces
-def test_results_do_not_depend_on_what_was_cached_before(files, style):
+@pytest.mark.parametrize("style, engine", SHARED_RUNS)  # cached chunks, cached pieces
+def test_results_do_not_depend_on_what_was_cached_before(files, style, engine):
     texts = generated(2_000, seed=7) + _pages(300)
-    fresh = bpe_fast.load_encoder(files[style])
+    native = engine == "compiled"
+    fresh = bpe_fast.load_encoder(files[style], native=native)
     counts, ids = fresh.count_batch(texts), fresh.encode_batch(texts)
-    tiny = bpe_fast.load_encoder(files[style])
-    tiny.fast.limit = 50  # emptied again and again, in another order
+    tiny = bpe_fast.Encoder(files[style], bpe_fast.ByteLevelBPE(files[style], native, cache_limit=50), None, fresh.tokenizer)
+    # emptied again and again, in another order
     np.testing.assert_array_equal(tiny.count_batch(texts[::-1])[::-1], counts)
     assert tiny.encode_batch(texts[::-1])[::-1] == ids
-    assert 0 < len(tiny.fast.pieces) <= max(50, max(len(i) for i in ids))
+    held = tiny.fast.native.cached() if native else len(tiny.fast.pieces)
+    assert 0 < held <= max(50, max(len(i) for i in ids))
 
 
 def test_a_lone_surrogate_is_an_error_as_in_tokenizers(files):

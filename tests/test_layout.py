@@ -25,6 +25,12 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     return zipfile.ZipFile(whl)
 
 
+def test_wheel_carries_the_compiled_tokenizer_loop_for_every_python_from_3_11(wheel):
+    # the stable ABI: a Databricks runtime on a later CPython installs the same wheel
+    assert "-cp311-abi3-" in wheel.filename, wheel.filename
+    assert any(n.startswith("quadmix_udfs/_bpe_native") and n.endswith(".abi3.so") for n in wheel.namelist())
+
+
 def test_wheel_ships_the_library_the_kernel_and_the_udf_adapters(wheel):
     names = set(wheel.namelist())
     expected = {f"quadmix_spark/{p.relative_to(REPO / 'quadmix_spark')}" for p in (REPO / "quadmix_spark").rglob("*.py")}

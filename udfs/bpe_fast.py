@@ -19,6 +19,11 @@ one expensive step, a pre-tokenized piece's ids:
    once per piece not seen before and cached (bounded; :data:`CACHE_PIECES`); for GPT-2's pattern whole chunks (a whitespace run and the non-space run after it)
    are cached too, so a text seen in parts before costs one dictionary lookup per word.
 
+For files whose only pattern is GPT-2's (GPT-2, GPT-NeoX, RoBERTa-style), steps 3 and 4 run compiled
+(``udfs/_bpe_native.c``, built at install): the pattern written out as code over Oniguruma's classes and
+``tokenizers``' merge loop (a heap of rank and position) over the file's merges, with its own piece cache.
+Where it is not built, or the file has ``ignore_merges``, the Python steps above do the same work.
+
 So the ids equal ``Tokenizer.encode(text, add_special_tokens=False).ids`` by construction for every step but
 the third, which ``tests/test_bpe_fast.py`` checks on generated strings and every shared page. A file with a
 feature outside what is reproduced here (another model type, pre-tokenizer, split behaviour, a pattern with
@@ -383,7 +388,7 @@ def _check_model(model) -> None:
 class ByteLevelBPE:
     """Exact ids and counts for a byte-level BPE ``tokenizer.json`` (see the module docstring)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, native: bool = True, cache_limit: int = CACHE_PIECES):
         import regex
         from tokenizers import Tokenizer
 
@@ -408,6 +413,8 @@ class ByteLevelBPE:
             space = _set_text(onig_classes()["S"])
             self.chunks = re.compile(f"[{space}]*[^{space}]+|[{space}]+").findall
         self.tokenizer = Tokenizer.from_file(path)
+        self.native, self.native_reason = (_native_counter(spec.get("model") or {}, patterns, cache_limit) if native
+                                           else (None, "compiled path turned off"))
         norm = self.tokenizer.normalizer
         self.normalize = norm.normalize_str if norm is not None else None
         self.form = (spec.get("normalizer") or {}).get("type")
@@ -431,7 +438,7 @@ class ByteLevelBPE:
         self.normalized_added = _AddedMatcher(normalized)
         # caches: piece -> ids and count; chunk -> ids and count. Each is emptied when a fill would take it
         # past ``limit`` keys; what they hold never depends on what came before (only how fast it comes)
-        self.limit = CACHE_PIECES
+        self.limit = cache_limit
         self.pieces: dict[str, tuple[int, ...]] = {}
         self.piece_n: dict[str, int] = {}
         self.chunk_ids: dict[str, tuple[int, ...]] = {}
@@ -521,12 +528,18 @@ class ByteLevelBPE:
             return self.chunks(segment), self.chunk_n if count else self.chunk_ids, self._fill_chunks
         return self._words(segment, self.add_prefix_space), self.piece_n if count else self.pieces, self._fill_words
 
+    def _prefixed(self, segment: str) -> str:
+        return " " + segment if self.add_prefix_space and not segment.startswith(" ") else segment
+
     def encode(self, text: str) -> list[int]:
         """``Tokenizer.encode(text, add_special_tokens=False).ids``."""
         out: list[int] = []
         for segment, tid in self._segments(text):
             if tid is not None:
                 out.append(tid)
+                continue
+            if self.native is not None:
+                out.extend(self.native.encode(self._prefixed(segment)))
                 continue
             keys, cache, fill = self._plain(segment, False)
             try:
@@ -544,6 +557,9 @@ class ByteLevelBPE:
             if tid is not None:
                 n += 1
                 continue
+            if self.native is not None:
+                n += self.native.count(self._prefixed(segment))
+                continue
             keys, cache, fill = self._plain(segment, True)
             try:
                 n += sum(map(cache.__getitem__, keys))
@@ -551,6 +567,50 @@ class ByteLevelBPE:
                 fill(keys, cache, False)
                 n += sum(map(cache.__getitem__, keys))
         return n
+
+
+# ------------------------------------------------------------------ the compiled inner loop
+
+
+def _merge_pairs(model: dict) -> list[tuple[str, str]]:
+    """The file's merges as (left, right) strings, either serialization (``"a b"`` or ``["a", "b"]``)."""
+    out = []
+    for m in model.get("merges") or []:
+        if isinstance(m, str):
+            a, sep, b = m.partition(" ")
+            if not sep:
+                raise Unsupported(f"merge {m!r} is not two tokens")
+            out.append((a, b))
+        else:
+            out.append((m[0], m[1]))
+    return out
+
+
+def _native_counter(model: dict, patterns: list[str], cache_limit: int):
+    """(the compiled counter of ``udfs/_bpe_native.c``, None) for a file whose only pre-tokenizer pattern is
+    GPT-2's, else (None, why not). It gets Oniguruma's classes, each byte's id and the merges as
+    (left id, right id, merged id) in rank order; without it the pure-Python path below does the same work."""
+    if patterns != [GPT2_PATTERN]:
+        return None, "the pre-tokenizer is not GPT-2's pattern alone"
+    if model.get("ignore_merges"):
+        return None, "BPE ignore_merges"
+    try:
+        from quadmix_udfs._bpe_native import Counter
+    except ImportError as e:  # built without a C compiler (setup.py marks the extension optional)
+        return None, f"not compiled ({e})"
+    classes = np.zeros(0x110000, dtype=np.uint8)
+    for flag, name in ((1, "L"), (2, "N"), (4, "S")):
+        for a, b in onig_classes()[name]:
+            classes[a:b + 1] |= flag
+    vocab = model.get("vocab") or {}
+    byte_ids = np.array([vocab.get(ch, -1) for ch in _BYTE_CHARS], dtype=np.int32)
+    triples = []
+    for a, b in _merge_pairs(model):
+        if a not in vocab or b not in vocab or a + b not in vocab:
+            raise Unsupported(f"merge {a!r} {b!r}: a token is not in the vocabulary")
+        triples.append((vocab[a], vocab[b], vocab[a + b]))
+    merges = np.array(triples, dtype=np.int32).reshape(-1, 3)
+    return Counter(classes.tobytes(), byte_ids.tobytes(), merges.tobytes(), cache_limit), None
 
 
 # ------------------------------------------------------------------ loading, with tokenizers as the fallback
@@ -571,7 +631,11 @@ class Encoder:
         return "fast byte-level BPE" if self.fast is not None else "tokenizers"
 
     def describe(self) -> str:
-        return self.kind if self.fast is not None else f"tokenizers ({self.reason})"
+        if self.fast is None:
+            return f"tokenizers ({self.reason})"
+        if self.fast.native is not None:
+            return f"{self.kind}, compiled"
+        return f"{self.kind}, Python ({self.fast.native_reason})"
 
     def encode_batch(self, texts: list[str], batch_size: int = 256) -> list[list[int]]:
         if self.fast is not None:
@@ -588,15 +652,16 @@ class Encoder:
         return np.fromiter((len(ids) for ids in self.encode_batch(texts, batch_size)), dtype=np.int64, count=len(texts))
 
 
-def load_encoder(path: str, fast: bool = True) -> Encoder:
-    """The :class:`Encoder` of ``path`` (a local ``tokenizer.json``); ``fast=False`` always uses ``tokenizers``."""
+def load_encoder(path: str, fast: bool = True, native: bool = True) -> Encoder:
+    """The :class:`Encoder` of ``path`` (a local ``tokenizer.json``); ``fast=False`` always uses ``tokenizers``;
+    ``native=False`` keeps the fast path in Python (the compiled inner loop is used where it applies)."""
     from tokenizers import Tokenizer
 
     reason = None if fast else "fast path turned off"
     impl = None
     if fast:
         try:
-            impl = ByteLevelBPE(path)
+            impl = ByteLevelBPE(path, native)
         except Unsupported as e:
             reason = str(e)
             log.warning("tokenizer %s: %s; counting with tokenizers", path, reason)

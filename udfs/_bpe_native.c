@@ -1,0 +1,464 @@
+/* Native inner loop of quadmix_udfs.bpe_fast for files whose only pre-tokenizer pattern is GPT-2's.
+ *
+ * Counter(classes, byte_ids, merges, cache_limit) takes, from Python:
+ *   classes   bytes of 0x110000 flags, one per code point: 1 letter, 2 number, 4 whitespace, as the
+ *             Oniguruma engine inside tokenizers classes \p{L}, \p{N} and \s (read off it by bpe_fast);
+ *   byte_ids  256 int32 (native order): the vocabulary id of each byte's byte-level character, -1 if none;
+ *   merges    int32 triples (left id, right id, merged id), in rank order (a later duplicate pair wins,
+ *             as in tokenizers' merge map);
+ *   cache_limit  distinct pieces kept before the piece cache is emptied.
+ * count(segment) / encode(segment) then give the token count / ids of one plain segment: normalized, free
+ * of added tokens, with ByteLevel's prefix space already applied. Pre-tokenization is GPT-2's pattern
+ *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+ * written out as the first alternative that matches at each position (Oniguruma's order); each piece is
+ * BPE-merged the way tokenizers' Word::merge_all does it: a min-heap of (rank, position), a popped merge
+ * skipped when its left symbol is gone, has no right neighbour, or the pair there no longer merges to the
+ * same id. Results never depend on the cache (it only saves work). The GIL is held throughout.
+ */
+#define PY_SSIZE_T_CLEAN
+#ifndef Py_LIMITED_API
+#define Py_LIMITED_API 0x030B0000 /* the stable ABI of CPython 3.11: one wheel for every later version */
+#endif
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define CL_L 1
+#define CL_N 2
+#define CL_S 4
+#define N_CODE_POINTS 0x110000
+#define LONG_PIECE 256 /* longer pieces are merged every time, never cached */
+
+typedef struct {
+    uint64_t key; /* left id << 32 | right id */
+    int32_t rank; /* -1: empty slot */
+    int32_t new_id;
+} MergeSlot;
+
+typedef struct {
+    uint64_t hash; /* 0: empty slot */
+    uint32_t key_off, key_len, ids_off, ids_len;
+} Entry;
+
+typedef struct { int32_t c, prev, next, len; } Symbol;
+typedef struct { int32_t rank, pos, new_id; } HeapItem;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *classes_obj;
+    const uint8_t *classes;
+    int32_t byte_ids[256];
+    MergeSlot *merges;
+    size_t merge_mask;
+    /* piece cache: open addressing over code point keys, ids in an arena */
+    Entry *table;
+    size_t table_mask, used, limit;
+    uint32_t *keys; size_t keys_len, keys_cap;
+    int32_t *ids; size_t ids_len, ids_cap;
+    /* scratch */
+    uint32_t *cp; size_t cp_cap;
+    uint8_t *bytes; size_t bytes_cap;
+    Symbol *syms; size_t syms_cap;
+    HeapItem *heap; size_t heap_cap;
+    int32_t *out; size_t out_len, out_cap;
+} Counter;
+
+static int grow(void **buf, size_t *cap, size_t need, size_t item) {
+    if (need <= *cap) return 0;
+    size_t n = *cap ? *cap : 64;
+    while (n < need) n *= 2;
+    void *p = PyMem_Realloc(*buf, n * item);
+    if (!p) { PyErr_NoMemory(); return -1; }
+    *buf = p;
+    *cap = n;
+    return 0;
+}
+
+static inline uint64_t mix64(uint64_t h) {
+    h ^= h >> 33; h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33; h *= 0xc4ceb9fe1a85ec53ULL;
+    h ^= h >> 33;
+    return h;
+}
+
+static const MergeSlot *merge_find(const Counter *self, int32_t a, int32_t b) {
+    uint64_t key = ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+    size_t i = mix64(key) & self->merge_mask;
+    for (;;) {
+        const MergeSlot *s = &self->merges[i];
+        if (s->rank < 0) return NULL;
+        if (s->key == key) return s;
+        i = (i + 1) & self->merge_mask;
+    }
+}
+
+/* ---------------------------------------------------------------- BPE of one piece */
+
+static int heap_less(const HeapItem *x, const HeapItem *y) {
+    return x->rank < y->rank || (x->rank == y->rank && x->pos < y->pos);
+}
+
+static int heap_push(Counter *self, size_t *n, int32_t rank, int32_t pos, int32_t new_id) {
+    if (grow((void **)&self->heap, &self->heap_cap, *n + 1, sizeof(HeapItem)) < 0) return -1;
+    HeapItem *h = self->heap;
+    size_t i = (*n)++;
+    HeapItem item = {rank, pos, new_id};
+    while (i > 0) {
+        size_t parent = (i - 1) / 2;
+        if (!heap_less(&item, &h[parent])) break;
+        h[i] = h[parent];
+        i = parent;
+    }
+    h[i] = item;
+    return 0;
+}
+
+static HeapItem heap_pop(Counter *self, size_t *n) {
+    HeapItem *h = self->heap;
+    HeapItem top = h[0];
+    HeapItem last = h[--(*n)];
+    size_t i = 0, m = *n;
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, best = i;
+        const HeapItem *b = &last;
+        if (l < m && heap_less(&h[l], b)) { best = l; b = &h[l]; }
+        if (r < m && heap_less(&h[r], b)) { best = r; b = &h[r]; }
+        if (best == i) break;
+        h[i] = h[best];
+        i = best;
+    }
+    if (m > 0) h[i] = last;
+    return top;
+}
+
+/* Ids of the piece cp[0..n) appended to self->out. */
+static int bpe(Counter *self, const uint32_t *cp, size_t n) {
+    if (grow((void **)&self->bytes, &self->bytes_cap, 4 * n, 1) < 0) return -1;
+    uint8_t *b = self->bytes;
+    size_t nb = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t c = cp[i];
+        if (c < 0x80) b[nb++] = (uint8_t)c;
+        else if (c < 0x800) { b[nb++] = 0xC0 | (c >> 6); b[nb++] = 0x80 | (c & 0x3F); }
+        else if (c < 0x10000) {
+            if (c >= 0xD800 && c < 0xE000) { PyErr_SetString(PyExc_ValueError, "lone surrogate in text"); return -1; }
+            b[nb++] = 0xE0 | (c >> 12); b[nb++] = 0x80 | ((c >> 6) & 0x3F); b[nb++] = 0x80 | (c & 0x3F);
+        } else {
+            b[nb++] = 0xF0 | (c >> 18); b[nb++] = 0x80 | ((c >> 12) & 0x3F);
+            b[nb++] = 0x80 | ((c >> 6) & 0x3F); b[nb++] = 0x80 | (c & 0x3F);
+        }
+    }
+    if (grow((void **)&self->syms, &self->syms_cap, nb, sizeof(Symbol)) < 0) return -1;
+    Symbol *s = self->syms;
+    for (size_t i = 0; i < nb; i++) {
+        int32_t id = self->byte_ids[b[i]];
+        if (id < 0) {
+            PyErr_Format(PyExc_ValueError, "byte 0x%02x has no token in the vocabulary", b[i]);
+            return -1;
+        }
+        s[i].c = id;
+        s[i].prev = (int32_t)i - 1;
+        s[i].next = i + 1 < nb ? (int32_t)i + 1 : -1;
+        s[i].len = 1;
+    }
+    size_t heap_n = 0;
+    for (size_t i = 0; i + 1 < nb; i++) {
+        const MergeSlot *m = merge_find(self, s[i].c, s[i + 1].c);
+        if (m && heap_push(self, &heap_n, m->rank, (int32_t)i, m->new_id) < 0) return -1;
+    }
+    while (heap_n > 0) {
+        HeapItem top = heap_pop(self, &heap_n);
+        Symbol *left = &s[top.pos];
+        if (left->len == 0 || left->next < 0) continue;
+        int32_t right_pos = left->next;
+        Symbol right = s[right_pos];
+        const MergeSlot *m = merge_find(self, left->c, right.c);
+        if (!m || m->new_id != top.new_id) continue;
+        left->c = top.new_id;
+        left->len += right.len;
+        left->next = right.next;
+        s[right_pos].len = 0;
+        if (right.next >= 0) s[right.next].prev = top.pos;
+        if (left->prev >= 0) {
+            const MergeSlot *pm = merge_find(self, s[left->prev].c, left->c);
+            if (pm && heap_push(self, &heap_n, pm->rank, left->prev, pm->new_id) < 0) return -1;
+        }
+        if (left->next >= 0) {
+            const MergeSlot *nm = merge_find(self, left->c, s[left->next].c);
+            if (nm && heap_push(self, &heap_n, nm->rank, top.pos, nm->new_id) < 0) return -1;
+        }
+    }
+    size_t count = 0;
+    for (int32_t i = nb ? 0 : -1; i >= 0; i = s[i].next) count++;
+    if (grow((void **)&self->out, &self->out_cap, self->out_len + count, sizeof(int32_t)) < 0) return -1;
+    for (int32_t i = nb ? 0 : -1; i >= 0; i = s[i].next) self->out[self->out_len++] = s[i].c;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the piece cache */
+
+static void cache_clear(Counter *self) {
+    memset(self->table, 0, (self->table_mask + 1) * sizeof(Entry));
+    self->used = 0;
+    self->keys_len = 0;
+    self->ids_len = 0;
+}
+
+static int cache_resize(Counter *self, size_t slots) {
+    Entry *t = PyMem_Calloc(slots, sizeof(Entry));
+    if (!t) { PyErr_NoMemory(); return -1; }
+    size_t mask = slots - 1;
+    for (size_t i = 0; i <= self->table_mask; i++) {
+        Entry *e = &self->table[i];
+        if (!e->hash) continue;
+        size_t j = e->hash & mask;
+        while (t[j].hash) j = (j + 1) & mask;
+        t[j] = *e;
+    }
+    PyMem_Free(self->table);
+    self->table = t;
+    self->table_mask = mask;
+    return 0;
+}
+
+/* Appends the ids of cp[0..n) to self->out; *count gets how many. */
+static int piece(Counter *self, const uint32_t *cp, size_t n, size_t *count) {
+    if (n > LONG_PIECE) {
+        size_t before = self->out_len;
+        if (bpe(self, cp, n) < 0) return -1;
+        *count = self->out_len - before;
+        return 0;
+    }
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ n;
+    for (size_t i = 0; i < n; i++) h = (h ^ cp[i]) * 0x100000001B3ULL;
+    h = mix64(h) | 1;
+    size_t j = h & self->table_mask;
+    for (;;) {
+        Entry *e = &self->table[j];
+        if (!e->hash) break;
+        if (e->hash == h && e->key_len == n && memcmp(self->keys + e->key_off, cp, n * sizeof(uint32_t)) == 0) {
+            if (grow((void **)&self->out, &self->out_cap, self->out_len + e->ids_len, sizeof(int32_t)) < 0) return -1;
+            memcpy(self->out + self->out_len, self->ids + e->ids_off, e->ids_len * sizeof(int32_t));
+            self->out_len += e->ids_len;
+            *count = e->ids_len;
+            return 0;
+        }
+        j = (j + 1) & self->table_mask;
+    }
+    size_t before = self->out_len;
+    if (bpe(self, cp, n) < 0) return -1;
+    size_t k = self->out_len - before;
+    *count = k;
+    if (self->used + 1 > self->limit) {
+        cache_clear(self);
+    } else if (2 * (self->used + 1) > self->table_mask + 1) {
+        if (cache_resize(self, 2 * (self->table_mask + 1)) < 0) return -1;
+    }
+    if (grow((void **)&self->keys, &self->keys_cap, self->keys_len + n, sizeof(uint32_t)) < 0) return -1;
+    if (grow((void **)&self->ids, &self->ids_cap, self->ids_len + k, sizeof(int32_t)) < 0) return -1;
+    j = h & self->table_mask;
+    while (self->table[j].hash) j = (j + 1) & self->table_mask;
+    Entry *e = &self->table[j];
+    e->hash = h;
+    e->key_off = (uint32_t)self->keys_len;
+    e->key_len = (uint32_t)n;
+    e->ids_off = (uint32_t)self->ids_len;
+    e->ids_len = (uint32_t)k;
+    memcpy(self->keys + self->keys_len, cp, n * sizeof(uint32_t));
+    self->keys_len += n;
+    memcpy(self->ids + self->ids_len, self->out + before, k * sizeof(int32_t));
+    self->ids_len += k;
+    self->used++;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- GPT-2's pattern */
+
+/* Runs every piece of the segment; returns the number of tokens, or -1 with an exception set. */
+static Py_ssize_t run(Counter *self, PyObject *text, int keep_ids) {
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "a str is needed");
+        return -1;
+    }
+    Py_ssize_t n = PyUnicode_GetLength(text);
+    if (n < 0) return -1;
+    if (grow((void **)&self->cp, &self->cp_cap, (size_t)n + 1, sizeof(uint32_t)) < 0) return -1;
+    uint32_t *cp = self->cp;
+    if (n > 0 && !PyUnicode_AsUCS4(text, (Py_UCS4 *)cp, n, 0)) return -1;
+    const uint8_t *cls = self->classes;
+#define CLS(c) (cls[(c)])
+#define OTHER(c) (!(CLS(c) & (CL_L | CL_N | CL_S)))
+    Py_ssize_t total = 0, i = 0;
+    self->out_len = 0;
+    while (i < n) {
+        uint32_t c = cp[i];
+        Py_ssize_t end = -1;
+        if (c == '\'' && i + 1 < n) {
+            uint32_t c1 = cp[i + 1];
+            if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') end = i + 2;
+            else if (i + 2 < n) {
+                uint32_t c2 = cp[i + 2];
+                if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l')) end = i + 3;
+            }
+        }
+        if (end < 0) {
+            int space = c == ' ' && i + 1 < n;
+            static const uint8_t runs[2] = {CL_L, CL_N};
+            for (int r = 0; r < 2 && end < 0; r++) {
+                Py_ssize_t j = (space && (CLS(cp[i + 1]) & runs[r])) ? i + 1 : i;
+                if (CLS(cp[j]) & runs[r]) {
+                    end = j + 1;
+                    while (end < n && (CLS(cp[end]) & runs[r])) end++;
+                }
+            }
+            if (end < 0) {
+                Py_ssize_t j = (space && OTHER(cp[i + 1])) ? i + 1 : i;
+                if (OTHER(cp[j])) {
+                    end = j + 1;
+                    while (end < n && OTHER(cp[end])) end++;
+                }
+            }
+        }
+        if (end < 0) { /* c is whitespace: \s+(?!\S) leaves the run's last character to what follows it */
+            end = i + 1;
+            while (end < n && (CLS(cp[end]) & CL_S)) end++;
+            if (end < n && end - i >= 2) end--;
+        }
+        size_t k;
+        if (piece(self, cp + i, (size_t)(end - i), &k) < 0) return -1;
+        total += (Py_ssize_t)k;
+        if (!keep_ids) self->out_len = 0;
+        i = end;
+    }
+#undef CLS
+#undef OTHER
+    return total;
+}
+
+static PyObject *Counter_count(Counter *self, PyObject *text) {
+    Py_ssize_t total = run(self, text, 0);
+    self->out_len = 0;
+    return total < 0 ? NULL : PyLong_FromSsize_t(total);
+}
+
+static PyObject *Counter_encode(Counter *self, PyObject *text) {
+    if (run(self, text, 1) < 0) return NULL;
+    PyObject *list = PyList_New((Py_ssize_t)self->out_len);
+    if (!list) return NULL;
+    for (size_t i = 0; i < self->out_len; i++) {
+        PyObject *v = PyLong_FromLong(self->out[i]);
+        if (!v) { Py_DECREF(list); return NULL; }
+        PyList_SetItem(list, (Py_ssize_t)i, v); /* steals v */
+    }
+    self->out_len = 0;
+    return list;
+}
+
+static PyObject *Counter_cached(Counter *self, PyObject *Py_UNUSED(unused)) {
+    return PyLong_FromSize_t(self->used);
+}
+
+/* ---------------------------------------------------------------- the type */
+
+static int Counter_init(Counter *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"classes", "byte_ids", "merges", "cache_limit", NULL};
+    PyObject *classes;
+    Py_buffer byte_ids, merges;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Sy*y*n", names, &classes, &byte_ids, &merges, &limit)) return -1;
+    int rc = -1;
+    if (PyBytes_Size(classes) != N_CODE_POINTS) {
+        PyErr_SetString(PyExc_ValueError, "classes must hold one byte per code point (0x110000)");
+        goto done;
+    }
+    if (byte_ids.len != 256 * (Py_ssize_t)sizeof(int32_t) || merges.len % (3 * (Py_ssize_t)sizeof(int32_t)) || limit < 1) {
+        PyErr_SetString(PyExc_ValueError, "byte_ids must be 256 int32, merges int32 triples, cache_limit >= 1");
+        goto done;
+    }
+    Py_INCREF(classes);
+    Py_XDECREF(self->classes_obj);
+    self->classes_obj = classes;
+    self->classes = (const uint8_t *)PyBytes_AsString(classes);
+    memcpy(self->byte_ids, byte_ids.buf, sizeof(self->byte_ids));
+    size_t n_merges = merges.len / (3 * sizeof(int32_t));
+    size_t slots = 16;
+    while (slots < 2 * n_merges + 2) slots *= 2;
+    PyMem_Free(self->merges);
+    self->merges = PyMem_Malloc(slots * sizeof(MergeSlot));
+    if (!self->merges) { PyErr_NoMemory(); goto done; }
+    for (size_t i = 0; i < slots; i++) self->merges[i].rank = -1;
+    self->merge_mask = slots - 1;
+    const int32_t *m = merges.buf;
+    for (size_t r = 0; r < n_merges; r++) {
+        uint64_t key = ((uint64_t)(uint32_t)m[3 * r] << 32) | (uint32_t)m[3 * r + 1];
+        size_t i = mix64(key) & self->merge_mask;
+        while (self->merges[i].rank >= 0 && self->merges[i].key != key) i = (i + 1) & self->merge_mask;
+        self->merges[i].key = key; /* a later duplicate overwrites: the last rank wins */
+        self->merges[i].rank = (int32_t)r;
+        self->merges[i].new_id = m[3 * r + 2];
+    }
+    self->limit = (size_t)limit;
+    PyMem_Free(self->table);
+    self->table = PyMem_Calloc(1 << 12, sizeof(Entry));
+    if (!self->table) { PyErr_NoMemory(); goto done; }
+    self->table_mask = (1 << 12) - 1;
+    self->used = self->keys_len = self->ids_len = 0;
+    rc = 0;
+done:
+    PyBuffer_Release(&byte_ids);
+    PyBuffer_Release(&merges);
+    return rc;
+}
+
+static void Counter_dealloc(Counter *self) {
+    Py_XDECREF(self->classes_obj);
+    PyMem_Free(self->merges);
+    PyMem_Free(self->table);
+    PyMem_Free(self->keys);
+    PyMem_Free(self->ids);
+    PyMem_Free(self->cp);
+    PyMem_Free(self->bytes);
+    PyMem_Free(self->syms);
+    PyMem_Free(self->heap);
+    PyMem_Free(self->out);
+    PyTypeObject *type = Py_TYPE((PyObject *)self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(type); /* a heap type: its instances hold a reference */
+}
+
+static PyMethodDef Counter_methods[] = {
+    {"count", (PyCFunction)Counter_count, METH_O, "Token count of one plain segment."},
+    {"encode", (PyCFunction)Counter_encode, METH_O, "Token ids of one plain segment."},
+    {"cached", (PyCFunction)Counter_cached, METH_NOARGS, "Pieces in the cache now."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Counter_slots[] = {
+    {Py_tp_doc, "GPT-2-pattern pre-tokenization and byte-level BPE of plain segments (see the module source)."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, Counter_init},
+    {Py_tp_dealloc, Counter_dealloc},
+    {Py_tp_methods, Counter_methods},
+    {0, NULL},
+};
+
+static PyType_Spec Counter_spec = {
+    "quadmix_udfs._bpe_native.Counter", sizeof(Counter), 0, Py_TPFLAGS_DEFAULT, Counter_slots,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_bpe_native", "Native inner loop of quadmix_udfs.bpe_fast.", -1, NULL, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__bpe_native(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    PyObject *type = PyType_FromSpec(&Counter_spec);
+    if (!type || PyModule_AddObject(m, "Counter", type) < 0) {
+        Py_XDECREF(type);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
