@@ -22,6 +22,8 @@ Contract
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from pyspark import StorageLevel
@@ -320,6 +322,28 @@ def prior_ids(spark: SparkSession, cfg: QuadmixConfig, batch_id: str) -> tuple[D
     return existing, conflicted
 
 
+# Ingest's scan is CPU-bound (parsing, hashing, token counting), unlike a copy. Spark packs small input files
+# into as few tasks as one per core plus a remainder (16 files of 17 MB: 3 tasks on 2 cores, the third running
+# alone); with at least this many tasks per core the cores finish together. A launcher's own
+# spark.sql.files.minPartitionNum wins; inputs large next to the cluster are split as before.
+SCAN_TASKS_PER_CORE = 4
+MIN_PARTITION_NUM = "spark.sql.files.minPartitionNum"
+
+
+@contextmanager
+def cpu_bound_scan(spark: SparkSession) -> Iterator[None]:
+    """File scans planned inside split into at least :data:`SCAN_TASKS_PER_CORE` tasks per core (a file is never
+    split further than Spark allows: a gzip file stays one task)."""
+    if spark.conf.get(MIN_PARTITION_NUM, None) is not None:
+        yield
+        return
+    spark.conf.set(MIN_PARTITION_NUM, str(SCAN_TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
+    try:
+        yield
+    finally:
+        spark.conf.unset(MIN_PARTITION_NUM)
+
+
 def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = None) -> IngestReport:
     """The ingest stage: new input units -> ``documents`` + ``rejects``, logged in ``ingest_log``."""
     if not cfg.ingest.input:
@@ -341,7 +365,8 @@ def run_ingest(spark: SparkSession, cfg: QuadmixConfig, run_id: str | None = Non
     unchanged = unchanged_units(spark, cfg, fmt, new, digests, settings)
     report.files_unchanged = len(unchanged)
     fresh = [u for u in new if u.key not in unchanged]
-    per_file = stage_and_write(spark, cfg, fmt, fresh, batch_id, report, meta, txn) if fresh else {}
+    with cpu_bound_scan(spark):
+        per_file = stage_and_write(spark, cfg, fmt, fresh, batch_id, report, meta, txn) if fresh else {}
     log_rows = []
     for u in new:
         stats = per_file.get(canonical(f"{u.path}@v{u.mtime}" if fmt == "delta" else u.path))

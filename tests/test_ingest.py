@@ -310,3 +310,31 @@ def test_duplicate_detection_moves_no_text(spark, cfg_factory, tmp_path, broadca
     assert sorted(r.reason for r in rejects.collect()) == ["duplicate", "duplicate", "duplicate", "id_conflict", "id_conflict"]
     kept = {r.doc_id: r.source for r in docs.collect()}
     assert "p2" not in kept and kept["p0"].endswith("a.jsonl") and kept["p1"].endswith("a.jsonl")
+
+
+def test_the_cpu_bound_scan_splits_small_inputs_across_the_cores_and_changes_no_table(spark, cfg_factory, tmp_path):
+    """Small files are packed into one task by Spark's default; ingest's scan asks for several per core (a
+    launcher's own setting wins, and the setting is restored), and the tables are the same either way."""
+    from quadmix_spark.ingest import MIN_PARTITION_NUM, cpu_bound_scan
+
+    files = [write_jsonl(tmp_path / f"in{i}.jsonl", [{"id": f"f{i}-{j}", "text": f"file {i} row {j} text"} for j in range(40)])
+             for i in range(6)]
+    assert spark.read.text(files).rdd.getNumPartitions() <= spark.sparkContext.defaultParallelism
+    with cpu_bound_scan(spark):
+        assert spark.read.text(files).rdd.getNumPartitions() == 6  # a file each: no file is cut here
+    assert spark.conf.get(MIN_PARTITION_NUM, None) is None
+    spark.conf.set(MIN_PARTITION_NUM, "1")
+    try:
+        own = spark.read.text(files).rdd.getNumPartitions()
+        with cpu_bound_scan(spark):
+            assert spark.read.text(files).rdd.getNumPartitions() == own < 6
+        assert spark.conf.get(MIN_PARTITION_NUM) == "1"
+        cfg_one = cfg_factory(f"ingest.input=[{tmp_path}/*.jsonl]", "storage.root=" + str(tmp_path / "one"))
+        run_ingest(spark, cfg_one)
+    finally:
+        spark.conf.unset(MIN_PARTITION_NUM)
+    cfg_many = cfg_factory(f"ingest.input=[{tmp_path}/*.jsonl]", "storage.root=" + str(tmp_path / "many"))
+    run_ingest(spark, cfg_many)
+    cols = ["doc_id", "text", "n_tokens", "text_hash", "source"]
+    one, many = (read_table(spark, c.storage.table("documents")).select(*cols).orderBy("doc_id").collect() for c in (cfg_one, cfg_many))
+    assert len(one) == 240 and one == many
