@@ -306,13 +306,17 @@ class _AddedMatcher:
         # a trie as one pattern: at each character at most one branch goes on, and the optional groups are
         # greedy, so the match at the leftmost position is the longest (aho-corasick's LeftmostLongest)
         self.rx = re.compile(_trie_pattern(self.tokens)) if self.tokens else None
+        # every token starts with one of these: a text holding none of them has no match (a substring test is
+        # much cheaper than the pattern's scan); None when there are too many to test one by one
+        heads = {t[:2] for t in self.tokens}
+        self.heads = tuple(sorted(heads)) if len(heads) <= 8 else None
         rules = any(t.single_word or t.lstrip or t.rstrip for t in tokens)
         classes = added_rule_classes() if rules else {}
         self.word, self.space = classes.get("w"), classes.get("s")
 
     def split(self, sentence: str) -> list[tuple[str, int | None]]:
         """(piece, added token id or None) covering ``sentence``."""
-        if self.rx is None or not sentence:
+        if self.rx is None or not sentence or (self.heads is not None and not any(h in sentence for h in self.heads)):
             return [(sentence, None)]
         out: list[tuple[str, int | None]] = []
         offset = 0
@@ -469,6 +473,8 @@ class ByteLevelBPE:
         """The file's NFC/NFD/NFKC/NFKD: skipped when ``unicodedata`` says ``text`` is already in that form and
         every character of it is assigned in ``unicodedata``'s Unicode version (normalization stability: such
         a text stays normalized in every later version), else ``tokenizers``' own normalizer."""
+        if text.isascii():  # ASCII is its own form under all four, and assigned in every Unicode version
+            return text
         if unicodedata.is_normalized(self.form, text) and not self.unassigned[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)].any():
             return text
         return self.tokenizer.normalizer.normalize_str(text)
