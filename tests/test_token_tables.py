@@ -4,7 +4,6 @@ sets are the same with ``ingest.fast_tokenizer`` on and off (real Spark, Delta, 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from quadmix_spark.proxy_pool import build_pool
 from quadmix_spark.proxy_train import build_eval_set
 from quadmix_spark.storage import read_table
 from tests.conftest import DATA, TOKENIZER
-from tests.test_bpe_fast import generated
+from tests.test_bpe_fast import COMPILED, generated
 
 pytestmark = pytest.mark.spark
 
@@ -48,8 +47,8 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_documents_pool_and_eval_sets_are_the_same_with_and_without_the_fast_path(spark, cfg_factory, inputs, tmp_path):
     fast_cfg, fast_report = _store(spark, cfg_factory, inputs, True, "fast")
     slow_cfg, slow_report = _store(spark, cfg_factory, inputs, False, "slow")
-    compiled = importlib.util.find_spec("quadmix_udfs._bpe_native") is not None  # the tables below come from it
-    assert fast_report.token_counter.startswith("fast byte-level BPE, " + ("compiled" if compiled else "Python (not compiled"))
+    # the tables below come from the compiled loop where it is built
+    assert fast_report.token_counter.startswith("fast byte-level BPE, " + ("compiled" if COMPILED else "Python (not compiled"))
     assert slow_report.token_counter == "tokenizers (fast path turned off)"
     assert "tokens counted by fast byte-level BPE" in fast_report.summary()
 

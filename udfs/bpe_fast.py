@@ -406,7 +406,6 @@ class ByteLevelBPE:
         # the file's own patterns for text whose characters both engines class alike, the explicit sets else
         self.splitters = [regex.compile(p).findall for p in patterns]
         self.exact_splitters = [regex.compile(translate_pattern(p)).findall for p in patterns]
-        self.mismatch = class_mismatch()
         # GPT-2's pattern never puts a non-space and the whitespace after it in one piece, so a text is the
         # concatenation of its chunks (a whitespace run and the non-space run after it), and each chunk's
         # pieces are the text's pieces there: chunks are cut with a cheap pattern and their counts cached
@@ -450,7 +449,7 @@ class ByteLevelBPE:
 
     def _clean(self, text: str) -> bool:
         """No character of ``text`` is classed differently by the two regex engines."""
-        return not self.mismatch[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)].any()
+        return not class_mismatch()[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)].any()
 
     def _words(self, text: str, prefix: bool, clean: bool = False) -> list[str]:
         """The pre-tokenized pieces of one normalized, added-token-free text (``prefix``: ByteLevel's
@@ -529,9 +528,7 @@ class ByteLevelBPE:
     def _plain(self, segment: str, count: bool):
         """(cache keys, their cache, the fill for a miss) of one plain segment."""
         if self.chunks is not None:
-            if self.add_prefix_space and not segment.startswith(" "):
-                segment = " " + segment
-            return self.chunks(segment), self.chunk_n if count else self.chunk_ids, self._fill_chunks
+            return self.chunks(self._prefixed(segment)), self.chunk_n if count else self.chunk_ids, self._fill_chunks
         return self._words(segment, self.add_prefix_space), self.piece_n if count else self.pieces, self._fill_words
 
     def _prefixed(self, segment: str) -> str:
@@ -660,7 +657,8 @@ class Encoder:
 
 def load_encoder(path: str, fast: bool = True, native: bool = True) -> Encoder:
     """The :class:`Encoder` of ``path`` (a local ``tokenizer.json``); ``fast=False`` always uses ``tokenizers``;
-    ``native=False`` keeps the fast path in Python (the compiled inner loop is used where it applies)."""
+    ``native=False`` runs the fast path's pre-tokenizer and merges in Python even where the compiled loop
+    would apply (files with GPT-2's pattern alone; tests compare the two)."""
     from tokenizers import Tokenizer
 
     reason = None if fast else "fast path turned off"
