@@ -17,6 +17,13 @@ On the shared web corpus with the demo's trained scorers, in one store (``$QUADM
    mix: ``paired.<screen|lm>.<random|topk_best|mix> = {mean, se, wins, n}`` where ``mean`` is baseline loss
    minus θ* loss (positive = θ* better) and ``topk_best`` the top-k arm of the lowest mean loss.
 
+Steps 3-6 run in the order screening (search, fit, θ* judged by both proxies), then transformer (search, fit,
+agreement, θ* judged); ``--stop-after`` ends the run after one of the screening steps. ``--budget`` fixes the
+proxy budget and skips step 2. ``--set KEY=VALUE`` (repeatable) changes a setting for the whole experiment (a
+variant, e.g. ``--set search.shared_omega=0.5``): the overrides are recorded in the result, the variant's searches
+get names of their own (``quality-screen-v<hash>``; the curation is shared) and its result file is
+``selection_quality-v<hash>.json``.
+
 Resumable: every stage reuses what is finished (proposals, trained proxies, evaluated arms), so an interrupted
 run is continued by running the command again. Writes ``bench/results/selection_quality.json`` (and, with
 ``--reference``, ``bench/reference/selection_quality.json``). ``--smoke`` runs the same path on 400 pages
@@ -40,6 +47,7 @@ from bench.common import REPO, RESULTS_DIR, git_commit, log, machine_info, scrat
 NAME = "selection_quality"
 REFERENCE_DIR = REPO / "bench" / "reference"
 CONFS = [REPO / "conf" / "default.yaml", REPO / "conf" / "scorers.yaml", REPO / "conf" / "search-demo.yaml"]
+STOP_POINTS = ("screen_fit", "screen_evaluate_ngram", "screen_evaluate")
 GOALS = {"cv_spearman.screen": 0.8, "cv_spearman.lm": 0.6, "agreement_spearman": 0.7, "paired_z": 2.0}
 
 
@@ -82,15 +90,31 @@ class Experiment:
             self.base.append(f"ingest.input=[{corpus}]")
         if args.smoke:
             self.base += SMOKE_OVERRIDES
+        self.base += list(args.set or [])
+        self.suffix = variant_suffix(args.set or [])
 
     def config(self, *overrides: str):
         from quadmix_spark.config import load_config
 
         return load_config([str(c) for c in CONFS], [*self.base, *overrides])
 
+    def name(self, search: str) -> str:
+        """A search's name in this variant (``--set`` overrides give the searches their own names, so a variant
+        shares the store's curation but never another variant's proposals)."""
+        return search + self.suffix
+
     def search(self, name: str, kind: str, tokens: int, n: int, seed: int = 0, train_seed: int = 0):
-        return self.config(f"search.name={name}", f"search.n_proposals={n}", f"search.seed={42 + seed}",
+        return self.config(f"search.name={self.name(name)}", f"search.n_proposals={n}", f"search.seed={42 + seed}",
                            f"proxy.model.kind={kind}", f"proxy.train.tokens={tokens}", f"proxy.train.seed={train_seed}")
+
+
+def variant_suffix(overrides: list[str]) -> str:
+    """``""`` for the experiment as designed; else ``-v<hash of the overrides>``."""
+    import hashlib
+
+    if not overrides:
+        return ""
+    return "-v" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
 
 
 # ---------------------------------------------------------------- steps
@@ -295,7 +319,8 @@ def run(args) -> dict[str, Any]:
     corpus = smoke_corpus(root, sizes["docs"]) if sizes["docs"] else None
     exp = Experiment(root, args, sizes, corpus)
     result: dict[str, Any] = {"name": NAME, "commit": git_commit(), "machine": machine_info(), "smoke": bool(args.smoke),
-                              "when": utc_now(), "sizes": sizes, "timings_s": {}, "cv_spearman": {}, "paired": {}}
+                              "when": utc_now(), "sizes": sizes, "overrides": list(args.set or []),
+                              "timings_s": {}, "cv_spearman": {}, "paired": {}}
     timings = result["timings_s"]
 
     results_dir = Path(args.results_dir) if args.results_dir else RESULTS_DIR
@@ -309,31 +334,50 @@ def run(args) -> dict[str, Any]:
         write({**result, "partial": True, "last_step": name}, False, results_dir)
         return out
 
+    def stop(name: str) -> bool:
+        if args.stop_after != name:
+            return False
+        write({**result, "partial": True, "last_step": name}, False, results_dir)
+        log(f"stopped after {name} (--stop-after); run again without it to finish")
+        return True
+
     result["curation"] = step("curation", curate, exp)
-    spreads = [step(f"spread_{b}", seed_spread, exp, b) for b in sizes["budgets"]]
-    budget, why = choose_budget(spreads, args.max_noise)
-    result["budget"] = {"tokens": budget, "why": why, "spread": spreads}
+    if args.budget:
+        budget, why = args.budget, "fixed by --budget (no seed spread measured in this run)"
+        result["budget"] = {"tokens": budget, "why": why, "spread": []}
+    else:
+        spreads = [step(f"spread_{b}", seed_spread, exp, b) for b in sizes["budgets"]]
+        budget, why = choose_budget(spreads, args.max_noise)
+        result["budget"] = {"tokens": budget, "why": why, "spread": spreads}
     log(f"transformer proxy budget: {budget:,} tokens ({why})")
 
     screen = exp.search("quality-screen", "ngram", budget, sizes["screen_thetas"], seed=0)
     lm = exp.search("quality-lm", "transformer", budget, sizes["lm_thetas"], seed=1)
     lm_as_ngram = exp.search("quality-lm-ngram", "ngram", budget, sizes["lm_thetas"], seed=1)
+    # θ* of each search judged by the transformer proxy on held-out target text
+    judge = ["proxy.model.kind=transformer", f"proxy.train.tokens={budget}"]
     screen_losses = step("screen_proxies", train_search, screen)
     result["screen_fit"] = step("screen_fit", fit, screen)
+    result["cv_spearman"]["screen"] = result["screen_fit"]["cv_spearman"]
+    if stop("screen_fit"):
+        return result
+    result["screen_on_ngram"] = step("screen_evaluate_ngram", evaluate, exp.config(
+        f"search.name={exp.name('quality-screen')}", "proxy.model.kind=ngram", f"proxy.train.tokens={budget}"))
+    if stop("screen_evaluate_ngram"):
+        return result
+    result["paired"]["screen"] = step("screen_evaluate", evaluate,
+                                      exp.config(f"search.name={exp.name('quality-screen')}", *judge))
+    if stop("screen_evaluate"):
+        return result
+
     lm_losses = step("lm_proxies", train_search, lm)
     result["lm_fit"] = step("lm_fit", fit, lm)
+    result["cv_spearman"]["lm"] = result["lm_fit"]["cv_spearman"]
     agree_losses = step("agreement_proxies", train_search, lm_as_ngram)
-    result["cv_spearman"] = {"screen": result["screen_fit"]["cv_spearman"], "lm": result["lm_fit"]["cv_spearman"]}
     rho, n = spearman(lm_losses, agree_losses)
     result["agreement_spearman"], result["agreement_thetas"] = rho, n
     result["proxy_losses"] = {"screen": screen_losses, "lm": lm_losses, "lm_as_ngram": agree_losses}
-
-    # θ* of each search judged by the transformer proxy on held-out target text
-    judge = ["proxy.model.kind=transformer", f"proxy.train.tokens={budget}"]
-    result["screen_on_ngram"] = step("screen_evaluate_ngram", evaluate, exp.config(
-        "search.name=quality-screen", "proxy.model.kind=ngram", f"proxy.train.tokens={budget}"))
-    result["paired"]["screen"] = step("screen_evaluate", evaluate, exp.config(f"search.name=quality-screen", *judge))
-    result["paired"]["lm"] = step("lm_evaluate", evaluate, exp.config(f"search.name=quality-lm", *judge))
+    result["paired"]["lm"] = step("lm_evaluate", evaluate, exp.config(f"search.name={exp.name('quality-lm')}", *judge))
     result["verdicts"] = verdicts(result)
     result["wall_s"] = round(sum(timings.values()), 1)
     write(result, args.reference, results_dir)
@@ -341,11 +385,12 @@ def run(args) -> dict[str, Any]:
 
 
 def write(result: dict[str, Any], reference: bool, results_dir: Path = RESULTS_DIR) -> Path:
-    path = write_json(results_dir / f"{NAME}.json", result, indent=1)
+    name = NAME + variant_suffix(result.get("overrides") or [])
+    path = write_json(results_dir / f"{name}.json", result, indent=1)
     if reference and not result["smoke"]:
         REFERENCE_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, REFERENCE_DIR / f"{NAME}.json")
-        log(f"wrote {REFERENCE_DIR / f'{NAME}.json'}")
+        shutil.copyfile(path, REFERENCE_DIR / f"{name}.json")
+        log(f"wrote {REFERENCE_DIR / f'{name}.json'}")
     return path
 
 
@@ -357,9 +402,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="seeds per arm in the paired evaluation")
     parser.add_argument("--budgets", type=int, nargs="+", default=[500_000, 2_000_000],
                         help="candidate proxy token budgets (the seed spread picks one)")
+    parser.add_argument("--budget", type=int, help="the proxies' token budget, fixed (skips the seed spread)")
     parser.add_argument("--max-noise", type=float, default=0.25, help="largest seed sd / θ sd accepted for a budget")
     parser.add_argument("--reference", action="store_true", help="also write bench/reference/selection_quality.json")
     parser.add_argument("--results-dir", help="where the result file goes (default bench/results)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="a config override for every stage of the experiment (repeatable), e.g. "
+                             "search.shared_omega=0.5; recorded in the result, and the searches get names of their own")
+    parser.add_argument("--stop-after", choices=STOP_POINTS,
+                        help="end after this step (a partial result file); the next run without it continues")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,3 +30,25 @@ def test_the_smoke_run_goes_end_to_end_and_writes_every_figure(tmp_path, spark):
     assert r["budget"]["spread"] and r["budget"]["tokens"] in r["sizes"]["budgets"]
     assert set(r["verdicts"]) >= {"cv_spearman.screen", "cv_spearman.lm", "agreement_spearman", "paired.lm.mix"}
     assert "dclm" in r["curation"]["scorers"] and "auc_within_length" in r["curation"]["scorers"]["dclm"]
+
+
+def test_a_variant_reuses_the_curation_and_keeps_its_searches_apart(tmp_path, spark):
+    """``--set`` runs a variant in the same store: its own search names and result file, the overrides recorded,
+    and ``--stop-after`` ends after the screening fit."""
+    from bench.quality import main, variant_suffix
+
+    root, results = tmp_path / "quality", tmp_path / "results"
+    common = ["--smoke", "--root", str(root), "--results-dir", str(results), "--budget", "6000",
+              "--stop-after", "screen_fit"]
+    assert main(common) == 0
+    base = json.loads((results / "selection_quality.json").read_text())
+    overrides = ["search.shared_omega=0.5"]
+    assert main([*common, "--set", overrides[0]]) == 0
+    suffix = variant_suffix(overrides)
+    assert suffix.startswith("-v") and variant_suffix(["search.shared_omega=0.25"]) != suffix and variant_suffix([]) == ""
+    r = json.loads((results / f"selection_quality{suffix}.json").read_text())
+    assert r["overrides"] == overrides and r["partial"] and r["last_step"] == "screen_fit"
+    assert r["budget"]["tokens"] == 6000 and not r["budget"]["spread"]
+    assert r["curation"]["ingested_now"] == 0  # the store's curation, reused
+    assert set(r["cv_spearman"]) == {"screen"} and "lm" not in r["paired"]
+    assert r["screen_fit"]["theta_star"] != base["screen_fit"]["theta_star"]  # its own proposals, its own θ*
