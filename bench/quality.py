@@ -122,9 +122,7 @@ def variant_suffix(overrides: list[str]) -> str:
 
 def curate(exp: Experiment) -> dict[str, Any]:
     """ingest → train-scorers → annotate → normalize (each a no-op when already done)."""
-    from quadmix_spark.annotate import annotate_job
-    from quadmix_spark.jobs import ingest_job, normalize_job
-    from quadmix_spark.train_scorers import train_scorers_job
+    from quadmix_spark.jobs import annotate_job, ingest_job, normalize_job, train_scorers_job
 
     cfg = exp.config()
     ingest = ingest_job(cfg)

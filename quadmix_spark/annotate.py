@@ -43,7 +43,6 @@ from pyspark.sql import types as T
 from quadmix_spark import faults
 from quadmix_spark.config import QuadmixConfig
 from quadmix_spark.prefilter import prefilter_counts
-from quadmix_spark.runs import PARAM_GPU_STAGE, TAG_ANNOTATIONS_VERSION
 from quadmix_spark.scorers import ScorerError, ScorerSet, resolve_scorers
 from quadmix_spark.tables import ANNOTATIONS, DOCUMENTS, SCORE_PREFIX
 from quadmix_spark.storage import is_path, read_table, table_exists, table_version
@@ -526,32 +525,3 @@ def run_annotate(
     elif existing is not None:
         report.rows = sum(existing_versions.get("domain", {}).values())
     return report
-
-
-def annotate_job(cfg: QuadmixConfig, rescore: list[str] | None = None) -> AnnotateReport:
-    """Runner for ``quadmix annotate`` / ``jobs/annotate.py``: scorers checked, Spark, an MLflow run, the stage.
-
-    Logs the scorer versions (params ``quadmix.scorer.<key>``), counts and speed (metrics), and the
-    per-domain score histograms as a table (``annotate/score_histograms.json``) and a PNG plot.
-    """
-    import mlflow
-
-    from quadmix_spark.session import get_spark
-    from quadmix_spark.tracking import stage_run
-
-    scorers = resolve_scorers(cfg)  # every model file checked before Spark starts
-    rescore_allowed(cfg, scorers, rescore)
-    spark = get_spark(cfg)
-    with stage_run(cfg, "annotate") as run:
-        report = run_annotate(spark, cfg, rescore, run.info.run_id, scorers)
-        mlflow.log_params({f"quadmix.scorer.{k}": v for k, v in report.versions.items()})
-        mlflow.log_params({PARAM_GPU_STAGE: report.gpu_profile[:250]})
-        mlflow.log_metrics({f"annotate.{k}": float(v) for k, v in report.metrics().items()})
-        mlflow.set_tag(TAG_ANNOTATIONS_VERSION, str(report.table_version_after))
-        if report.histograms is not None and len(report.histograms):
-            mlflow.log_table(report.histograms, "annotate/score_histograms.json")
-            fig = plot_score_histograms(report.histograms, cfg.annotate.histogram_bins)
-            mlflow.log_figure(fig, "annotate/score_histograms.png")
-        mlflow.log_text(report.summary(), "annotate/summary.txt")
-    return report
-

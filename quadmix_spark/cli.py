@@ -62,6 +62,27 @@ def _show(cfg: QuadmixConfig, fmt: str = "yaml") -> None:
     typer.echo(json.dumps(data, indent=2) if fmt == "json" else yaml.safe_dump(data, sort_keys=False))
 
 
+def _run_stage(cfg: QuadmixConfig, dry_run: bool, runner: str, *args, would: str | None = None, exit_code=None, **kwargs):
+    """What every stage command shares: ``--dry-run`` prints the resolved config (and ``would``) and stops;
+    else the runner ``quadmix_spark.jobs.<runner>`` runs under :func:`_user_errors`, its report's summary is
+    printed, and ``exit_code(report)`` (when given) ends the command with that code when it is not 0. The jobs
+    module is imported only here, so ``--help`` and ``--dry-run`` start no JVM and load no model library."""
+    if dry_run:
+        _show(cfg)
+        if would:
+            typer.echo(would)
+        return None
+    from quadmix_spark import jobs
+
+    with _user_errors(cfg):
+        report = getattr(jobs, runner)(cfg, *args, **kwargs)
+    typer.echo(report.summary())
+    code = exit_code(report) if exit_code else 0
+    if code:
+        raise typer.Exit(code)
+    return report
+
+
 @config_app.command("show")
 def config_show(
     config: ConfigFiles = None,
@@ -84,31 +105,14 @@ def ingest(
     if input_:
         overrides.append(f"ingest.input={json.dumps(input_)}")
     cfg = _load(config, overrides)
-    if dry_run:
-        _show(cfg)
-        typer.echo(f"# would ingest {cfg.ingest.input} into {cfg.storage.table('documents')}")
-        return
-    from quadmix_spark.jobs import ingest_job
-
-    with _user_errors(cfg):
-        report = ingest_job(cfg)
-    typer.echo(report.summary())
-    if not report.balanced:
-        raise typer.Exit(3)
+    _run_stage(cfg, dry_run, "ingest_job", would=f"# would ingest {cfg.ingest.input} into {cfg.storage.table('documents')}",
+               exit_code=lambda report: 0 if report.balanced else 3)
 
 
 @app.command("train-scorers")
 def train_scorers(config: ConfigFiles = None, set_: Overrides = None, dry_run: DryRun = False) -> None:
     """Train the configured quality and domain scorers (fastText, TF-IDF/ONNX, MiniLM + head) with held-out metrics."""
-    cfg = _load(config, set_)
-    if dry_run:
-        _show(cfg)
-        return
-    from quadmix_spark.train_scorers import train_scorers_job
-
-    with _user_errors(cfg):
-        report = train_scorers_job(cfg)
-    typer.echo(report.summary())
+    _run_stage(_load(config, set_), dry_run, "train_scorers_job")
 
 
 @app.command()
@@ -119,30 +123,13 @@ def annotate(
     dry_run: DryRun = False,
 ) -> None:
     """Score new documents with every configured scorer into the `annotations` table (Delta MERGE)."""
-    cfg = _load(config, set_)
-    if dry_run:
-        _show(cfg)
-        return
-    from quadmix_spark.annotate import annotate_job
-
-    with _user_errors(cfg):
-        report = annotate_job(cfg, rescore=rescore)
-    typer.echo(report.summary())
+    _run_stage(_load(config, set_), dry_run, "annotate_job", rescore=rescore)
 
 
 @app.command()
 def normalize(config: ConfigFiles = None, set_: Overrides = None, dry_run: DryRun = False) -> None:
     """Compute the σ knots (per-criterion token-weighted percentiles) of the current annotations."""
-    cfg = _load(config, set_)
-    if dry_run:
-        _show(cfg)
-        return
-    from quadmix_spark.jobs import normalize_job
-
-    with _user_errors(cfg):
-        knots, written = normalize_job(cfg)
-    state = "written" if written else "already current, unchanged"
-    typer.echo(f"normalize: {len(knots)} criteria ({', '.join(k.criterion for k in knots)}), knots {state}")
+    _run_stage(_load(config, set_), dry_run, "normalize_job")
 
 
 @app.command()
@@ -177,12 +164,10 @@ def sample(
             typer.echo(f"the training output is then fitted to sampling.budget_tokens = {budget:,} "
                        f"({budget / max(t.expected_tokens, 1):.2f} x the expected selection)")
         return
-    with _user_errors(cfg):
-        if params_set:
-            result = jobs.sample_many_job(cfg, params_set)
-        else:
-            result = jobs.sample_job(cfg, params=params, baseline=baseline, random_seed=random_theta)
-    typer.echo(result.summary())
+    if params_set:
+        _run_stage(cfg, False, "sample_many_job", params_set)
+    else:
+        _run_stage(cfg, False, "sample_job", params=params, baseline=baseline, random_seed=random_theta)
 
 
 SearchName = Annotated[str | None, typer.Option("--search", help="search name (sets search.name)")]
@@ -201,31 +186,14 @@ def propose(
     dry_run: DryRun = False,
 ) -> None:
     """Draw K θ with Algorithm 1 into a search: an MLflow parent run and one child run per θ."""
-    cfg = _load(config, _with_search(set_, search))
-    if dry_run:
-        _show(cfg)
-        return
-    from quadmix_spark.jobs import propose_job
-
-    with _user_errors(cfg):
-        result = propose_job(cfg, n)
-    typer.echo(result.summary())
+    _run_stage(_load(config, _with_search(set_, search)), dry_run, "propose_job", n)
 
 
 @app.command()
 def proxy(config: ConfigFiles = None, set_: Overrides = None, search: SearchName = None, dry_run: DryRun = False) -> None:
     """Train the search's unfinished proxy models (one Spark task per θ), logging target loss to each θ's run."""
-    cfg = _load(config, _with_search(set_, search))
-    if dry_run:
-        _show(cfg)
-        return
-    from quadmix_spark.jobs import proxy_job
-
-    with _user_errors(cfg):
-        report = proxy_job(cfg)
-    typer.echo(report.summary())
-    if report.failed:
-        raise typer.Exit(1)
+    _run_stage(_load(config, _with_search(set_, search)), dry_run, "proxy_job",
+               exit_code=lambda report: 1 if report.failed else 0)
 
 
 @app.command()
@@ -236,29 +204,13 @@ def search(
     dry_run: DryRun = False,
 ) -> None:
     """Fit LightGBM from θ to target loss over finished proxies, and average the best candidates into θ*."""
-    cfg = _load(config, _with_search(set_, search[0] if search else None))
-    if dry_run:
-        _show(cfg)
-        return
-    from quadmix_spark.jobs import search_job
-
-    with _user_errors(cfg):
-        outcome = search_job(cfg, search)
-    typer.echo(outcome.summary())
+    _run_stage(_load(config, _with_search(set_, search[0] if search else None)), dry_run, "search_job", search)
 
 
 @app.command()
 def evaluate(config: ConfigFiles = None, set_: Overrides = None, search: SearchName = None, dry_run: DryRun = False) -> None:
     """Train fresh proxies on θ* and on the baselines (several seeds) and report target loss mean ± std."""
-    cfg = _load(config, _with_search(set_, search))
-    if dry_run:
-        _show(cfg)
-        return
-    from quadmix_spark.jobs import evaluate_job
-
-    with _user_errors(cfg):
-        result = evaluate_job(cfg)
-    typer.echo(result.summary())
+    _run_stage(_load(config, _with_search(set_, search)), dry_run, "evaluate_job")
 
 
 def main(argv: list[str] | None = None) -> None:

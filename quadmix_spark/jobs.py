@@ -1,14 +1,39 @@
-"""Stage runners: a SparkSession, an MLflow run, one library call. Shared by the CLI and ``jobs/*.py``."""
+"""Stage runners, one per ``quadmix`` command and in the order of the two workflows: the up-front checks, a
+SparkSession, the stage's MLflow run, one library call (``run_<stage>``), what is logged. Each returns the
+stage's report, whose ``summary()`` the CLI prints. The CLI, ``jobs/*.py`` (spark-submit and Databricks) and
+the benchmarks all call these; the stage modules hold the work and import no runner.
+
+curation: ingest_job, train_scorers_job, annotate_job, normalize_job, sample_job (sample_many_job)
+search:   propose_job, proxy_job, search_job, evaluate_job
+"""
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from pyspark.sql import functions as F
 
 from quadmix_spark.config import QuadmixConfig
 from quadmix_spark.ingest import IngestReport, report_dict, run_ingest
-from quadmix_spark.runs import TAG_KNOTS_WRITTEN, TAG_RUN, TAG_SEARCH, TAG_THETA_ID, THETA_ARTIFACT
+from quadmix_spark.runs import (
+    PARAM_GPU_STAGE,
+    TAG_ANNOTATIONS_VERSION,
+    TAG_KNOTS_WRITTEN,
+    TAG_MODEL,
+    TAG_RUN,
+    TAG_SEARCH,
+    TAG_STAGE,
+    TAG_THETA_ID,
+    TAG_TRAIN_WARNINGS,
+    THETA_ARTIFACT,
+)
 from quadmix_spark.session import get_spark
 from quadmix_spark.tracking import stage_run
+
+if TYPE_CHECKING:  # the stage modules load their model libraries; a runner imports its stage when it runs
+    from quadmix_spark.annotate import AnnotateReport
+    from quadmix_spark.train_scorers import TrainReport
 
 
 def ingest_job(cfg: QuadmixConfig) -> IngestReport:
@@ -24,7 +49,78 @@ def ingest_job(cfg: QuadmixConfig) -> IngestReport:
     return report
 
 
-def normalize_job(cfg: QuadmixConfig):
+def train_scorers_job(cfg: QuadmixConfig) -> TrainReport:
+    """Runner for ``quadmix train-scorers`` / ``jobs/train_scorers.py``: Spark, an MLflow run, the stage.
+
+    Each model gets a nested MLflow run (params: version, task, model, settings; metrics: held-out AUC or
+    accuracy; artifacts: its folder, i.e. the model files and ``meta.json``); the parent run carries
+    ``<name>.<metric>`` for all of them and the report.
+    """
+    import mlflow
+
+    from quadmix_spark.train_scorers import TrainedModel, run_train_scorers
+
+    spark = get_spark(cfg)
+
+    def log(t: TrainedModel) -> None:
+        with mlflow.start_run(run_name=f"train:{t.name}", nested=True, tags={TAG_STAGE: "train-scorers", TAG_MODEL: t.name}):
+            params = {"version": t.version, "task": t.task, "model": t.model, "skipped": t.skipped, "n_train": t.n_train,
+                      "n_holdout": t.n_holdout}
+            params.update({f"param.{k}": v for k, v in cfg.train_scorers.models[t.name].model_dump().items() if v is not None})
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.log_metrics({k: float(v) for k, v in t.metrics.items()})
+            mlflow.log_artifacts(t.folder, artifact_path=f"models/{t.name}")  # with report.json / report.png
+            if t.warnings:
+                mlflow.set_tag(TAG_TRAIN_WARNINGS, " | ".join(t.warnings)[:5000])
+        mlflow.log_metrics({f"{t.name}.{k}": float(v) for k, v in t.metrics.items()})
+        mlflow.log_param(f"{t.name}.version", t.version)
+
+    with stage_run(cfg, "train-scorers"):
+        report = run_train_scorers(spark, cfg, log)
+        mlflow.log_text(report.summary(), "train_scorers/summary.txt")
+        mlflow.log_dict({t.name: asdict(t) for t in report.models}, "train_scorers/models.json")
+    return report
+
+
+def annotate_job(cfg: QuadmixConfig, rescore: list[str] | None = None) -> AnnotateReport:
+    """Runner for ``quadmix annotate`` / ``jobs/annotate.py``: scorers checked, Spark, an MLflow run, the stage.
+
+    Logs the scorer versions (params ``quadmix.scorer.<key>``), counts and speed (metrics), and the
+    per-domain score histograms as a table (``annotate/score_histograms.json``) and a PNG plot.
+    """
+    import mlflow
+
+    from quadmix_spark.annotate import plot_score_histograms, rescore_allowed, run_annotate
+    from quadmix_spark.scorers import resolve_scorers
+
+    scorers = resolve_scorers(cfg)  # every model file checked before Spark starts
+    rescore_allowed(cfg, scorers, rescore)
+    spark = get_spark(cfg)
+    with stage_run(cfg, "annotate") as run:
+        report = run_annotate(spark, cfg, rescore, run.info.run_id, scorers)
+        mlflow.log_params({f"quadmix.scorer.{k}": v for k, v in report.versions.items()})
+        mlflow.log_params({PARAM_GPU_STAGE: report.gpu_profile[:250]})
+        mlflow.log_metrics({f"annotate.{k}": float(v) for k, v in report.metrics().items()})
+        mlflow.set_tag(TAG_ANNOTATIONS_VERSION, str(report.table_version_after))
+        if report.histograms is not None and len(report.histograms):
+            mlflow.log_table(report.histograms, "annotate/score_histograms.json")
+            fig = plot_score_histograms(report.histograms, cfg.annotate.histogram_bins)
+            mlflow.log_figure(fig, "annotate/score_histograms.png")
+        mlflow.log_text(report.summary(), "annotate/summary.txt")
+    return report
+
+
+@dataclass(frozen=True)
+class NormalizeReport:
+    knots: list
+    written: bool
+
+    def summary(self) -> str:
+        state = "written" if self.written else "already current, unchanged"
+        return f"normalize: {len(self.knots)} criteria ({', '.join(k.criterion for k in self.knots)}), knots {state}"
+
+
+def normalize_job(cfg: QuadmixConfig) -> NormalizeReport:
     """σ knots of the current annotations (idempotent per annotations version)."""
     import mlflow
 
@@ -40,7 +136,7 @@ def normalize_job(cfg: QuadmixConfig):
         mlflow.log_params({"normalize.method": cfg.normalize.method, "normalize.n_knots": cfg.normalize.n_knots})
         mlflow.log_dict({"knots": [k.to_dict() for k in knots]}, "score_knots.json")
         mlflow.set_tag(TAG_KNOTS_WRITTEN, str(written).lower())
-    return knots, written
+    return NormalizeReport(knots, written)
 
 
 def sample_dry_run_job(cfg: QuadmixConfig, params: str):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
@@ -44,15 +43,13 @@ def _delta_on_classpath(conf: SparkConf) -> bool:
 
 def embedded_confs(cfg: QuadmixConfig) -> dict[str, str]:
     """Confs of the embedded default session (each applied only where the launcher set nothing)."""
-    root = cfg.storage.root
-    warehouse = root if "://" in root else str(Path(root).resolve())
     confs = {
         **DELTA_CONFS,
         **ARROW_CONFS,
         "spark.app.name": cfg.spark.app_name,
         "spark.driver.memory": cfg.spark.driver_memory,
         "spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
-        "spark.sql.warehouse.dir": f"{warehouse}/warehouse",
+        "spark.sql.warehouse.dir": cfg.storage.path("warehouse"),
         "spark.sql.session.timeZone": "UTC",
         "spark.ui.showConsoleProgress": "false",
         # Delta commits carry our run metadata; keep the log small on tiny local tables.

@@ -37,7 +37,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,6 @@ from pyspark.sql import functions as F
 from quadmix_spark.annotate_config import ReferenceSetConfig, TrainModelConfig
 from quadmix_spark.config import ConfigError, QuadmixConfig
 from quadmix_spark.quality_examples import chunk_text, match_lengths
-from quadmix_spark.runs import TAG_MODEL, TAG_STAGE, TAG_TRAIN_WARNINGS
 from quadmix_spark.scorer_report import auc, auc_by_length, corpus_report, plot_report, report_warnings
 from quadmix_spark.storage import read_table, table_exists
 from quadmix_spark.tables import DOCUMENTS
@@ -593,38 +592,4 @@ def run_train_scorers(spark: SparkSession, cfg: QuadmixConfig, log=None) -> Trai
         report.models.append(trained)
         if log:
             log(trained)
-    return report
-
-
-def train_scorers_job(cfg: QuadmixConfig) -> TrainReport:
-    """Runner for ``quadmix train-scorers`` / ``jobs/train_scorers.py``: Spark, an MLflow run, the stage.
-
-    Each model gets a nested MLflow run (params: version, task, model, settings; metrics: held-out AUC or
-    accuracy; artifacts: its folder, i.e. the model files and ``meta.json``); the parent run carries
-    ``<name>.<metric>`` for all of them and the report.
-    """
-    import mlflow
-
-    from quadmix_spark.session import get_spark
-    from quadmix_spark.tracking import stage_run
-
-    spark = get_spark(cfg)
-
-    def log(t: TrainedModel) -> None:
-        with mlflow.start_run(run_name=f"train:{t.name}", nested=True, tags={TAG_STAGE: "train-scorers", TAG_MODEL: t.name}):
-            params = {"version": t.version, "task": t.task, "model": t.model, "skipped": t.skipped, "n_train": t.n_train,
-                      "n_holdout": t.n_holdout}
-            params.update({f"param.{k}": v for k, v in cfg.train_scorers.models[t.name].model_dump().items() if v is not None})
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-            mlflow.log_metrics({k: float(v) for k, v in t.metrics.items()})
-            mlflow.log_artifacts(t.folder, artifact_path=f"models/{t.name}")  # with report.json / report.png
-            if t.warnings:
-                mlflow.set_tag(TAG_TRAIN_WARNINGS, " | ".join(t.warnings)[:5000])
-        mlflow.log_metrics({f"{t.name}.{k}": float(v) for k, v in t.metrics.items()})
-        mlflow.log_param(f"{t.name}.version", t.version)
-
-    with stage_run(cfg, "train-scorers"):
-        report = run_train_scorers(spark, cfg, log)
-        mlflow.log_text(report.summary(), "train_scorers/summary.txt")
-        mlflow.log_dict({t.name: asdict(t) for t in report.models}, "train_scorers/models.json")
     return report

@@ -12,7 +12,6 @@ from pyspark.sql import functions as F
 
 from quadmix_spark.annotate import (
     AnnotationVersionError,
-    annotate_job,
     build_gpu_profile,
     gpu_resource_profile,
     plan_work,
@@ -22,6 +21,7 @@ from quadmix_spark.annotate import (
     flag_documents,
 )
 from quadmix_spark.ingest import run_ingest
+from quadmix_spark.jobs import annotate_job
 from quadmix_spark.scorers import resolve_scorers
 from quadmix_spark.storage import read_table, table_version
 from tests.conftest import DATA, make_config

@@ -48,6 +48,22 @@ def test_every_job_file_is_a_cli_stage_and_back():
         assert f'main(["{job.stem.replace("_", "-")}", *sys.argv[1:]])' in job.read_text()
 
 
+def test_every_stage_has_one_runner_in_jobs_and_no_stage_module_calls_a_runner():
+    import re
+
+    from quadmix_spark import jobs
+
+    commands = {c.name for c in typer.main.get_command(app).commands.values()} - {"config"}
+    for command in commands:
+        assert callable(getattr(jobs, command.replace("-", "_") + "_job", None)), command
+    for path in (REPO / "quadmix_spark").glob("*.py"):
+        if path.name in ("jobs.py", "cli.py"):
+            continue
+        text = path.read_text()
+        assert not re.search(r"^def \w+_job\(", text, re.M), f"{path.name} defines a stage runner outside jobs.py"
+        assert "quadmix_spark.jobs" not in text and "import jobs" not in text, f"{path.name} imports the runners"
+
+
 def test_kernel_does_not_import_spark():
     for path in Path(REPO / "quadmix_spark" / "kernel").glob("*.py"):
         assert "pyspark" not in path.read_text(), path

@@ -329,7 +329,8 @@ def test_annotate_writes_stats_and_rejections_and_the_sampler_leaves_rejected_do
     import mlflow
     from pyspark.sql import functions as F
 
-    from quadmix_spark.annotate import AnnotationVersionError, annotate_job, run_annotate
+    from quadmix_spark.annotate import AnnotationVersionError, run_annotate
+    from quadmix_spark.jobs import annotate_job
     from quadmix_spark.ingest import run_ingest
     from quadmix_spark.kernel.theta import Theta, sample_thetas
     from quadmix_spark.normalize import run_normalize

@@ -22,8 +22,8 @@ from quadmix_spark.train_scorers import (
     quality_examples,
     run_train_scorers,
     slug,
-    train_scorers_job,
 )
+from quadmix_spark.jobs import train_scorers_job
 from tests.conftest import DATA, make_config
 
 N_DOCS = 360
