@@ -105,6 +105,10 @@ class SamplingConfig(_Section):
     run: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="name of the selection run (a slice of the tables)")
     seed: int = Field(0, ge=-(2**63), le=2**63 - 1, description="seed of the copies' hash")
     eta_mode: Literal["exponent", "multiplier"] = "exponent"
+    sigma_saturation: float | None = Field(
+        None, gt=0, description="c of g(σ) = (1+c)σ/(σ+c), applied to each percentile σ before Eq. 1's merge (not in "
+        "the paper): small c makes q̄ favour documents at the top of any one criterion over documents good on all; "
+        "null = the paper's merge of σ as is. Part of what a θ means: a search's proxies, θ* and its sample must share it")
     budget_tokens: int | None = Field(None, gt=0, description="fit the output to this many tokens; null = one realization")
     max_epochs: int = Field(256, gt=0, description="most epochs (fresh Bernoulli draws) when under budget")
     rank_region: float = Field(0.2, gt=0, le=1, description="exact ranks for r̄ <= max(rank_region, ω)")

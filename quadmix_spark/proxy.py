@@ -45,6 +45,8 @@ def proxy_fingerprint(cfg: QuadmixConfig) -> str:
     ident = {"pool": pc.pool.model_dump(), "model": pc.model.model_dump(), "train": pc.train.model_dump(),
              "target": pc.target.model_dump(), "seed": cfg.sampling.seed, "eta_mode": cfg.sampling.eta_mode,
              "metric": cfg.search.metric}
+    if cfg.sampling.sigma_saturation is not None:  # absent when unset: earlier proxies keep their fingerprint
+        ident["sigma_saturation"] = cfg.sampling.sigma_saturation
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

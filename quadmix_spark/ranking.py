@@ -48,7 +48,7 @@ from pyspark.sql import types as T
 
 from quadmix_spark import ranking_sql
 from quadmix_spark.kernel.copies import hash_uniform_from_doc_hashes, realized_copies
-from quadmix_spark.kernel.merge import merged_score
+from quadmix_spark.kernel.merge import check_saturation, merged_score
 from quadmix_spark.kernel.sampling_fn import sampling_value
 from quadmix_spark.kernel.sigma import Knots, map_scores
 from quadmix_spark.kernel.theta import Theta, ThetaMismatchError
@@ -112,6 +112,7 @@ class ThetaStack:
 class RankSettings:
     seed: int = 0
     eta_mode: str = "exponent"
+    saturation: float | None = None  # sampling.sigma_saturation (kernel.merge.saturate)
     coarse_bins: int = 1024
     rank_region: float = 0.2
     n_partitions: int | None = None
@@ -184,7 +185,7 @@ def coarse_histograms(prepared: DataFrame, stack: ThetaStack, knots: list[Knots]
             sig, d, w = _sigma(pdf, knots), pdf["domain_idx"].to_numpy(np.int64), pdf["n_tokens"].to_numpy(np.float64)
             docs += np.bincount(d, minlength=M)
             for k in range(K):
-                b = _bins(merged_score(sig, d, stack.alpha[k]), method, B)
+                b = _bins(merged_score(sig, d, stack.alpha[k], s.saturation), method, B)
                 acc[k] += np.bincount(d * B + b, weights=w, minlength=M * B).astype(np.int64)
         acc = acc.ravel()
         nz = np.flatnonzero(acc)
@@ -253,7 +254,7 @@ def _split_rows(
         ids, h, w = pdf["doc_id"].to_numpy(), pdf["doc_hash"].to_numpy(np.int64), pdf["n_tokens"].to_numpy(np.int64)
         parts_: list[dict] = []
         for k in range(stack.k):
-            q = merged_score(sig, d, stack.alpha[k])
+            q = merged_score(sig, d, stack.alpha[k], s.saturation)
             b = _bins(q, method, B)
             inside = b <= bstar[k, d]
             idx = np.flatnonzero(inside)
@@ -323,6 +324,10 @@ def rank_and_sample(
     criteria, B, M = list(stack.criteria), s.coarse_bins, len(stack.domains)
     if [k.criterion for k in knots] != criteria:
         raise ValueError(f"knots criteria {[k.criterion for k in knots]} do not match θ criteria {criteria}")
+    check_saturation(s.saturation)
+    if s.saturation is not None and any(k.method != "percentile" for k in knots):
+        raise ValueError("sampling.sigma_saturation shapes percentile σ in [0, 1]; these knots are z-scores "
+                         "(normalize.method: zscore): use percentile knots or leave sigma_saturation unset")
     prepared = prepare(annotations, list(stack.domains), criteria)
     on_jvm = ranking_sql.supported(stack.k, knots)  # one θ: both passes in SQL, same numbers
     cached: list[DataFrame] = []
@@ -335,7 +340,7 @@ def rank_and_sample(
     try:
         if on_jvm:
             # computed once on the JVM and cached (narrow: ids, q̄, bin): read by pass A and by both branches
-            binned = ranking_sql.with_bins(prepared, criteria, knots, stack.alpha[0], B).persist(StorageLevel.MEMORY_AND_DISK)
+            binned = ranking_sql.with_bins(prepared, criteria, knots, stack.alpha[0], B, s.saturation).persist(StorageLevel.MEMORY_AND_DISK)
             cached.append(binned)
             mass0, docs0, unknown0 = ranking_sql.histogram(binned, M, B)
             hist = Histogram(mass0[None], docs0, unknown0)

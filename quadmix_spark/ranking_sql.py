@@ -6,7 +6,8 @@ With one θ and percentile σ, everything the passes compute per document is a s
   JVM (Spark's internal ``array_binary_search``, ``java.util.Arrays.binarySearch``), then the same operations
   as ``numpy.interp`` in the same order (slope · (x − x_j) + y_j, slopes precomputed as numpy computes them),
   so σ is bit-identical to :func:`quadmix_spark.kernel.sigma.map_scores`; a missing score is the worst, 1;
-- q̄ = Σ_n α[d, n] · σ_n, summed in criterion order as the kernel's ``merged_score`` does, and its coarse bin;
+- q̄ = Σ_n α[d, n] · σ_n (each σ saturated first when ``sampling.sigma_saturation`` is set), summed in
+  criterion order as the kernel's ``merged_score`` does, and its coarse bin;
 - pass A: the token mass per (domain, bin) and the documents per domain, one aggregation;
 - pass B: the region's rows (bin <= b*) for the exact cumulative sort, and for every other row r̄ > ω, so
   S = ε and copies = ⌊S⌋ + [u < frac S] with u Spark's xxhash64 of (doc_id, θ key, seed), the expression the
@@ -85,13 +86,22 @@ def sigma(score: Column, knots: Knots, pos: Column | None = None) -> Column:
     )
 
 
+def saturate(sig: Column, c: float | None) -> Column:
+    """(1 + c)·σ / (σ + c), as :func:`quadmix_spark.kernel.merge.saturate` (σ itself when ``c`` is None)."""
+    if c is None:
+        return sig
+    return (sig * F.lit(1.0 + c)) / (sig + F.lit(float(c)))
+
+
 def merged(criteria: list[str], knots: list[Knots], alpha: np.ndarray, domain_idx: Column,
-           positions: list[Column | None] | None = None) -> Column:
-    """q̄ = Σ_n α[d, n] σ_n for one θ's ``alpha`` (M, N), in criterion order (null for an unknown domain)."""
+           positions: list[Column | None] | None = None, saturation: float | None = None) -> Column:
+    """q̄ = Σ_n α[d, n] g(σ_n) for one θ's ``alpha`` (M, N), in criterion order (null for an unknown domain);
+    g is the saturation of ``sampling.sigma_saturation`` (identity when None)."""
     q = None
     for n, (c, kn) in enumerate(zip(criteria, knots)):
         pos = positions[n] if positions else None
-        term = sigma(F.col(SCORE_PREFIX + c), kn, pos) * _at(array_literal(alpha[:, n], "double"), domain_idx)
+        sig = saturate(sigma(F.col(SCORE_PREFIX + c), kn, pos), saturation)
+        term = sig * _at(array_literal(alpha[:, n], "double"), domain_idx)
         q = term if q is None else q + term
     return q
 
@@ -105,14 +115,15 @@ def coarse_bin(q: Column, n_bins: int) -> Column:
     return F.least((unit(q) * F.lit(float(n_bins))).cast("long"), F.lit(n_bins - 1))
 
 
-def with_bins(prepared: DataFrame, criteria: list[str], knots: list[Knots], alpha: np.ndarray, n_bins: int) -> DataFrame:
+def with_bins(prepared: DataFrame, criteria: list[str], knots: list[Knots], alpha: np.ndarray, n_bins: int,
+              saturation: float | None = None) -> DataFrame:
     """``prepared`` (doc_id, doc_hash, domain_idx, n_tokens, q_…) plus ``qbar`` and ``bin``."""
     pos = [f"_pos{n}" for n in range(len(criteria))]
     searched = prepared.select(
         "doc_id", "doc_hash", "domain_idx", "n_tokens", *[SCORE_PREFIX + c for c in criteria],
         *[knot_position(F.col(SCORE_PREFIX + c), kn).alias(p) for c, kn, p in zip(criteria, knots, pos)],
     )
-    q = merged(criteria, knots, alpha, F.col("domain_idx"), [F.col(p) for p in pos])
+    q = merged(criteria, knots, alpha, F.col("domain_idx"), [F.col(p) for p in pos], saturation)
     return searched.select("doc_id", "doc_hash", "domain_idx", "n_tokens", q.alias("qbar")).withColumn(
         "bin", coarse_bin(F.col("qbar"), n_bins)
     )

@@ -101,7 +101,8 @@ def theta_domains(inp: Inputs, thetas: list[Theta]) -> list[str]:
 
 def settings(cfg: QuadmixConfig) -> RankSettings:
     sc = cfg.sampling
-    return RankSettings(seed=sc.seed, eta_mode=sc.eta_mode, coarse_bins=sc.coarse_bins, rank_region=sc.rank_region)
+    return RankSettings(seed=sc.seed, eta_mode=sc.eta_mode, saturation=sc.sigma_saturation, coarse_bins=sc.coarse_bins,
+                        rank_region=sc.rank_region)
 
 
 def _with_domain_names(df: DataFrame, domains: list[str]) -> DataFrame:

@@ -32,10 +32,10 @@ def corpus(spark, tmp_path_factory):
     return cfg, data
 
 
-def kernel_selection(data, knots, theta, seed=0):
+def kernel_selection(data, knots, theta, seed=0, saturation=None):
     sigma = np.stack([map_scores(data["scores"][k.criterion], k) for k in knots], axis=1)
     d = np.searchsorted(theta.domains, np.array(data["domains"])[data["domain_idx"]])
-    rbar = within_domain_rank(merged_score(sigma, d, theta.alpha), d, data["tokens"])
+    rbar = within_domain_rank(merged_score(sigma, d, theta.alpha, saturation), d, data["tokens"])
     S = sampling_value(rbar, theta.lam[d], theta.omega[d], theta.eta[d], theta.eps[d])
     return rbar, S, realized_copies(S, hash_uniform(data["ids"], theta.theta_key, seed))
 
@@ -168,6 +168,29 @@ def test_many_thetas_equal_single_theta_selections(spark, corpus):
         assert realized == int((copies * data["tokens"]).sum())
 
 
+def test_sigma_saturation_selects_as_the_kernel_and_changes_the_selection(spark, corpus):
+    """``sampling.sigma_saturation``: the proxy index of several θ equals the kernel's copies under the saturated
+    merge, differs from the plain merge's, and the θ's proxies get another fingerprint."""
+    from quadmix_spark.proxy import proxy_fingerprint
+
+    cfg, data = corpus
+    c = cfg.model_copy(deep=True)
+    c.sampling.sigma_saturation = 0.02
+    inp = load_inputs(spark, c)
+    thetas = [a_theta(inp.domains, seed=s, omega=0.1) for s in (41, 42)]
+    run_sample_many(spark, c, thetas)
+    index = read_table(spark, c.storage.table("proxy_index"))
+    changed = 0
+    for t in thetas:
+        _, _, copies = kernel_selection(data, inp.knots, t, saturation=0.02)
+        got = {r.doc_id: r.copies for r in index.where(F.col("theta_id") == t.theta_id).collect()}
+        assert got == {i: int(k) for i, k in zip(data["ids"], copies) if k > 0}
+        _, _, plain = kernel_selection(data, inp.knots, t)
+        changed += int((plain != copies).sum())
+    assert changed > 0
+    assert proxy_fingerprint(c) != proxy_fingerprint(cfg)
+
+
 def test_many_thetas_in_chunks_give_the_same_index_with_memory_of_one_chunk(spark, corpus, monkeypatch):
     """``sampling.theta_chunk``: 5 θ ranked in chunks of 2 give the same ``proxy_index`` rows and tokens as in one
     chunk, and no histogram (the structure that grows with θ × domains × bins) holds more than a chunk."""
@@ -241,17 +264,21 @@ def test_the_histogram_pass_rejects_a_theta_whose_domains_are_not_the_data_s(spa
         run_sample_many(spark, cfg, [a_theta([*doms, "elsewhere"], seed=1)])
 
 
-@pytest.mark.parametrize("keep_all", [True, False])
-def test_one_theta_sql_passes_equal_the_pandas_passes(spark, corpus, monkeypatch, keep_all):
-    """One θ ranks in Spark SQL (ranking_sql); K θ in pandas. For the same θ both give identical rows."""
+@pytest.mark.parametrize("keep_all,saturation", [(True, None), (False, None), (True, 0.01)])
+def test_one_theta_sql_passes_equal_the_pandas_passes(spark, corpus, monkeypatch, keep_all, saturation):
+    """One θ ranks in Spark SQL (ranking_sql); K θ in pandas. For the same θ both give identical rows (with the
+    σ saturation too: its product and division are the same bits on the JVM and in numpy)."""
+    import dataclasses
+
     from quadmix_spark import ranking, ranking_sql
 
     cfg, _ = corpus
     inp = load_inputs(spark, cfg)
     stack = ThetaStack.of([a_theta(inp.domains, seed=21)], inp.domains, inp.criteria)
+    s = dataclasses.replace(settings(cfg), saturation=saturation)
 
     def rows():
-        with rank_and_sample(inp.annotations.repartition(3), stack, inp.knots, settings(cfg), keep_all=keep_all) as ranked:
+        with rank_and_sample(inp.annotations.repartition(3), stack, inp.knots, s, keep_all=keep_all) as ranked:
             return sorted(tuple(r) for r in ranked.collect())
 
     assert ranking_sql.supported(1, inp.knots)

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quadmix_spark.kernel.merge import merged_score
+from quadmix_spark.kernel.merge import merged_score, saturate
 from quadmix_spark.kernel.theta import sample_theta_matrix
 from tests.kernel._helpers import FAST
 
@@ -30,3 +30,20 @@ def test_merged_score_rejects_bad_shapes_and_domains():
         merged_score(sigma, [0, 1, 1], np.full((2, 3), 1 / 3))
     with pytest.raises(ValueError):
         merged_score(sigma, [0, 1], alpha)
+
+
+def test_saturation_keeps_0_and_1_is_monotone_and_favours_the_best_of_the_criteria():
+    p = np.linspace(0.0, 1.0, 10_001)
+    for c in (0.001, 0.01, 0.3, 10.0):
+        g = saturate(p, c)
+        assert g[0] == 0.0 and g[-1] == 1.0 and (np.diff(g) > 0).all() and (g >= p).all()
+    assert np.array_equal(saturate(p, None), p)
+    # equal weights: a page at the top 1% of one criterion and middling on the other now ranks ahead of a page
+    # at 30% on both (without saturation it ranks behind)
+    sigma, dom, alpha = np.array([[0.01, 0.7], [0.3, 0.3]]), [0, 0], np.full((1, 2), 0.5)
+    plain, sat = merged_score(sigma, dom, alpha), merged_score(sigma, dom, alpha, saturation=0.01)
+    assert plain[0] > plain[1] and sat[0] < sat[1]
+    np.testing.assert_array_equal(sat, merged_score(saturate(sigma, 0.01), dom, alpha))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="saturation"):
+            saturate(p, bad)
