@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml setup.py udfs/_bpe_native.c requirements/lock.txt
 	touch $@
 
 # Resolves io.delta:delta-spark through Spark's Ivy from Maven Central once; later sessions use the cache.
-$(JARS_STAMP): $(STAMP) quadmix_spark/jars.py
-	$(PY) -m quadmix_spark.jars
+$(JARS_STAMP): $(STAMP) quadmix_spark/core/jars.py
+	$(PY) -m quadmix_spark.core.jars
 	touch $@
 
 test: setup

@@ -163,8 +163,8 @@ def _train_models(folder: Path) -> dict[str, Any]:
     from sklearn.linear_model import LogisticRegression
 
     from bench.sample_data import read_source, source_path
-    from quadmix_spark.fasttext_train import train_in_subprocess
-    from quadmix_spark.train_scorers import paragraphs, slug
+    from quadmix_spark.curation.fasttext_train import train_in_subprocess
+    from quadmix_spark.curation.train_scorers import paragraphs, slug
     from quadmix_udfs.fasttext_scorer import prepare_lines
     from quadmix_udfs.onnx_transformer import Encoder
 
@@ -293,8 +293,8 @@ def _time_annotate(spark, conf, docs_folder: Path, scorer_args: list[str], n_doc
                    baseline, baseline_repeats: int, keep: bool, label: str, warmup: int = 0) -> tuple[dict, Any]:
     """Interleaved baseline / annotate timings; every annotate repeat writes a fresh annotations table."""
     from bench.sample_data import link_inputs
-    from quadmix_spark.annotate import run_annotate
-    from quadmix_spark.scorers import resolve_scorers
+    from quadmix_spark.curation.annotate import run_annotate
+    from quadmix_spark.curation.scorers import resolve_scorers
 
     sc = spark.sparkContext
     roots: dict[int, Path] = {}
@@ -395,7 +395,7 @@ def run_fasttext(args: argparse.Namespace) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     from bench.sample_data import generate_tables
-    from quadmix_spark.scorers import resolve_scorers
+    from quadmix_spark.curation.scorers import resolve_scorers
     from quadmix_udfs.fasttext_scorer import LABEL_PREFIX, load_fasttext, prepare_lines
 
     t_start = time.perf_counter()
@@ -464,7 +464,7 @@ def run_fasttext(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
     from bench.sample_data import generate_tables, read_source, source_path
-    from quadmix_spark.scorers import resolve_scorers
+    from quadmix_spark.curation.scorers import resolve_scorers
     from quadmix_udfs.onnx_transformer import load_session
 
     t_start = time.perf_counter()
@@ -540,7 +540,7 @@ def _session_part(args, spark, conf, folder: Path, manifest: dict, scorer_args: 
 
 def _train_reference_lm(folder: Path) -> dict[str, Any]:
     """The demo's ``ref_lm`` recipe (fewer steps: the benchmark times scoring, not the model's quality)."""
-    from quadmix_spark.causal_lm_train import LMSettings, export_onnx, train_causal_lm
+    from quadmix_spark.curation.causal_lm_train import LMSettings, export_onnx, train_causal_lm
 
     texts = _read_jsonl(shared_dir() / "data" / "reference" / "alpaca_eval_outputs.jsonl.gz", "output")
     model, _ = train_causal_lm(texts, str(_tokenizer_path()), LMSettings(seq_len=64, steps=60))
@@ -561,7 +561,7 @@ def causal_lm_scorers(model: Path) -> dict[str, dict]:
 
 def run_causal_lm(args: argparse.Namespace) -> dict[str, Any]:
     from bench.sample_data import generate_tables, read_source, source_path
-    from quadmix_spark.scorers import resolve_scorers
+    from quadmix_spark.curation.scorers import resolve_scorers
     from bench.gpu_askllm import adapter_batches
 
     t_start = time.perf_counter()
@@ -644,8 +644,8 @@ def _annotated_base(spark, conf, docs_folder: Path, manifest: dict, scorers: dic
     import hashlib
 
     from bench.sample_data import link_inputs
-    from quadmix_spark.annotate import run_annotate
-    from quadmix_spark.scorers import resolve_scorers
+    from quadmix_spark.curation.annotate import run_annotate
+    from quadmix_spark.curation.scorers import resolve_scorers
 
     args = annotate_overrides(scorers, "lang", ["lang_en"])
     versions = resolve_scorers(bench_config(scratch_dir("runs", "annotate"), *args)).versions()
@@ -670,9 +670,9 @@ def run_text_stats(args: argparse.Namespace) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     from bench.sample_data import generate_tables, link_inputs
-    from quadmix_spark.annotate import run_annotate, score_documents
-    from quadmix_spark.scorers import resolve_scorers
-    from quadmix_spark.storage import read_table
+    from quadmix_spark.curation.annotate import run_annotate, score_documents
+    from quadmix_spark.curation.scorers import resolve_scorers
+    from quadmix_spark.core.storage import read_table
     from quadmix_udfs.scoring import need_column
 
     t_start = time.perf_counter()
@@ -711,7 +711,7 @@ def run_text_stats(args: argparse.Namespace) -> dict[str, Any]:
         return run_annotate(spark, cfgs[i], scorers=resolve_scorers(cfgs[i]), histograms=False)
 
     def annotate_joined(i: int):  # the stage as before 2026-12-03: the flags from the join even when uniform
-        import quadmix_spark.annotate as stage
+        import quadmix_spark.curation.annotate as stage
 
         keep, stage.uniform_work = stage.uniform_work, lambda *a, **k: None
         try:

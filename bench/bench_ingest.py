@@ -10,7 +10,7 @@ document. Shards hold contiguous runs of rows (copy-major order), like the parts
 Measured in one SparkSession (the embedded default of ``conf/default.yaml`` on ``local[2]``, UI off), rounds
 interleaved (baseline, ingest, baseline, ingest, ...):
 
-- value: ``quadmix_spark.ingest.run_ingest`` into a fresh ``storage.root`` each repeat, documents/s =
+- value: ``quadmix_spark.curation.ingest.run_ingest`` into a fresh ``storage.root`` each repeat, documents/s =
   input rows / wall seconds. The report must be balanced with ``documents == input rows``.
 - baseline: ``spark.read.json(files)`` (schema inference included, as ingest infers it too) written as a
   Delta table (mode overwrite) to a fresh path, rows/s.
@@ -161,7 +161,7 @@ def _check_report(report, docs: int) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from quadmix_spark.ingest import report_dict, run_ingest
+    from quadmix_spark.curation.ingest import report_dict, run_ingest
 
     t_start = time.perf_counter()
     docs = args.docs or DEFAULT_DOCS

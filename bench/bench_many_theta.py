@@ -80,9 +80,9 @@ def _event_log_conf(folder: str | None) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from quadmix_spark.kernel.theta import sample_thetas
-    from quadmix_spark.normalize import run_normalize
-    from quadmix_spark.tables import SCORE_KNOTS
-    from quadmix_spark.sample import run_sample_many
+    from quadmix_spark.curation.normalize import run_normalize
+    from quadmix_spark.core.tables import SCORE_KNOTS
+    from quadmix_spark.curation.sample import run_sample_many
 
     t_start = time.perf_counter()
     docs = args.docs or DEFAULT_DOCS

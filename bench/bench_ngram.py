@@ -1,5 +1,5 @@
-"""Cost per θ of the n-gram screening proxy (``quadmix_spark.ngram_lm.train_ngram_proxy``) against the transformer
-proxy (``quadmix_spark.proxy_train.train_proxy``) at the same token budgets, on the same pool, plans and target set.
+"""Cost per θ of the n-gram screening proxy (``quadmix_spark.search.ngram_lm.train_ngram_proxy``) against the transformer
+proxy (``quadmix_spark.search.proxy_train.train_proxy``) at the same token budgets, on the same pool, plans and target set.
 
 Input: the 8,712 shared web pages tokenized with GPT-NeoX into a 4-shard token pool (``bench.bench_proxy``'s cached
 pool, ``--ngram-docs`` pages); the target set of ``conf/search-demo.yaml`` (``bmk``, 32 examples per task, at most
@@ -39,9 +39,9 @@ DEFAULT_BUDGETS = "200000,1000000"
 CRITERIA = ("topic_confidence", "format_confidence")
 _BUILD_CHILD = """
 import json, resource, sys, time
-from quadmix_spark import ngram_lm
-from quadmix_spark.proxy_train import VocabMap
-from quadmix_spark.token_store import TokenStore
+from quadmix_spark.search import ngram_lm
+from quadmix_spark.search.proxy_train import VocabMap
+from quadmix_spark.search.token_store import TokenStore
 import numpy as np
 folder, cache, vocab, order = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 store = TokenStore.open(folder)
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def demo_config():
-    from quadmix_spark.config import load_config
+    from quadmix_spark.core.config import load_config
 
     return load_config([REPO / "conf" / "default.yaml", REPO / "conf" / "search-demo.yaml"], [])
 
@@ -121,11 +121,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from bench.bench_proxy import build_pool
-    from quadmix_spark import ngram_lm
+    from quadmix_spark.search import ngram_lm
     from quadmix_spark.kernel.copies import doc_hashes
-    from quadmix_spark.proxy_model import ModelShape
-    from quadmix_spark.proxy_train import TrainSettings, build_eval_set, train_proxy
-    from quadmix_spark.token_store import TokenStore
+    from quadmix_spark.search.proxy_model import ModelShape
+    from quadmix_spark.search.proxy_train import TrainSettings, build_eval_set, train_proxy
+    from quadmix_spark.search.token_store import TokenStore
 
     t_start = time.perf_counter()
     budgets = sorted(int(b) for b in str(args.ngram_budgets).split(","))

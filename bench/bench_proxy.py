@@ -3,7 +3,7 @@ training loop fed from memory.
 
 Input (cached under ``$QUADMIX_BENCH_DIR/inputs/proxy-pool-*``): the first ``--proxy-docs`` pages (default 2,000,
 ~1.6M tokens) of the shared web corpus tokenized with the GPT-NeoX tokenizer into a 4-shard token pool
-(``quadmix_spark.token_store``), a plan with every page and S ~ U[0, 2) (seed 0), and a small ``bmk`` target
+(``quadmix_spark.search.token_store``), a plan with every page and S ~ U[0, 2) (seed 0), and a small ``bmk`` target
 set (8 examples per task, at most seq_len tokens each).
 
 Shape (a CPU-sized proxy, not the paper's): vocab 8,192 (compacted from the pool's token counts), 2 layers,
@@ -12,7 +12,7 @@ Shape (a CPU-sized proxy, not the paper's): vocab 8,192 (compacted from the pool
 
 Measured in one process, repeats interleaved (baseline, value, ...):
 
-- value: ``quadmix_spark.proxy_train.train_proxy`` (vocabulary map, window stream over the memory-mapped
+- value: ``quadmix_spark.search.proxy_train.train_proxy`` (vocabulary map, window stream over the memory-mapped
   shards, training loop, then the target-set evaluation, which is not counted): ``ProxyResult.tokens_per_s``.
 - baseline: ``run_training`` of the same shape and settings on uniform random windows already in memory
   (no store, no stream): tokens / wall seconds.
@@ -53,8 +53,8 @@ GENERATOR_VERSION = 1
 
 
 def shape_and_settings(steps: int):
-    from quadmix_spark.proxy_model import ModelShape
-    from quadmix_spark.proxy_train import TrainSettings
+    from quadmix_spark.search.proxy_model import ModelShape
+    from quadmix_spark.search.proxy_train import TrainSettings
 
     shape = ModelShape(vocab_size=8192, n_layer=2, n_head=4, d_model=64, ffn=128, seq_len=256)
     settings = TrainSettings(tokens=steps * 16 * shape.seq_len, batch_size=16, micro_batch_size=8, warmup_steps=4,
@@ -74,8 +74,8 @@ def build_pool(n_docs: int) -> tuple[Path, dict[str, Any]]:
         from tokenizers import Tokenizer
 
         from quadmix_spark.kernel.copies import doc_hashes
-        from quadmix_spark.proxy_train import build_eval_set
-        from quadmix_spark.token_store import count_tokens, dtype_for_vocab, shard_name, write_meta, write_shard, write_token_counts
+        from quadmix_spark.search.proxy_train import build_eval_set
+        from quadmix_spark.search.token_store import count_tokens, dtype_for_vocab, shard_name, write_meta, write_shard, write_token_counts
 
         rows = []
         with gzip.open(web, "rt", encoding="utf-8") as f:
@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _stream_rate(plan, store, windows: int = 4000) -> float:
-    from quadmix_spark.proxy_train import VocabMap, iter_windows
+    from quadmix_spark.search.proxy_train import VocabMap, iter_windows
 
     vmap = VocabMap.build(store.token_counts(), 50432, store.eos_id)
     stream = iter_windows(plan, store, vmap, 2048, theta_key=1, sample_seed=0, train_seed=0)
@@ -137,9 +137,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from quadmix_spark.proxy_model import ProxyLM, count_params
-    from quadmix_spark.proxy_train import EvalSet, run_training, train_proxy
-    from quadmix_spark.token_store import TokenStore
+    from quadmix_spark.search.proxy_model import ProxyLM, count_params
+    from quadmix_spark.search.proxy_train import EvalSet, run_training, train_proxy
+    from quadmix_spark.search.token_store import TokenStore
 
     t_start = time.perf_counter()
     repeats = args.repeats or DEFAULT_REPEATS

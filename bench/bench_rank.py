@@ -74,7 +74,7 @@ def exact_ranks(annotations, stack, knots, domains: list[str]):
     from pyspark.sql import functions as F
 
     from quadmix_spark.kernel.merge import merged_score
-    from quadmix_spark.ranking import _sigma, prepare
+    from quadmix_spark.curation.ranking import _sigma, prepare
 
     alpha = stack.alpha[0]
 
@@ -96,7 +96,7 @@ def accuracy(ranked, exact, stack, s) -> dict[str, Any]:
     """Join the sampler's rows with the exact ranks; errors of r̄ inside/outside the exact region, S/copies diffs."""
     import pandas as pd
 
-    from quadmix_spark.ranking import _copies
+    from quadmix_spark.curation.ranking import _copies
 
     region = float(max(s.rank_region, float(stack.omega.max())))
     joined = ranked.select("doc_id", "rbar", "rank_exact", "S", "copies").join(exact, "doc_id")
@@ -132,10 +132,10 @@ def accuracy(ranked, exact, stack, s) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from quadmix_spark.normalize import run_normalize
-    from quadmix_spark.tables import SCORE_KNOTS
-    from quadmix_spark.ranking import Histogram, ThetaStack, coarse_histograms, narrow_batches, prepare, rank_and_sample
-    from quadmix_spark.sample import load_inputs, settings
+    from quadmix_spark.curation.normalize import run_normalize
+    from quadmix_spark.core.tables import SCORE_KNOTS
+    from quadmix_spark.curation.ranking import Histogram, ThetaStack, coarse_histograms, narrow_batches, prepare, rank_and_sample
+    from quadmix_spark.curation.sample import load_inputs, settings
 
     from bench.bench_sample import event_log_conf, paper_theta
 

@@ -13,7 +13,7 @@ realization, no budget fitting).
 Measured in one SparkSession (the embedded default of ``conf/default.yaml`` on ``local[2]``, UI off), rounds
 interleaved (copy, sample, copy, sample, ...):
 
-- value: ``quadmix_spark.sample.run_sample(spark, cfg, theta=θ)`` with a fresh ``sampling.run`` name each
+- value: ``quadmix_spark.curation.sample.run_sample(spark, cfg, theta=θ)`` with a fresh ``sampling.run`` name each
   repeat (``bench-r<i>``) in one storage root: every pass included (ranking, the ``selection`` slice, the
   training output = copies joined with text, the Parquet export + manifest, the per-domain report).
   Documents/s = input documents / wall seconds.
@@ -97,9 +97,9 @@ def paper_theta(domains: list[str], seed: int):
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from quadmix_spark.normalize import run_normalize
-    from quadmix_spark.tables import SCORE_KNOTS
-    from quadmix_spark.sample import run_sample
+    from quadmix_spark.curation.normalize import run_normalize
+    from quadmix_spark.core.tables import SCORE_KNOTS
+    from quadmix_spark.curation.sample import run_sample
 
     t_start = time.perf_counter()
     docs = args.docs or DEFAULT_DOCS

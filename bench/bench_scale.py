@@ -257,15 +257,15 @@ class Store:
         return bench_config(self.root, *self.overrides, *extra)
 
     def normalize(self, spark) -> None:
-        from quadmix_spark.normalize import run_normalize
-        from quadmix_spark.tables import SCORE_KNOTS
+        from quadmix_spark.curation.normalize import run_normalize
+        from quadmix_spark.core.tables import SCORE_KNOTS
 
         c = self.cfg
         run_normalize(spark, c.storage.table("annotations"), c.storage.table(SCORE_KNOTS), c.normalize.method, c.normalize.n_knots)
 
     def rank1(self, spark, theta) -> None:
-        from quadmix_spark.ranking import ThetaStack, narrow_batches, rank_and_sample
-        from quadmix_spark.sample import load_inputs, settings
+        from quadmix_spark.curation.ranking import ThetaStack, narrow_batches, rank_and_sample
+        from quadmix_spark.curation.sample import load_inputs, settings
 
         inp = load_inputs(spark, self.cfg)
         stack = ThetaStack.of([theta], inp.domains, inp.criteria)
@@ -273,7 +273,7 @@ class Store:
             ranked.write.format("delta").mode("overwrite").save(str(self.root / "rank1-selection"))
 
     def many(self, spark, thetas, *extra: str):
-        from quadmix_spark.sample import run_sample_many
+        from quadmix_spark.curation.sample import run_sample_many
 
         result = run_sample_many(spark, self.config(*extra), thetas)
         if len(result.tokens) != len(thetas) or (result.tokens.selected_docs <= 0).any():
@@ -281,7 +281,7 @@ class Store:
         return result
 
     def sample_docs(self, spark, theta, i: int) -> None:
-        from quadmix_spark.sample import run_sample
+        from quadmix_spark.curation.sample import run_sample
 
         result = run_sample(spark, self.config(f"sampling.run=scale-{i}", "sampling.budget_tokens=null"), theta=theta)
         if int(result.report.input_docs.sum()) != self.rows:

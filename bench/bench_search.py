@@ -109,7 +109,8 @@ def theta_true_loss(theta) -> float:
 
 
 def _case(X, y, names, domains, criteria, val_fraction: float, n_cand: int, seed: int, lgb_params: dict):
-    from quadmix_spark.search import fit_regressor, search_candidates
+    from quadmix_spark.search.regression import fit_regressor
+    from quadmix_spark.search.candidates import search_candidates
 
     w0, c0 = time.perf_counter(), time.process_time()
     fit = fit_regressor(X, y, lgb_params, val_fraction, 3, seed=42, feature_names_=names)
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import lightgbm
 
     from quadmix_spark.kernel.theta import feature_names
-    from quadmix_spark.search_config import DEFAULT_LIGHTGBM, REGMIX_LIGHTGBM
+    from quadmix_spark.search.config import DEFAULT_LIGHTGBM, REGMIX_LIGHTGBM
 
     t_start = time.perf_counter()
     n, n_val = args.search_runs, args.search_val

@@ -334,7 +334,7 @@ BENCH_SPARK_CONF = {"spark.ui.enabled": "false"}
 def bench_config(root: str | Path, *overrides: str):
     """The project config from ``conf/default.yaml`` with tables under ``root`` and ``--set``-style overrides."""
     setup_env()
-    from quadmix_spark.config import load_config
+    from quadmix_spark.core.config import load_config
 
     return load_config([DEFAULT_CONF], [f"storage.root={root}", *overrides])
 
@@ -358,7 +358,7 @@ def bench_spark(root: str | Path, *overrides: str, conf: Mapping[str, str] | Non
     """
     from pyspark.sql import SparkSession
 
-    from quadmix_spark.session import get_spark
+    from quadmix_spark.core.session import get_spark
 
     cfg = bench_config(root, *spark_overrides(conf, **spark), *overrides)
     stop_spark()

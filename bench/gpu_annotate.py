@@ -35,7 +35,7 @@ wheels' ``nvidia-*`` packages, which ``onnxruntime.preload_dlls()`` loads) in pl
 Without it the script still produces a figure: the **same model in torch on CUDA** (``--dtype``, same
 batches), labelled ``value_source: torch-cuda-fallback``; the annotate stage is then skipped (its
 ``onnx_transformer`` scorer needs the CUDA provider) and the reason recorded. The annotate part also needs
-what ``quadmix`` needs (pyspark, Java 17+, the cached Delta jars: ``python -m quadmix_spark.jars``); without
+what ``quadmix`` needs (pyspark, Java 17+, the cached Delta jars: ``python -m quadmix_spark.core.jars``); without
 them the raw-session figure is recorded, labelled, with the reason.
 
 The result keeps the benchmarks' fixed keys (``name, machine, metric, value, baseline, ratio, n_docs, when``)
@@ -248,7 +248,7 @@ class _Int64Inputs:
 def arrow_batch_rows() -> int:
     """Rows per Arrow batch the annotate stage's workers receive (the project's session setting)."""
     try:
-        from quadmix_spark.session import ARROW_CONFS
+        from quadmix_spark.core.session import ARROW_CONFS
     except ImportError:  # no pyspark here: the raw-session figures only; the project's value
         return 2048
     return int(ARROW_CONFS["spark.sql.execution.arrow.maxRecordsPerBatch"])
@@ -355,8 +355,8 @@ def annotate_runner(work: Path, texts: list[str], scorers: dict[str, dict], task
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.common import bench_config, bench_spark, spark_overrides
-    from quadmix_spark.annotate import run_annotate
-    from quadmix_spark.scorers import resolve_scorers
+    from quadmix_spark.curation.annotate import run_annotate
+    from quadmix_spark.curation.scorers import resolve_scorers
     from quadmix_udfs import trace
 
     spark, _ = bench_spark(work / "session", master=f"local[{tasks}]")

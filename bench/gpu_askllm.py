@@ -7,7 +7,7 @@ Run on a machine with one NVIDIA GPU (H100/H200)::
 
 What it builds (nothing is downloaded; ``--work DIR``, default ``$QUADMIX_BENCH_DIR/gpu-askllm``):
 
-- a decoder of Qwen2.5-0.5B's shape with random weights (:class:`quadmix_spark.proxy_model.ProxyLM`:
+- a decoder of Qwen2.5-0.5B's shape with random weights (:class:`quadmix_spark.search.proxy_model.ProxyLM`:
   24 layers, hidden 896, 14 heads, SwiGLU 4,864, a 151,936-token output layer; full multi-head attention
   and an untied output layer, so ~660M weights and the FLOPs of a 0.5B model with its 152k vocabulary),
   exported with ``torch.onnx.export`` (``input_ids`` -> ``logits``, dynamic batch and sequence; fp16 on GPU);
@@ -51,7 +51,7 @@ def log(msg: str) -> None:
 def build_decoder(shape: dict[str, int], positions: int, seed: int = 0):
     import torch
 
-    from quadmix_spark.proxy_model import ModelShape, ProxyLM
+    from quadmix_spark.search.proxy_model import ModelShape, ProxyLM
 
     torch.manual_seed(seed)
     return ProxyLM(ModelShape(vocab_size=shape["vocab"], n_layer=shape["layers"], n_head=shape["heads"],

@@ -11,7 +11,7 @@ What goes in (one ``tar.xz`` stream, cut into pieces):
 - ``site/``: pyspark and py4j as installed here, with Spark's optional modules' jars left out (Hive, Kubernetes,
   YARN, MLlib, Connect, RocksDB, ...: ``OPTIONAL_JARS``), delta-spark's Python package, and the wheels for
   the GPU machine's Python (``--python``): onnxruntime-gpu (``--onnxruntime-gpu``), pydantic and its needs;
-- ``cache/``: the Delta jars of ``python -m quadmix_spark.jars`` (``QUADMIX_CACHE`` there);
+- ``cache/``: the Delta jars of ``python -m quadmix_spark.core.jars`` (``QUADMIX_CACHE`` there);
 - ``shared/``: the shared web pages and the BERT-uncased tokenizer the benchmark reads;
 - the jars unpacked (``jx/``): xz compresses classes across jars ~2x better than the jars' own zip;
   ``--rezip`` packs them again, stored, on the GPU machine.
@@ -128,11 +128,11 @@ def build(args: argparse.Namespace) -> list[Path]:
     import pyspark
 
     sys.path.insert(0, str(REPO))
-    from quadmix_spark.jars import cached_delta_jars
+    from quadmix_spark.core.jars import cached_delta_jars
 
     delta_jars = cached_delta_jars()
     if not delta_jars:
-        raise SystemExit("no cached Delta jars: run `python -m quadmix_spark.jars` (make setup) first")
+        raise SystemExit("no cached Delta jars: run `python -m quadmix_spark.core.jars` (make setup) first")
     java_home = Path(os.environ.get("JAVA_HOME") or Path(shutil.which("java")).resolve().parents[1])
     if not (java_home / "jmods").is_dir():
         raise SystemExit(f"{java_home} has no jmods: point JAVA_HOME at a full JDK 17+ for jlink")

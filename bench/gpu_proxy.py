@@ -1,7 +1,7 @@
 """Proxy-training throughput on one GPU: can a 1B-token proxy run (spec §3.2) fit in 15 minutes on an H100?
 
-Standalone: needs torch (with CUDA) and numpy, plus this repository's ``quadmix_spark/proxy_model.py`` and
-``quadmix_spark/proxy_train.py`` (found through the repository root, no install needed)::
+Standalone: needs torch (with CUDA) and numpy, plus this repository's ``quadmix_spark/search/proxy_model.py`` and
+``quadmix_spark/search/proxy_train.py`` (found through the repository root, no install needed)::
 
     python bench/gpu_proxy.py --out DIR [--compile] [--store POOL_DIR] [--steps 8 --warmup 3]
     python bench/gpu_proxy.py --out DIR --smoke          # tiny shape, runs on CPU in seconds
@@ -35,8 +35,8 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from quadmix_spark.proxy_model import ModelShape, ProxyLM, count_params  # noqa: E402
-from quadmix_spark.proxy_train import LossModule, TrainSettings, VocabMap, run_training  # noqa: E402
+from quadmix_spark.search.proxy_model import ModelShape, ProxyLM, count_params  # noqa: E402
+from quadmix_spark.search.proxy_train import LossModule, TrainSettings, VocabMap, run_training  # noqa: E402
 
 GOAL_MINUTES = 15.0
 SMOKE_SHAPE = ModelShape(vocab_size=512, n_layer=1, n_head=2, d_model=32, ffn=64, seq_len=32)
@@ -52,7 +52,7 @@ def random_windows(vocab: int, seq_len: int, seed: int):
 
 def store_windows(store_dir: str, vocab_size: int, seq_len: int):
     """Endless windows over a token pool's shards read as one flat stream (mapped to the model vocabulary)."""
-    from quadmix_spark.token_store import TokenStore
+    from quadmix_spark.search.token_store import TokenStore
 
     store = TokenStore.open(store_dir)
     vmap = VocabMap.build(store.token_counts(), vocab_size, store.eos_id)

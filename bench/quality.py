@@ -27,7 +27,7 @@ get names of their own (``quality-screen-v<hash>``; the curation is shared) and 
 Resumable: every stage reuses what is finished (proposals, trained proxies, evaluated arms), so an interrupted
 run is continued by running the command again. Writes ``bench/results/selection_quality.json`` (and, with
 ``--reference``, ``bench/reference/selection_quality.json``). ``--smoke`` runs the same path on 400 pages
-with tiny settings in a few minutes (``tests/test_bench_quality.py``).
+with tiny settings in a few minutes (``tests/bench/test_bench_quality.py``).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class Experiment:
         self.suffix = variant_suffix(args.set or [])
 
     def config(self, *overrides: str):
-        from quadmix_spark.config import load_config
+        from quadmix_spark.core.config import load_config
 
         return load_config([str(c) for c in CONFS], [*self.base, *overrides])
 
@@ -129,8 +129,8 @@ def curate(exp: Experiment) -> dict[str, Any]:
     scorers = train_scorers_job(cfg)
     annotate_job(cfg)
     normalize_job(cfg)
-    from quadmix_spark.session import get_spark
-    from quadmix_spark.storage import read_table
+    from quadmix_spark.core.session import get_spark
+    from quadmix_spark.core.storage import read_table
 
     documents = read_table(get_spark(cfg), cfg.storage.table("documents")).count()
     return {"documents": documents, "ingested_now": ingest.documents,
@@ -153,7 +153,7 @@ def train_search(cfg) -> dict[str, float]:
 def finished_losses(cfg) -> dict[str, float]:
     import mlflow
 
-    from quadmix_spark.runs import TAG_THETA_ID, child_runs, experiment_id, require_search
+    from quadmix_spark.core.runs import TAG_THETA_ID, child_runs, experiment_id, require_search
 
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
     exp_id = experiment_id(client, cfg.tracking.experiment)
@@ -191,7 +191,8 @@ def fit(cfg) -> dict[str, Any]:
     import pandas as pd
 
     from quadmix_spark.jobs import search_job
-    from quadmix_spark.search import FEATURE_SETS, featurizer_for, fit_search, search_domain_tokens
+    from quadmix_spark.search.regression import FEATURE_SETS, featurizer_for, fit_search
+    from quadmix_spark.search.run_table import search_domain_tokens
 
     outcome = search_job(cfg)
     log(outcome.summary())
@@ -221,7 +222,7 @@ def mix_coverage(x: np.ndarray, losses: np.ndarray, star: np.ndarray, domains, c
     come near the pool's mix cannot find a θ* there, however many θ it trains."""
     from scipy.stats import spearmanr
 
-    from quadmix_spark.search import Featurizer
+    from quadmix_spark.search.regression import Featurizer
 
     f = Featurizer("mix", tuple(domains), tuple(criteria), tuple(tokens))
     pool = np.asarray(tokens, dtype=np.float64) / float(np.sum(tokens))

@@ -22,7 +22,7 @@ from bench.common import RESULTS_DIR, git_commit, log, machine_info, utc_now
 def study(rates: list[float], seeds: list[int], runs: int = 3000, n_val: int = 200, n_cand: int = 100_000) -> list[dict]:
     from bench.bench_search import _case, synthetic_runs
     from quadmix_spark.kernel.theta import feature_names
-    from quadmix_spark.search_config import DEFAULT_LIGHTGBM
+    from quadmix_spark.search.config import DEFAULT_LIGHTGBM
 
     data = {seed: synthetic_runs(runs, seed) for seed in seeds}
     keys = ("fit_s", "candidates_s", "best_iteration", "val_mae", "val_spearman", "theta_star_true_loss")

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from quadmix_spark.config import ConfigError, QuadmixConfig, load_config
+from quadmix_spark.core.config import ConfigError, QuadmixConfig, load_config
 
 app = typer.Typer(help="QuaDMix data selection on Spark, Delta Lake and MLflow.", no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
@@ -39,11 +39,11 @@ def _user_errors(cfg: QuadmixConfig):
     """Problems with the user's input (files, names, tables, an unreachable tracking server) end the command
     with their message, not a traceback. The tracking server is checked first, before any Spark work.
     Another run holding this stage's lease on the store ends it with exit code 75 (try again later)."""
-    from quadmix_spark.inputs import IngestInputError
-    from quadmix_spark.normalize import KnotsMissingError
-    from quadmix_spark.runs import SearchNotFound, ThetaStarMissing
-    from quadmix_spark.run_guard import BUSY_EXIT_CODE, StageBusy
-    from quadmix_spark.tracking import TrackingUnreachable, check_tracking
+    from quadmix_spark.curation.corpus_files import IngestInputError
+    from quadmix_spark.curation.normalize import KnotsMissingError
+    from quadmix_spark.core.runs import SearchNotFound, ThetaStarMissing
+    from quadmix_spark.core.run_guard import BUSY_EXIT_CODE, StageBusy
+    from quadmix_spark.core.tracking import TrackingUnreachable, check_tracking
 
     try:
         check_tracking(cfg)
@@ -215,7 +215,7 @@ def evaluate(config: ConfigFiles = None, set_: Overrides = None, search: SearchN
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (also used by ``jobs/*.py`` under spark-submit)."""
-    from quadmix_spark.faults import arm
+    from quadmix_spark.core.faults import arm
 
     arm()
     app(args=argv if argv is not None else sys.argv[1:], prog_name="quadmix")

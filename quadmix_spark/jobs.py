@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 from pyspark.sql import functions as F
 
-from quadmix_spark.config import QuadmixConfig
-from quadmix_spark.ingest import IngestReport, report_dict, run_ingest
-from quadmix_spark.runs import (
+from quadmix_spark.core.config import QuadmixConfig
+from quadmix_spark.curation.ingest import IngestReport, report_dict, run_ingest
+from quadmix_spark.core.runs import (
     PARAM_GPU_STAGE,
     TAG_ANNOTATIONS_VERSION,
     TAG_KNOTS_WRITTEN,
@@ -28,12 +28,12 @@ from quadmix_spark.runs import (
     TAG_TRAIN_WARNINGS,
     THETA_ARTIFACT,
 )
-from quadmix_spark.session import get_spark
-from quadmix_spark.tracking import stage_run
+from quadmix_spark.core.session import get_spark
+from quadmix_spark.core.tracking import stage_run
 
 if TYPE_CHECKING:  # the stage modules load their model libraries; a runner imports its stage when it runs
-    from quadmix_spark.annotate import AnnotateReport
-    from quadmix_spark.train_scorers import TrainReport
+    from quadmix_spark.curation.annotate import AnnotateReport
+    from quadmix_spark.curation.train_scorers import TrainReport
 
 
 def ingest_job(cfg: QuadmixConfig) -> IngestReport:
@@ -58,7 +58,7 @@ def train_scorers_job(cfg: QuadmixConfig) -> TrainReport:
     """
     import mlflow
 
-    from quadmix_spark.train_scorers import TrainedModel, run_train_scorers
+    from quadmix_spark.curation.train_scorers import TrainedModel, run_train_scorers
 
     spark = get_spark(cfg)
 
@@ -90,8 +90,8 @@ def annotate_job(cfg: QuadmixConfig, rescore: list[str] | None = None) -> Annota
     """
     import mlflow
 
-    from quadmix_spark.annotate import plot_score_histograms, rescore_allowed, run_annotate
-    from quadmix_spark.scorers import resolve_scorers
+    from quadmix_spark.curation.annotate import plot_score_histograms, rescore_allowed, run_annotate
+    from quadmix_spark.curation.scorers import resolve_scorers
 
     scorers = resolve_scorers(cfg)  # every model file checked before Spark starts
     rescore_allowed(cfg, scorers, rescore)
@@ -124,8 +124,8 @@ def normalize_job(cfg: QuadmixConfig) -> NormalizeReport:
     """σ knots of the current annotations (idempotent per annotations version)."""
     import mlflow
 
-    from quadmix_spark.normalize import run_normalize
-    from quadmix_spark.tables import ANNOTATIONS, SCORE_KNOTS
+    from quadmix_spark.curation.normalize import run_normalize
+    from quadmix_spark.core.tables import ANNOTATIONS, SCORE_KNOTS
 
     with stage_run(cfg, "normalize") as run:
         spark = get_spark(cfg)
@@ -140,9 +140,9 @@ def normalize_job(cfg: QuadmixConfig) -> NormalizeReport:
 
 
 def sample_dry_run_job(cfg: QuadmixConfig, params: str):
-    from quadmix_spark.sample import dry_run_report, load_inputs
-    from quadmix_spark.thetas import check_file, load_one
-    from quadmix_spark.tracking import configure_mlflow
+    from quadmix_spark.curation.sample import dry_run_report, load_inputs
+    from quadmix_spark.core.theta_sources import check_file, load_one
+    from quadmix_spark.core.tracking import configure_mlflow
 
     check_file(params)
     configure_mlflow(cfg)
@@ -158,10 +158,10 @@ def sample_job(cfg: QuadmixConfig, params: str | None = None, baseline: str | No
 
     import mlflow
 
-    from quadmix_spark.sample import load_inputs, plot_report, run_sample
-    from quadmix_spark.storage import table_version
-    from quadmix_spark.thetas import check_file, load_one, theta_params
-    from quadmix_spark.tracking import configure_mlflow
+    from quadmix_spark.curation.sample import load_inputs, plot_report, run_sample
+    from quadmix_spark.core.storage import table_version
+    from quadmix_spark.core.theta_sources import check_file, load_one, theta_params
+    from quadmix_spark.core.tracking import configure_mlflow
 
     if params:
         check_file(params)
@@ -206,8 +206,8 @@ def sample_many_job(cfg: QuadmixConfig, params_set: str):
 
     import mlflow
 
-    from quadmix_spark.sample import load_inputs, run_sample_many
-    from quadmix_spark.thetas import load_set
+    from quadmix_spark.curation.sample import load_inputs, run_sample_many
+    from quadmix_spark.core.theta_sources import load_set
 
     spark = get_spark(cfg)
     inp = load_inputs(spark, cfg)
@@ -222,11 +222,11 @@ def sample_many_job(cfg: QuadmixConfig, params_set: str):
 
 def propose_job(cfg: QuadmixConfig, n: int | None = None):
     """K θ of search ``search.name`` from Algorithm 1, as MLflow child runs (names from the annotations)."""
-    from quadmix_spark.propose import propose
-    from quadmix_spark.proxy_pool import pool_predicate
-    from quadmix_spark.run_guard import lease, search_scope
-    from quadmix_spark.sample import load_inputs
-    from quadmix_spark.tracking import configure_mlflow
+    from quadmix_spark.search.propose import propose
+    from quadmix_spark.search.proxy_pool import pool_predicate
+    from quadmix_spark.core.run_guard import lease, search_scope
+    from quadmix_spark.curation.sample import load_inputs
+    from quadmix_spark.core.tracking import configure_mlflow
 
     configure_mlflow(cfg)
     with lease(cfg, search_scope(cfg.search.name), "propose"):  # propose and proxy of one search exclude each other
@@ -241,9 +241,9 @@ def proxy_job(cfg: QuadmixConfig):
     """Train the unfinished proxies of search ``search.name`` (one Spark task per θ)."""
     import mlflow
 
-    from quadmix_spark.proxy import outcomes_frame, run_search_proxies
+    from quadmix_spark.search.proxy import outcomes_frame, run_search_proxies
 
-    from quadmix_spark.run_guard import search_scope
+    from quadmix_spark.core.run_guard import search_scope
 
     with stage_run(cfg, "proxy", run_name=f"proxy-{cfg.search.name}", scope=search_scope(cfg.search.name)) as run:
         spark = get_spark(cfg)
@@ -259,8 +259,8 @@ def proxy_job(cfg: QuadmixConfig):
 
 def search_job(cfg: QuadmixConfig, names: list[str] | None = None):
     """Fit LightGBM on the finished proxies of one or more searches and derive θ*."""
-    from quadmix_spark.search import run_search
-    from quadmix_spark.tracking import configure_mlflow
+    from quadmix_spark.search.theta_star import run_search
+    from quadmix_spark.core.tracking import configure_mlflow
 
     configure_mlflow(cfg)
     return run_search(cfg, names or [cfg.search.name])
@@ -268,8 +268,8 @@ def search_job(cfg: QuadmixConfig, names: list[str] | None = None):
 
 def evaluate_job(cfg: QuadmixConfig):
     """θ* against the baselines: fresh proxies, several seeds each, at the same token budget."""
-    from quadmix_spark.evaluate import run_evaluate
-    from quadmix_spark.tracking import configure_mlflow
+    from quadmix_spark.search.evaluate import run_evaluate
+    from quadmix_spark.core.tracking import configure_mlflow
 
     configure_mlflow(cfg)
     spark = get_spark(cfg)

@@ -8,13 +8,13 @@ import argparse
 import json
 from pathlib import Path
 
-from quadmix_spark.config import QuadmixConfig, StorageConfig, load_config
-from quadmix_spark.runs import ROLE_EVALUATE, ROLE_FIT, ROLE_PROXY, ROLE_SEARCH, role_filter, search_all
+from quadmix_spark.core.config import QuadmixConfig, StorageConfig, load_config
+from quadmix_spark.core.runs import ROLE_EVALUATE, ROLE_FIT, ROLE_PROXY, ROLE_SEARCH, role_filter, search_all
 
 
 def _tables(cfg: QuadmixConfig) -> list[str]:
-    from quadmix_spark.session import get_spark
-    from quadmix_spark.storage import read_table, table_exists
+    from quadmix_spark.core.session import get_spark
+    from quadmix_spark.core.storage import read_table, table_exists
 
     spark = get_spark(cfg)
     lines = []

@@ -20,14 +20,14 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 
 def make_config(root: Path | str, *overrides: str):
-    from quadmix_spark.config import load_config
+    from quadmix_spark.core.config import load_config
 
     return load_config([DEFAULT_CONF], [f"storage.root={root}", *overrides])
 
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
-    from quadmix_spark.session import get_spark
+    from quadmix_spark.core.session import get_spark
 
     cfg = make_config(
         tmp_path_factory.mktemp("spark"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from quadmix_spark.kernel.theta import Theta, sample_thetas
-from quadmix_spark.storage import write_table
+from quadmix_spark.core.storage import write_table
 
 CRITERIA = ["edu", "dclm", "ref"]
 

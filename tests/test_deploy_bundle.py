@@ -245,7 +245,7 @@ def test_task_commands_exist_and_their_options_and_configs_load(target):
 
 def _load_task_config(params: dict) -> None:
     """The task's config files and --set overrides load and validate (the stage would start)."""
-    from quadmix_spark.config import load_config
+    from quadmix_spark.core.config import load_config
 
     overrides = list(params.get("set_") or [])
     if params.get("input_"):
@@ -257,7 +257,7 @@ def _load_task_config(params: dict) -> None:
 
 
 def test_databricks_config_file_loads():
-    from quadmix_spark.config import load_config
+    from quadmix_spark.core.config import load_config
 
     cfg = load_config([BUNDLE / "conf" / "databricks.yaml"], ["storage.catalog=main", "storage.schema=quadmix"])
     assert cfg.tracking_uri == "databricks" and cfg.storage.table("documents") == "main.quadmix.documents"

@@ -56,14 +56,54 @@ def test_every_stage_has_one_runner_in_jobs_and_no_stage_module_calls_a_runner()
     commands = {c.name for c in typer.main.get_command(app).commands.values()} - {"config"}
     for command in commands:
         assert callable(getattr(jobs, command.replace("-", "_") + "_job", None)), command
-    for path in (REPO / "quadmix_spark").glob("*.py"):
-        if path.name in ("jobs.py", "cli.py"):
+    for path in (REPO / "quadmix_spark").rglob("*.py"):
+        if path.relative_to(REPO / "quadmix_spark").as_posix() in ("jobs.py", "cli.py"):
             continue
         text = path.read_text()
-        assert not re.search(r"^def \w+_job\(", text, re.M), f"{path.name} defines a stage runner outside jobs.py"
-        assert "quadmix_spark.jobs" not in text and "import jobs" not in text, f"{path.name} imports the runners"
+        assert not re.search(r"^def \w+_job\(", text, re.M), f"{path} defines a stage runner outside jobs.py"
+        assert "quadmix_spark.jobs" not in text and "import jobs" not in text, f"{path} imports the runners"
 
 
 def test_kernel_does_not_import_spark():
     for path in Path(REPO / "quadmix_spark" / "kernel").glob("*.py"):
         assert "pyspark" not in path.read_text(), path
+
+
+def _imports(path: Path) -> set[str]:
+    """The quadmix_spark modules a file imports (at any depth of the file: lazy imports count too)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("quadmix_spark"):
+            out |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("quadmix_spark")}
+    return out
+
+
+# The one crossing allowed each way (README "Layout"): core's config composes the workflows' config sections; the
+# search turns θ into data with the curation's sampler; the reference-LM scorer is the proxy model, trained by the
+# proxy's loop.
+ALLOWED_CROSSINGS = {
+    ("core/config.py", "quadmix_spark.curation.config"), ("core/config.py", "quadmix_spark.search.config"),
+    ("search/evaluate.py", "quadmix_spark.curation.sample"), ("search/proxy.py", "quadmix_spark.curation.sample"),
+    ("curation/causal_lm_train.py", "quadmix_spark.search.proxy_model"),
+    ("curation/causal_lm_train.py", "quadmix_spark.search.proxy_train"),
+}
+FORBIDDEN = {"kernel": ("core", "curation", "search"), "core": ("curation", "search"), "curation": ("search",),
+             "search": ("curation",)}
+
+
+def test_the_packages_import_in_one_direction_core_and_kernel_below_the_two_workflows():
+    found = set()
+    for package, below in FORBIDDEN.items():
+        for path in (REPO / "quadmix_spark" / package).rglob("*.py"):
+            rel = path.relative_to(REPO / "quadmix_spark").as_posix()
+            for mod in _imports(path):
+                parts = mod.split(".")
+                if len(parts) > 1 and parts[1] in below:
+                    found.add((rel, ".".join(parts[:3])))
+    assert found <= ALLOWED_CROSSINGS, sorted(found - ALLOWED_CROSSINGS)
+    # the rule is enforced, not vacuous: the allowed crossings exist
+    assert ALLOWED_CROSSINGS <= found, sorted(ALLOWED_CROSSINGS - found)

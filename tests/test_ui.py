@@ -60,7 +60,7 @@ def two_ingest_runs(spark, tmp_path, monkeypatch):
         assert report.documents == 20
     import mlflow
 
-    from quadmix_spark.propose import propose
+    from quadmix_spark.search.propose import propose
 
     # a search as `quadmix propose` makes it: a parent run with its θ nested under it
     search = propose(make_config(root, f"tracking.experiment={EXPERIMENT}", "search.name=ui"),

@@ -25,7 +25,7 @@ For files whose only pattern is GPT-2's (GPT-2, GPT-NeoX, RoBERTa-style), steps 
 Where it is not built, or the file has ``ignore_merges``, the Python steps above do the same work.
 
 So the ids equal ``Tokenizer.encode(text, add_special_tokens=False).ids`` by construction for every step but
-the third, which ``tests/test_bpe_fast.py`` checks on generated strings and every shared page. A file with a
+the third, which ``tests/udfs/test_bpe_fast.py`` checks on generated strings and every shared page. A file with a
 feature outside what is reproduced here (another model type, pre-tokenizer, split behaviour, a pattern with
 other Unicode classes, BPE dropout, ...) is not loaded by this class: :func:`load_encoder` says why (logged,
 and in :attr:`Encoder.reason`) and returns an encoder that calls ``tokenizers``.

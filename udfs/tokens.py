@@ -17,6 +17,8 @@ from pyspark.sql.types import LongType
 
 from quadmix_udfs.files import local_path
 
+EOS_NAMES = ("<|endoftext|>", "</s>", "[SEP]", "<eos>")  # the end-of-text token, by the names tokenizers give it
+
 
 @lru_cache(maxsize=4)
 def load_tokenizer(path: str):
@@ -51,3 +53,13 @@ def token_count_column(text: Column, tokenizer_path: str, batch_size: int = 256,
             yield counts
 
     return _count(text)
+
+
+def eos_id(tok) -> int:
+    """The id of a ``tokenizers.Tokenizer``'s end-of-text token (the first of :data:`EOS_NAMES` it has): the
+    separator of packed documents in the proxy pool, the token export and the reference LM."""
+    for name in EOS_NAMES:
+        i = tok.token_to_id(name)
+        if i is not None:
+            return int(i)
+    raise ValueError(f"the tokenizer has no end-of-text token ({', '.join(EOS_NAMES)})")

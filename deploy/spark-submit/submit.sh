@@ -201,11 +201,11 @@ esac
 # ------------------------------------------------------------------ Delta Lake jars
 DELTA_ARGS=()
 if [[ $DELTA == packages ]]; then
-  DELTA_ARGS=(--packages "$("$PY" -c 'from quadmix_spark.jars import DELTA_PACKAGE; print(DELTA_PACKAGE)')")
+  DELTA_ARGS=(--packages "$("$PY" -c 'from quadmix_spark.core.jars import DELTA_PACKAGE; print(DELTA_PACKAGE)')")
 elif (( PRINT )); then
-  DELTA_ARGS=(--jars '$(python -m quadmix_spark.jars --submit-jars)')
+  DELTA_ARGS=(--jars '$(python -m quadmix_spark.core.jars --submit-jars)')
 else
-  DELTA_ARGS=(--jars "$("$PY" -m quadmix_spark.jars --submit-jars | tail -n 1)")
+  DELTA_ARGS=(--jars "$("$PY" -m quadmix_spark.core.jars --submit-jars | tail -n 1)")
 fi
 
 # ------------------------------------------------------------------ GPU discovery script, config files

@@ -19,7 +19,7 @@ SUBMIT_TIMEOUT = 900  # seconds for one stage on the loopback cluster (a busy 2-
 
 
 def read_table(spark, root: Path, name: str):
-    from quadmix_spark.storage import read_table as read
+    from quadmix_spark.core.storage import read_table as read
 
     return read(spark, f"{root}/tables/{name}")
 

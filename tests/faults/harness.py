@@ -1,7 +1,7 @@
 """Drive ``quadmix`` stages as real driver processes, kill them at fault points, and compare stores.
 
 A stage runs as ``python -m quadmix_spark.cli <stage> ...`` in a process group of its own, with
-``QUADMIX_FAULT`` arming one point of :mod:`quadmix_spark.faults` and ``QUADMIX_FAULT_DIR`` collecting the
+``QUADMIX_FAULT`` arming one point of :mod:`quadmix_spark.core.faults` and ``QUADMIX_FAULT_DIR`` collecting the
 hits. Every process an attempt starts (the JVM, PySpark's worker daemon and its workers) inherits a token in
 its environment, so the harness can wait until all of them are gone before the next attempt.
 
@@ -198,7 +198,7 @@ def pool_folders(root: Path) -> list[Path]:
 
 def store_digest(spark, root: Path) -> dict[str, object]:
     """What a store holds: every Delta table, the export of every sample run, the proxy pool."""
-    from quadmix_spark.storage import read_table, table_exists
+    from quadmix_spark.core.storage import read_table, table_exists
 
     out: dict[str, object] = {}
     tables = root / "tables"
@@ -253,7 +253,7 @@ def all_runs(root: Path, filter_string: str = "") -> list:
 
 def assert_runs_settled(root: Path, killed_pid: int | None) -> None:
     """No run is left RUNNING; the stage run the killed driver had opened (if any) ended FAILED, saying why."""
-    from quadmix_spark.runs import TAG_FAILURE, TAG_PID
+    from quadmix_spark.core.runs import TAG_FAILURE, TAG_PID
 
     running = [(r.info.run_name, r.info.run_id) for r in all_runs(root, "attributes.status = 'RUNNING'")]
     assert not running, f"runs left RUNNING in {root}: {running}"
@@ -267,7 +267,7 @@ def assert_runs_settled(root: Path, killed_pid: int | None) -> None:
 
 def search_state(root: Path, search: str) -> dict:
     """A search's runs by proposal index: θ id, status, params, and every value of ``target_loss`` logged."""
-    from quadmix_spark.runs import child_runs, find_search
+    from quadmix_spark.core.runs import child_runs, find_search
 
     client = client_of(root)
     exp_id = client.get_experiment_by_name("quadmix").experiment_id

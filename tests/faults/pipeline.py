@@ -67,8 +67,8 @@ def write_inputs(a: Path, b: Path) -> None:
 
 def write_theta_set(spark, store: Path, path: Path) -> None:
     from quadmix_spark.kernel.theta import sample_thetas
-    from quadmix_spark.normalize import criteria_of
-    from quadmix_spark.storage import read_table
+    from quadmix_spark.curation.normalize import criteria_of
+    from quadmix_spark.core.storage import read_table
 
     ann = read_table(spark, str(store / "tables" / "annotations"))
     domains = sorted(r[0] for r in ann.select("domain").distinct().collect())

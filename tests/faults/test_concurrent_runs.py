@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from quadmix_spark.run_guard import BUSY_EXIT_CODE
-from quadmix_spark.runs import TAG_PID
-from quadmix_spark.storage import read_table
+from quadmix_spark.core.run_guard import BUSY_EXIT_CODE
+from quadmix_spark.core.runs import TAG_PID
+from quadmix_spark.core.storage import read_table
 from tests.faults.pipeline import SEARCH
 from tests.faults.harness import (
     KEYS,

@@ -1,0 +1,139 @@
+"""Propose θ for a search (spec §3.1): one MLflow parent run per search, one child run per θ.
+
+MLflow contract (what ``quadmix proxy`` writes and ``quadmix search`` reads; users' own trainers may
+fill it in instead, see README "Bring your own trainer"):
+
+- parent run: tags ``quadmix.search=<name>``, ``quadmix.role=search``; params ``search.seed``,
+  ``search.lambda_mode``, ``search.criteria`` (and the domains, all criteria and the sampler's version: the
+  settings the θ were drawn with, which ``quadmix search`` checks); artifacts ``thetas.json`` (every proposed
+  θ, so that ``quadmix sample --params-set <parent run id>`` reads the set) and ``domain_tokens.json`` (the
+  pool's tokens per domain).
+- child run per θ: tags ``mlflow.parentRunId``, ``quadmix.search``, ``quadmix.role=proxy``,
+  ``quadmix.theta_id``, ``quadmix.proposal_index``, ``quadmix.domains`` / ``quadmix.criteria`` (JSON
+  lists) and ``quadmix.proxy.status`` (pending | running | finished | failed); θ as flat params
+  (``quadmix.alpha.<domain>.<criterion>``, ``quadmix.lambda.<domain>``, ``quadmix.omega.<domain>``,
+  ``quadmix.eta.<domain>``, ``quadmix.epsilon.<domain>``) and ``theta.json``; once trained, metric
+  ``target_loss`` (and ``target_loss.<task>``) and run status FINISHED.
+
+θ number i of a search is drawn with Algorithm 1 from ``default_rng([seed, i])``, so proposing more
+θ later extends a search without changing the ones it has; proposing again is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from quadmix_spark.core.config import QuadmixConfig
+from quadmix_spark.kernel.theta import Theta, sample_theta_matrix
+from quadmix_spark.core.runs import (DOMAIN_TOKENS_ARTIFACT, PENDING, ROLE_PROXY, ROLE_SEARCH, TAG_CRITERIA, TAG_DOMAINS,
+                                TAG_N_PROPOSALS, TAG_PARENT, TAG_PROPOSAL_INDEX, TAG_PROXY_STATUS, TAG_ROLE, TAG_SEARCH,
+                                TAG_STAGE, TAG_THETA_ID, THETA_ARTIFACT, THETAS_ARTIFACT, child_runs, experiment_id,
+                                find_search)
+from quadmix_spark.core.theta_sources import theta_params
+
+SAMPLER_VERSION = "algorithm1/1"  # recorded on a search: a change to the θ sampler's ranges must bump it
+
+
+def sampler_version(sc) -> str:
+    """What a search records as its sampler: :data:`SAMPLER_VERSION`, plus the shared-ω̃ share and spread when
+    used (``search.shared_omega``); the fit draws its candidates only with the sampler its proposals had."""
+    if not sc.shared_omega:
+        return SAMPLER_VERSION
+    return f"{SAMPLER_VERSION}+shared-omega/{sc.shared_omega:g}/{sc.omega_spread:g}"
+
+
+def draw_theta(domains: list[str], criteria: list[str], seed: int, index: int, lambda_mode: str,
+               active: list[str] | None = None, shared_omega: float = 0.0, omega_spread: float = 0.25) -> Theta:
+    mask = None if active is None else [c in active for c in criteria]
+    b = sample_theta_matrix(1, len(domains), len(criteria), np.random.default_rng([seed, index]), lambda_mode, mask,
+                            shared_omega, omega_spread)
+    return Theta(tuple(domains), tuple(criteria), b.alpha[0], b.lam[0], b.omega[0], b.eta[0], b.eps[0])
+
+
+@dataclass
+class ProposeResult:
+    search: str
+    parent_run_id: str
+    thetas: list[Theta]
+    created: int
+
+    def summary(self) -> str:
+        return (f"search {self.search!r} (MLflow run {self.parent_run_id}): {len(self.thetas)} θ, "
+                f"{self.created} new; next: quadmix proxy --search {self.search}")
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, repr(v) if isinstance(v, float) else str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
+            domain_tokens: dict[str, int] | None = None) -> ProposeResult:
+    """Make sure search ``cfg.search.name`` has θ number 0..n-1 (creating what is missing). ``domain_tokens``
+    (the pool's tokens per domain) is recorded on the parent run: the search derives each θ's domain mix
+    from it (:class:`~quadmix_spark.search.regression.Featurizer`)."""
+    import mlflow
+
+    from quadmix_spark.core import faults
+    from quadmix_spark.core.run_guard import resume_search_parent, settle_children
+    from quadmix_spark.core.tracking import configure_mlflow
+
+    sc = cfg.search
+    if sc.criteria is not None:
+        unknown = sorted(set(sc.criteria) - set(criteria))
+        if unknown:
+            raise ValueError(f"search.criteria names {unknown}, not criteria of the annotations {criteria}")
+    configure_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    recorded = {"search.seed": str(sc.seed), "search.lambda_mode": sc.lambda_mode,
+                "search.criteria": json.dumps(sc.criteria), "search.domains": json.dumps(domains),
+                "search.all_criteria": json.dumps(criteria), "search.sampler": sampler_version(sc)}
+    parent = resume_search_parent(client, find_search(client, exp_id, sc.name), recorded, cfg.resolved())
+    if parent is None:
+        parent = client.create_run(exp_id, run_name=f"search-{sc.name}",
+                                   tags={TAG_SEARCH: sc.name, TAG_ROLE: ROLE_SEARCH, TAG_STAGE: "propose"})
+        faults.point("propose.parent.created")
+        _log_params(client, parent.info.run_id, recorded)
+        client.log_dict(parent.info.run_id, cfg.resolved(), "config.yaml")
+    else:
+        have = parent.data.params
+        differ = {k: (have.get(k), v) for k, v in recorded.items() if k in have and have[k] != v}
+        if differ:
+            raise ValueError(f"search {sc.name!r} exists with other settings {differ} (recorded, now): "
+                             "use another search.name or the recorded settings")
+    parent_id = parent.info.run_id
+    children = settle_children(client, child_runs(client, exp_id, parent_id), sc.metric, repair=True)
+    existing = {int(r.data.tags[TAG_PROPOSAL_INDEX]) for r in children if TAG_PROPOSAL_INDEX in r.data.tags}
+    thetas, created = [], 0
+    tags_common = {TAG_PARENT: parent_id, TAG_SEARCH: sc.name, TAG_ROLE: ROLE_PROXY,
+                   TAG_DOMAINS: json.dumps(domains), TAG_CRITERIA: json.dumps(criteria)}
+    for i in range(n):
+        theta = draw_theta(domains, criteria, sc.seed, i, sc.lambda_mode, sc.criteria, sc.shared_omega, sc.omega_spread)
+        thetas.append(theta)
+        if i in existing:
+            continue
+        child = client.create_run(exp_id, run_name=f"theta-{i:04d}", tags={
+            **tags_common, TAG_THETA_ID: theta.theta_id, TAG_PROPOSAL_INDEX: str(i), TAG_PROXY_STATUS: PENDING})
+        faults.point("propose.child.created")
+        _log_params(client, child.info.run_id, theta_params(theta))
+        client.log_dict(child.info.run_id, theta.to_dict(), THETA_ARTIFACT)
+        client.update_run(child.info.run_id, status="SCHEDULED")
+        created += 1
+    n_all = max([n, *(i + 1 for i in existing)])
+    all_thetas = thetas + [draw_theta(domains, criteria, sc.seed, i, sc.lambda_mode, sc.criteria, sc.shared_omega, sc.omega_spread)
+                           for i in range(n, n_all)]
+    client.log_dict(parent_id, {"thetas": [t.to_dict() for t in all_thetas]}, THETAS_ARTIFACT)
+    if domain_tokens is not None:
+        client.log_dict(parent_id, {d: int(v) for d, v in sorted(domain_tokens.items())}, DOMAIN_TOKENS_ARTIFACT)
+    client.set_tag(parent_id, TAG_N_PROPOSALS, str(n_all))
+    faults.point("propose.end")
+    if parent.info.status == "RUNNING":
+        client.set_terminated(parent_id, "FINISHED")
+    return ProposeResult(sc.name, parent_id, all_thetas, created)

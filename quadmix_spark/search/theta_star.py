@@ -1,0 +1,190 @@
+"""The ``search`` stage (spec §3.3-3.4, RegMix §6.3-6.4): read the searches' runs, fit LightGBM from θ to the
+proxies' target loss, draw candidates with Algorithm 1, average the best predicted ones into θ*, and log it
+all as one MLflow run. The input contract is in :mod:`quadmix_spark.search.run_table`.
+
+Output
+------
+:func:`run_search` logs ONE new run in the same experiment: run name ``search-fit-<names>``, tags
+``quadmix.role=search-fit``, ``quadmix.stage=search``, ``quadmix.search=<comma-joined names>``,
+``quadmix.theta_id=<θ* id>``; params (``n_runs``, ``search_names``, ``n_candidates``, ``top_k``, ``cv_folds``,
+``lightgbm.<param>``, ``theta_star.<feature name>``); metrics ``cv_mae``, ``cv_spearman`` (out of sample:
+K-fold cross-validation over θ, see :class:`~quadmix_spark.search.regression.SearchFit`), ``cv_folds``, ``n_trees`` (of the final model,
+fitted on every run), ``top_pred_mean`` (and ``pred_*`` quantiles of the candidates' predicted loss); the
+LightGBM model (``model``, MLflow LightGBM flavour); artifacts ``theta_star.json`` (the
+:func:`~quadmix_spark.kernel.theta.save_theta` format), ``cv_predictions.csv`` (every run's out-of-fold
+prediction), ``top_candidates.csv``, ``config.yaml`` and the plots under ``plots/``.
+
+The candidates are drawn with the settings the searches' θ were drawn with: a fit whose
+``search.lambda_mode`` or ``search.criteria`` differs from what a search's parent run recorded is refused
+(:func:`~quadmix_spark.search.run_table.check_draw_settings`).
+
+The pure parts (:mod:`~quadmix_spark.search.regression`, :mod:`~quadmix_spark.search.candidates`,
+:mod:`~quadmix_spark.search.fit_plots`) take arrays and models and touch no store;
+:func:`~quadmix_spark.search.run_table.collect_runs` only reads an ``MlflowClient``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from quadmix_spark.core.runs import (ROLE_FIT, ROLE_SEARCH, TAG_CONFIG_FINGERPRINT, TAG_CRITERIA, TAG_DOMAINS, TAG_ROLE,
+                                     TAG_SEARCH, TAG_SEARCH_RUN_ID, TAG_SEARCH_WARNINGS, TAG_STAGE, TAG_THETA_ID,
+                                     THETA_STAR_ARTIFACT, quote, search_all)
+from quadmix_spark.kernel.theta import Theta, save_theta
+from quadmix_spark.search.candidates import CandidateResult, active_mask, search_candidates
+from quadmix_spark.search.fit_plots import make_plots
+from quadmix_spark.search.regression import THREAD_KEYS, SearchFit, featurizer_for, fit_search, fit_warnings
+from quadmix_spark.search.run_table import (RunTable, SearchInputError, check_draw_settings, check_enough, collect_runs,
+                                            search_domain_tokens)
+
+@dataclass
+class SearchOutcome:
+    run_id: str
+    experiment_id: str
+    search_names: list[str]
+    theta_star: Theta
+    metrics: dict[str, float]
+    runs: RunTable
+    fit: SearchFit
+    candidates: CandidateResult
+    out_path: Path | None = None
+    features: str = "theta"
+
+    def summary(self) -> str:
+        mt = self.metrics
+        skipped = {s: d for s, d in self.runs.skipped.items() if d}
+        lines = [
+            f"search {', '.join(self.search_names)}: {len(self.runs)} finished proxy runs"
+            + (f" (skipped: {skipped})" if skipped else ""),
+            f"  LightGBM on {self.features} features ({len(self.fit.feature_names)}): {self.fit.folds}-fold cross-validation over θ, out of sample MAE {mt['cv_mae']:.4g}, Spearman ρ "
+            f"{mt['cv_spearman']:.3f}; final model on all {self.fit.n_runs} runs, {self.fit.n_trees} trees "
+            f"(median of the folds' early stopping)",
+            f"  candidates: {self.candidates.n_candidates:,} from Algorithm 1, predicted loss median "
+            f"{self.candidates.pred_quantiles[0.5]:.4g}, best {self.candidates.pred_quantiles[0.0]:.4g}; "
+            f"top {self.candidates.top_k} mean {mt['top_pred_mean']:.4g}",
+            f"  θ* {self.theta_star.theta_id} ({self.theta_star.n_domains} domains × {self.theta_star.n_criteria} criteria)"
+            f", MLflow run {self.run_id}" + (f", written to {self.out_path}" if self.out_path else ""),
+        ]
+        lines += [f"  warning: {w}" for w in fit_warnings(self.fit)]
+        return "\n".join(lines)
+
+
+def _param_value(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (dict, list, tuple, bool)) or v is None else str(v)
+    return s[:500]
+
+
+def run_search(cfg, search_names: Sequence[str] | None = None, out_path: str | Path | None = None) -> SearchOutcome:
+    """The ``search`` stage: collect the named searches' finished proxy runs (default ``[cfg.search.name]``),
+    fit LightGBM, score ``cfg.search.n_candidates`` Algorithm-1 candidates, average the top k into θ*, and
+    log it all as one MLflow run (see the module docstring). ``out_path`` (.json/.yaml) also gets θ*."""
+    import mlflow
+
+    sc = cfg.search
+    names = list(dict.fromkeys(search_names or [sc.name]))
+    uri = cfg.tracking_uri
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        raise SearchInputError(
+            f"MLflow experiment {cfg.tracking.experiment!r} not found at {uri}; "
+            "run `quadmix propose` and `quadmix proxy` first"
+        )
+    table = collect_runs(client, exp.experiment_id, names, sc.metric)
+    counts = table.counts()
+    check_enough({n: counts.get(n, 0) for n in names}, sc.min_runs, names)
+    check_draw_settings(client, exp.experiment_id, names, cfg, table)
+    active = active_mask(table.criteria, sc.criteria)
+    tokens = search_domain_tokens(client, exp.experiment_id, names, table.domains)
+    features = featurizer_for(sc.features, table.domains, table.criteria, tokens)
+    X = pd.DataFrame(features(table.X.to_numpy()), columns=features.names)
+    fit = fit_search(X, table.y, sc.lightgbm, sc.cv_folds, sc.val_fraction, sc.early_stopping_rounds, sc.seed)
+    threads = next((sc.lightgbm[k] for k in THREAD_KEYS if k in sc.lightgbm), None)
+    cands = search_candidates(
+        fit.model, table.domains, table.criteria, sc.n_candidates, sc.top_k, sc.candidate_seed, sc.lambda_mode, active,
+        num_threads=threads, featurize=features, shared_omega=sc.shared_omega, omega_spread=sc.omega_spread,
+    )
+    theta = cands.theta_star
+    metrics = {
+        "cv_mae": fit.cv_mae,
+        "cv_spearman": fit.cv_spearman,
+        "cv_folds": float(fit.folds),
+        "n_trees": float(fit.n_trees),
+        "top_pred_mean": float(cands.top_pred.mean()),
+        **{f"pred_q{int(round(q * 100)):02d}": v for q, v in cands.pred_quantiles.items()},
+    }
+    params = {
+        "n_runs": len(table),
+        "search_names": ",".join(names),
+        "n_candidates": sc.n_candidates,
+        "top_k": sc.top_k,
+        "candidate_seed": sc.candidate_seed,
+        "split_seed": sc.seed,
+        "cv_folds": sc.cv_folds,
+        "features": features.kind,
+        "val_fraction": sc.val_fraction,
+        "early_stopping_rounds": sc.early_stopping_rounds,
+        "lambda_mode": sc.lambda_mode,
+        "shared_omega": sc.shared_omega,
+        "omega_spread": sc.omega_spread,
+        "metric": sc.metric,
+        "active_criteria": sc.criteria,
+        **{f"lightgbm.{k}": v for k, v in sc.lightgbm.items()},
+        **{f"theta_star.{k}": repr(float(v)) for k, v in zip(table.X.columns, theta.to_vector())},
+    }
+    tags = {
+        TAG_ROLE: ROLE_FIT,
+        TAG_SEARCH: ",".join(names),
+        TAG_STAGE: "search",
+        TAG_THETA_ID: theta.theta_id,
+        TAG_DOMAINS: json.dumps(list(table.domains)),
+        TAG_CRITERIA: json.dumps(list(table.criteria)),
+        TAG_CONFIG_FINGERPRINT: cfg.fingerprint(),
+    }
+    warnings = fit_warnings(fit)
+    if warnings:
+        tags[TAG_SEARCH_WARNINGS] = " | ".join(warnings)[:5000]
+    if len(names) == 1:
+        parents = search_all(client, exp.experiment_id,
+                              f"tags.`{TAG_SEARCH}` = {quote(names[0])} AND tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'")
+        if len(parents) == 1:
+            tags[TAG_SEARCH_RUN_ID] = parents[0].info.run_id
+
+    written = None
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
+        experiment_id=exp.experiment_id, run_name=f"search-fit-{'+'.join(names)}", tags=tags
+    ) as run:
+        tmp = Path(tmp)
+        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        mlflow.log_metrics(metrics)  # NaN (ρ of constant predictions) is stored as NaN: the key is always there
+        mlflow.log_dict(cfg.resolved(), "config.yaml")
+        save_theta(theta, tmp / THETA_STAR_ARTIFACT)
+        mlflow.log_artifact(str(tmp / THETA_STAR_ARTIFACT))
+        oof = pd.DataFrame({
+            "run_id": table.run_ids, "theta_id": table.theta_ids, "search": table.search_of_run, "fold": fit.fold_of,
+            "actual": fit.y, "predicted_out_of_fold": fit.oof_pred,
+        })
+        oof.to_csv(tmp / "cv_predictions.csv", index=False)
+        mlflow.log_artifact(str(tmp / "cv_predictions.csv"))
+        top = pd.DataFrame(cands.top_features, columns=table.X.columns)
+        top.insert(0, "predicted", cands.top_pred)
+        top.to_csv(tmp / "top_candidates.csv", index=False)
+        mlflow.log_artifact(str(tmp / "top_candidates.csv"))
+        for p in make_plots(fit, cands, tmp / "plots", sc.metric):
+            mlflow.log_artifact(str(p), artifact_path="plots")
+        import lightgbm
+        import mlflow.lightgbm
+
+        mlflow.lightgbm.log_model(fit.model, name="model", pip_requirements=[f"lightgbm=={lightgbm.__version__}"])
+        if out_path is not None:
+            written = save_theta(theta, out_path)
+        run_id = run.info.run_id
+    return SearchOutcome(run_id, exp.experiment_id, names, theta, metrics, table, fit, cands, written, features.kind)
