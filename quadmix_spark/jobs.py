@@ -257,20 +257,27 @@ def proxy_job(cfg: QuadmixConfig):
     return report
 
 
-def search_job(cfg: QuadmixConfig, names: list[str] | None = None):
-    """Fit LightGBM on the finished proxies of one or more searches and derive θ*."""
-    from quadmix_spark.search.theta_star import run_search
+def search_job(cfg: QuadmixConfig, names: list[str] | None = None, out_path: str | None = None):
+    """Fit LightGBM on the finished proxies of one or more searches and derive θ*: the fit and its checks first
+    (a refused fit leaves no run), then one ``search-fit-<names>`` run under the ``search`` lease."""
+    from quadmix_spark.search.theta_star import fit_theta_star, log_search
     from quadmix_spark.core.tracking import configure_mlflow
 
     configure_mlflow(cfg)
-    return run_search(cfg, names or [cfg.search.name])
+    outcome = fit_theta_star(cfg, names or [cfg.search.name])
+    with stage_run(cfg, "search", run_name=outcome.run_name, tags=outcome.tags) as run:
+        return log_search(outcome, run.info.run_id, out_path)
 
 
 def evaluate_job(cfg: QuadmixConfig):
-    """θ* against the baselines: fresh proxies, several seeds each, at the same token budget."""
-    from quadmix_spark.search.evaluate import run_evaluate
+    """θ* against the baselines: fresh proxies, several seeds each, at the same token budget. One run per (search,
+    θ*, proxy settings), which a later invocation resumes to train only the missing (arm, seed) proxies."""
+    from quadmix_spark.search.evaluate import evaluate_target, run_evaluate
     from quadmix_spark.core.tracking import configure_mlflow
 
     configure_mlflow(cfg)
-    spark = get_spark(cfg)
-    return run_evaluate(spark, cfg)
+    target = evaluate_target(cfg)
+    with stage_run(cfg, "evaluate", run_name=f"evaluate-{target.search}", scope=f"evaluate.{target.search}",
+                   tags=target.tags, resume=target.find_run) as run:
+        spark = get_spark(cfg)
+        return run_evaluate(spark, cfg, target, run.info.run_id)

@@ -64,6 +64,16 @@ def test_every_stage_has_one_runner_in_jobs_and_no_stage_module_calls_a_runner()
         assert "quadmix_spark.jobs" not in text and "import jobs" not in text, f"{path} imports the runners"
 
 
+def test_a_stage_run_opens_only_in_the_shared_plumbing():
+    # a stage's MLflow run (lease, config, fingerprint, stale-run cleanup) opens in core/tracking.stage_run, which
+    # the runners call; stage modules log into it or make child records (client.create_run), never start one
+    opened = sorted(p.relative_to(REPO / "quadmix_spark").as_posix() for p in (REPO / "quadmix_spark").rglob("*.py")
+                    if "start_run(" in p.read_text())
+    assert opened == ["core/tracking.py", "jobs.py"], opened
+    assert "nested=True" in next(line for line in (REPO / "quadmix_spark" / "jobs.py").read_text().splitlines()
+                                 if "start_run(" in line)  # train-scorers' one run per model, inside the stage's run
+
+
 def test_kernel_does_not_import_spark():
     for path in Path(REPO / "quadmix_spark" / "kernel").glob("*.py"):
         assert "pyspark" not in path.read_text(), path

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,9 +37,15 @@ def configure_mlflow(cfg: QuadmixConfig) -> str:
 
 
 @contextmanager
-def stage_run(cfg: QuadmixConfig, stage: str, run_name: str | None = None, scope: str | None = None) -> Iterator[object]:
-    """An MLflow run tagged with the stage, carrying the resolved config as ``config.yaml``, under the lease
-    of ``scope`` (default: the stage) on this store.
+def stage_run(cfg: QuadmixConfig, stage: str, run_name: str | None = None, scope: str | None = None,
+              tags: Mapping[str, str] | None = None,
+              resume: Callable[[object, str], str | None] | None = None) -> Iterator[object]:
+    """An MLflow run tagged with the stage and ``tags``, carrying the resolved config as ``config.yaml``, under
+    the lease of ``scope`` (default: the stage) on this store.
+
+    ``resume(client, experiment_id)``, called under the lease, may name an existing run to continue instead of
+    starting one (``evaluate`` keeps one run per θ*, which each invocation resumes); it ends FINISHED, or FAILED
+    when the block raises, like a new run.
 
     Raises :class:`~quadmix_spark.core.run_guard.StageBusy` at once, before the run starts, when another run holds
     the lease; runs that dead drivers left RUNNING are ended as FAILED first (see :mod:`quadmix_spark.core.run_guard`).
@@ -52,8 +58,15 @@ def stage_run(cfg: QuadmixConfig, stage: str, run_name: str | None = None, scope
     configure_mlflow(cfg)
     with lease(cfg, scope or stage, stage) as held:
         client = mlflow.MlflowClient()
-        end_stale_runs(client, client.get_experiment_by_name(cfg.tracking.experiment).experiment_id, held)
-        with mlflow.start_run(run_name=run_name or stage, tags={TAG_STAGE: stage, **held.tags}) as run:
+        exp_id = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        end_stale_runs(client, exp_id, held)
+        all_tags = {**(tags or {}), TAG_STAGE: stage, **held.tags}
+        existing = resume(client, exp_id) if resume is not None else None
+        started = (mlflow.start_run(run_id=existing) if existing is not None
+                   else mlflow.start_run(run_name=run_name or stage, tags=all_tags))
+        with started as run:
+            if existing is not None:
+                mlflow.set_tags(all_tags)  # this invocation's driver and lease, for end_stale_runs
             held.record(run.info.run_id)
             mlflow.log_dict(cfg.resolved(), "config.yaml")
             mlflow.set_tag(TAG_CONFIG_FINGERPRINT, cfg.fingerprint())

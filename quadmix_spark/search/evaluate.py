@@ -33,7 +33,7 @@ from quadmix_spark.core.config import QuadmixConfig
 from quadmix_spark.kernel.theta import Theta
 from quadmix_spark.core.runs import (PENDING, ROLE_EVALUATE, ROLE_EVALUATE_PROXY, TAG_ARM, TAG_BASELINE_FRACTION,
                                 TAG_BASELINES_VERSION, TAG_PARENT, TAG_PROXY_FINGERPRINT, TAG_PROXY_STATUS, TAG_ROLE,
-                                TAG_SEARCH, TAG_SEARCH_FIT_RUN, TAG_SEED, TAG_STAGE, TAG_THETA_ID, TAG_THETA_STAR,
+                                TAG_SEARCH, TAG_SEARCH_FIT_RUN, TAG_SEED, TAG_THETA_ID, TAG_THETA_STAR,
                                 THETA_STAR_ARTIFACT, child_runs, experiment_id, latest_theta_star, quote, require_search)
 
 
@@ -166,36 +166,65 @@ def baseline_fraction(spark: SparkSession, cfg: QuadmixConfig, inp, theta_id: st
     return float(f"{min(kept_tokens / total, 1.0):.4g}")
 
 
-def run_evaluate(spark: SparkSession, cfg: QuadmixConfig) -> EvaluateResult:
+@dataclass
+class EvaluateTarget:
+    """What an evaluation is of, read before its run opens: the search, its newest fit and θ*, and the proxy
+    settings' fingerprint. One MLflow run per target (:meth:`find_run`), resumed by every invocation."""
+
+    search: str
+    fit_run: str
+    star: dict
+    theta_id: str
+    fingerprint: str
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {TAG_ROLE: ROLE_EVALUATE, TAG_SEARCH: self.search, TAG_THETA_STAR: self.theta_id,
+                TAG_SEARCH_FIT_RUN: self.fit_run, TAG_PROXY_FINGERPRINT: self.fingerprint,
+                TAG_BASELINES_VERSION: BASELINES_VERSION}
+
+    def find_run(self, client, exp_id: str) -> str | None:
+        """The run of an earlier evaluation of this target (any status: an interrupted one is resumed), or None."""
+        t = self.tags
+        found = client.search_runs([exp_id], max_results=1, filter_string=" and ".join(
+            f"tags.`{k}` = {quote(t[k])}" for k in (TAG_ROLE, TAG_SEARCH, TAG_THETA_STAR, TAG_PROXY_FINGERPRINT,
+                                                    TAG_BASELINES_VERSION)))
+        return found[0].info.run_id if found else None
+
+
+def evaluate_target(cfg: QuadmixConfig) -> EvaluateTarget:
+    """The up-front checks of ``evaluate``: the search exists and has a fitted θ* (the newest fit's)."""
     import mlflow
 
-    from quadmix_spark.search.proxy import (ProxyTask, ensure_eval_set, execute, is_finished, outcomes_frame,
-                                     prepare_pool, proxy_fingerprint, tail_defaults, task_env, write_plans)
-    from quadmix_spark.search.proxy_train import EVALUATE_PART, SEARCH_PART
-    from quadmix_spark.curation.sample import run_baseline_index, run_sample_many
+    from quadmix_spark.search.proxy import proxy_fingerprint
 
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
     exp_id = experiment_id(client, cfg.tracking.experiment)
     search = cfg.search.name
     require_search(client, exp_id, search)
-    fit_run, star_dict = latest_theta_star(client, exp_id, search)
-    inp, pool = prepare_pool(spark, cfg)
-    star = Theta.from_dict(star_dict, domains=inp.domains, criteria=inp.criteria)
-    kinds = expand_baselines(cfg.evaluate.baselines, inp.criteria)
-    fingerprint = proxy_fingerprint(cfg)  # results of other proxy settings are not reused
+    fit_run, star = latest_theta_star(client, exp_id, search)
+    # results of other proxy settings are not reused
+    return EvaluateTarget(search, fit_run, star, Theta.from_dict(star).theta_id, proxy_fingerprint(cfg))
 
-    parent = next(iter(client.search_runs(
-        [exp_id], filter_string=f"tags.`{TAG_ROLE}` = '{ROLE_EVALUATE}' and tags.`{TAG_SEARCH}` = {quote(search)} "
-                                f"and tags.`{TAG_THETA_STAR}` = '{star.theta_id}' "
-                                f"and tags.`{TAG_PROXY_FINGERPRINT}` = '{fingerprint}' "
-                                f"and tags.`{TAG_BASELINES_VERSION}` = '{BASELINES_VERSION}'", max_results=1)), None)
-    if parent is None:
-        parent = client.create_run(exp_id, run_name=f"evaluate-{search}", tags={
-            TAG_ROLE: ROLE_EVALUATE, TAG_SEARCH: search, TAG_THETA_STAR: star.theta_id,
-            TAG_SEARCH_FIT_RUN: fit_run, TAG_STAGE: "evaluate", TAG_PROXY_FINGERPRINT: fingerprint,
-            TAG_BASELINES_VERSION: BASELINES_VERSION})
-        client.log_dict(parent.info.run_id, star.to_dict(), THETA_STAR_ARTIFACT)
-    parent_id = parent.info.run_id
+
+def run_evaluate(spark: SparkSession, cfg: QuadmixConfig, target: EvaluateTarget, parent_id: str) -> EvaluateResult:
+    """Train the missing (arm, seed) proxies of ``target`` as children of its run ``parent_id`` (the runner's,
+    ``jobs.evaluate_job``), reuse the finished ones, and log the tables and the plot to that run."""
+    import mlflow
+
+    from quadmix_spark.search.proxy import (ProxyTask, ensure_eval_set, execute, is_finished, outcomes_frame,
+                                     prepare_pool, task_env, tail_defaults, write_plans)
+    from quadmix_spark.search.proxy_train import EVALUATE_PART, SEARCH_PART
+    from quadmix_spark.curation.sample import run_baseline_index, run_sample_many
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    search = target.search
+    inp, pool = prepare_pool(spark, cfg)
+    star = Theta.from_dict(target.star, domains=inp.domains, criteria=inp.criteria)
+    kinds = expand_baselines(cfg.evaluate.baselines, inp.criteria)
+    if THETA_STAR_ARTIFACT not in {a.path for a in client.list_artifacts(parent_id)}:
+        client.log_dict(parent_id, star.to_dict(), THETA_STAR_ARTIFACT)
     have = {(r.data.tags.get(TAG_ARM), r.data.tags.get(TAG_SEED)): r for r in child_runs(client, exp_id, parent_id)}
 
     run_sample_many(spark, cfg, [star], run_id=parent_id, inp=inp)
@@ -242,6 +271,4 @@ def run_evaluate(spark: SparkSession, cfg: QuadmixConfig) -> EvaluateResult:
     client.log_table(parent_id, paired, "evaluate_paired.json")
     with tempfile.TemporaryDirectory() as tmp:
         client.log_artifact(parent_id, str(plot_evaluation(table, paired, Path(tmp) / "evaluate.png")), "plots")
-    if parent.info.status == "RUNNING":
-        client.set_terminated(parent_id, "FINISHED")
     return EvaluateResult(search, parent_id, table, frame, paired, fraction)

@@ -21,6 +21,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,9 @@ from quadmix_spark.core.runs import (FAILED, FINISHED, PENDING, RUNNING, TAG_CRI
                                 experiment_id, require_search)
 from quadmix_spark.core.storage import read_table
 from quadmix_spark.core.tables import PROXY_INDEX
+
+if TYPE_CHECKING:
+    from quadmix_spark.kernel.theta import Theta
 
 
 def proxy_fingerprint(cfg: QuadmixConfig) -> str:
@@ -265,7 +269,7 @@ def write_plans(spark: SparkSession, cfg: QuadmixConfig, pool: Pool, defaults: d
     return plans_dir
 
 
-def tail_defaults(theta: "Theta") -> dict[str, float]:
+def tail_defaults(theta: Theta) -> dict[str, float]:
     """The S of a θ's documents beyond its cut-off ω: ε of their domain."""
     return {d: float(e) for d, e in zip(theta.domains, theta.eps)}
 

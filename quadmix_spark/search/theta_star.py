@@ -4,7 +4,8 @@ all as one MLflow run. The input contract is in :mod:`quadmix_spark.search.run_t
 
 Output
 ------
-:func:`run_search` logs ONE new run in the same experiment: run name ``search-fit-<names>``, tags
+:func:`fit_theta_star` computes, :func:`log_search` logs ONE new run in the same experiment (the runner
+``jobs.search_job`` opens it): run name ``search-fit-<names>``, tags
 ``quadmix.role=search-fit``, ``quadmix.stage=search``, ``quadmix.search=<comma-joined names>``,
 ``quadmix.theta_id=<θ* id>``; params (``n_runs``, ``search_names``, ``n_candidates``, ``top_k``, ``cv_folds``,
 ``lightgbm.<param>``, ``theta_star.<feature name>``); metrics ``cv_mae``, ``cv_spearman`` (out of sample:
@@ -28,14 +29,14 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from quadmix_spark.core.runs import (ROLE_FIT, ROLE_SEARCH, TAG_CONFIG_FINGERPRINT, TAG_CRITERIA, TAG_DOMAINS, TAG_ROLE,
-                                     TAG_SEARCH, TAG_SEARCH_RUN_ID, TAG_SEARCH_WARNINGS, TAG_STAGE, TAG_THETA_ID,
+from quadmix_spark.core.runs import (ROLE_FIT, ROLE_SEARCH, TAG_CRITERIA, TAG_DOMAINS, TAG_ROLE,
+                                     TAG_SEARCH, TAG_SEARCH_RUN_ID, TAG_SEARCH_WARNINGS, TAG_THETA_ID,
                                      THETA_STAR_ARTIFACT, quote, search_all)
 from quadmix_spark.kernel.theta import Theta, save_theta
 from quadmix_spark.search.candidates import CandidateResult, active_mask, search_candidates
@@ -46,7 +47,9 @@ from quadmix_spark.search.run_table import (RunTable, SearchInputError, check_dr
 
 @dataclass
 class SearchOutcome:
-    run_id: str
+    """A fit and its θ*: made by :func:`fit_theta_star` (touching no store), logged by :func:`log_search`, which
+    sets ``run_id`` (and ``out_path``)."""
+
     experiment_id: str
     search_names: list[str]
     theta_star: Theta
@@ -54,8 +57,15 @@ class SearchOutcome:
     runs: RunTable
     fit: SearchFit
     candidates: CandidateResult
-    out_path: Path | None = None
     features: str = "theta"
+    params: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None
+    out_path: Path | None = None
+
+    @property
+    def run_name(self) -> str:
+        return f"search-fit-{'+'.join(self.search_names)}"
 
     def summary(self) -> str:
         mt = self.metrics
@@ -81,16 +91,16 @@ def _param_value(v: Any) -> str:
     return s[:500]
 
 
-def run_search(cfg, search_names: Sequence[str] | None = None, out_path: str | Path | None = None) -> SearchOutcome:
-    """The ``search`` stage: collect the named searches' finished proxy runs (default ``[cfg.search.name]``),
-    fit LightGBM, score ``cfg.search.n_candidates`` Algorithm-1 candidates, average the top k into θ*, and
-    log it all as one MLflow run (see the module docstring). ``out_path`` (.json/.yaml) also gets θ*."""
+def fit_theta_star(cfg, search_names: Sequence[str] | None = None) -> SearchOutcome:
+    """The ``search`` stage's work: collect the named searches' finished proxy runs (default ``[cfg.search.name]``),
+    check them (enough runs, the settings their θ were drawn with), fit LightGBM, score ``cfg.search.n_candidates``
+    Algorithm-1 candidates and average the top k into θ*. Reads the tracking store, writes nothing: the runner
+    (``jobs.search_job``) opens the stage's run and calls :func:`log_search`."""
     import mlflow
 
     sc = cfg.search
     names = list(dict.fromkeys(search_names or [sc.name]))
     uri = cfg.tracking_uri
-    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
@@ -143,11 +153,9 @@ def run_search(cfg, search_names: Sequence[str] | None = None, out_path: str | P
     tags = {
         TAG_ROLE: ROLE_FIT,
         TAG_SEARCH: ",".join(names),
-        TAG_STAGE: "search",
         TAG_THETA_ID: theta.theta_id,
         TAG_DOMAINS: json.dumps(list(table.domains)),
         TAG_CRITERIA: json.dumps(list(table.criteria)),
-        TAG_CONFIG_FINGERPRINT: cfg.fingerprint(),
     }
     warnings = fit_warnings(fit)
     if warnings:
@@ -158,14 +166,22 @@ def run_search(cfg, search_names: Sequence[str] | None = None, out_path: str | P
         if len(parents) == 1:
             tags[TAG_SEARCH_RUN_ID] = parents[0].info.run_id
 
-    written = None
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
-        experiment_id=exp.experiment_id, run_name=f"search-fit-{'+'.join(names)}", tags=tags
-    ) as run:
+    return SearchOutcome(exp.experiment_id, names, theta, metrics, table, fit, cands, features.kind, params, tags)
+
+
+def log_search(outcome: SearchOutcome, run_id: str, out_path: str | Path | None = None) -> SearchOutcome:
+    """Log a fit into the active MLflow run ``run_id`` (see the module docstring; the stage's run carries the
+    config and its fingerprint); ``out_path`` (.json/.yaml) also gets θ*."""
+    import lightgbm
+    import mlflow
+    import mlflow.lightgbm
+
+    fit, cands, table, theta = outcome.fit, outcome.candidates, outcome.runs, outcome.theta_star
+    with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
-        mlflow.log_metrics(metrics)  # NaN (ρ of constant predictions) is stored as NaN: the key is always there
-        mlflow.log_dict(cfg.resolved(), "config.yaml")
+        mlflow.set_tags(outcome.tags)
+        mlflow.log_params({k: _param_value(v) for k, v in outcome.params.items()})
+        mlflow.log_metrics(outcome.metrics)  # NaN (ρ of constant predictions) is stored as NaN: the key is always there
         save_theta(theta, tmp / THETA_STAR_ARTIFACT)
         mlflow.log_artifact(str(tmp / THETA_STAR_ARTIFACT))
         oof = pd.DataFrame({
@@ -178,13 +194,10 @@ def run_search(cfg, search_names: Sequence[str] | None = None, out_path: str | P
         top.insert(0, "predicted", cands.top_pred)
         top.to_csv(tmp / "top_candidates.csv", index=False)
         mlflow.log_artifact(str(tmp / "top_candidates.csv"))
-        for p in make_plots(fit, cands, tmp / "plots", sc.metric):
+        for p in make_plots(fit, cands, tmp / "plots", outcome.params["metric"]):
             mlflow.log_artifact(str(p), artifact_path="plots")
-        import lightgbm
-        import mlflow.lightgbm
-
         mlflow.lightgbm.log_model(fit.model, name="model", pip_requirements=[f"lightgbm=={lightgbm.__version__}"])
-        if out_path is not None:
-            written = save_theta(theta, out_path)
-        run_id = run.info.run_id
-    return SearchOutcome(run_id, exp.experiment_id, names, theta, metrics, table, fit, cands, written, features.kind)
+    outcome.run_id = run_id
+    if out_path is not None:
+        outcome.out_path = save_theta(theta, out_path)
+    return outcome

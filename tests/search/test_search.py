@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from quadmix_spark.core import runs as R
-from quadmix_spark.search import candidates, regression, run_table, theta_star
+from quadmix_spark.jobs import search_job
+from quadmix_spark.search import candidates, regression, run_table
 from quadmix_spark.kernel.theta import Theta, feature_names, load_theta, sample_theta_matrix
 from tests.conftest import make_config
 
@@ -168,9 +169,11 @@ def test_unknown_search_lists_the_known_ones(store):
         assert name in str(e.value)
 
 
-def test_too_few_runs_is_a_clear_error(store):
+def test_too_few_runs_is_a_clear_error_and_leaves_no_run(store):
+    before = len(store["client"].search_runs([store["exp_id"]]))
     with pytest.raises(run_table.SearchInputError, match=r"search few has only 5 finished proxy runs, need 40 .*quadmix proxy"):
-        theta_star.run_search(_cfg(store), ["few"])
+        search_job(_cfg(store), ["few"])
+    assert len(store["client"].search_runs([store["exp_id"]])) == before  # refused before any run opened
 
 
 # ----------------------------------------------------------------------------------- fit + search
@@ -241,10 +244,12 @@ def test_run_search_logs_one_run_with_theta_star(store, tmp_path):
     import mlflow
 
     out = tmp_path / "theta_star.yaml"
-    outcome = theta_star.run_search(_cfg(store), out_path=out)
+    outcome = search_job(_cfg(store), out_path=out)
     client = store["client"]
     run = client.get_run(outcome.run_id)
     assert run.data.tags[R.TAG_ROLE] == "search-fit" and run.data.tags[R.TAG_SEARCH] == "main"
+    assert run.data.tags[R.TAG_STAGE] == "search" and run.data.tags[R.TAG_CONFIG_FINGERPRINT] == _cfg(store).fingerprint()
+    assert run.info.status == "FINISHED"
     assert run.info.run_name == "search-fit-main"
     assert run.data.params["n_runs"] == str(N_MAIN)
     assert run.data.metrics["cv_spearman"] > 0.5 and run.data.metrics["cv_folds"] == 5 and "n_trees" in run.data.metrics
@@ -266,7 +271,7 @@ def test_run_search_logs_one_run_with_theta_star(store, tmp_path):
 
 def test_tiny_fit_still_reports_spearman(store):
     """A handful of runs (one per fold) and stumps: ρ may be undefined (constant predictions) but is always logged."""
-    outcome = theta_star.run_search(_cfg(store, "search.min_runs=5", "search.val_fraction=0.34", "search.n_candidates=500",
+    outcome = search_job(_cfg(store, "search.min_runs=5", "search.val_fraction=0.34", "search.n_candidates=500",
                                 "search.top_k=3", 'search.lightgbm={"n_estimators": 5, "min_child_samples": 1, "num_leaves": 3}'),
                            ["few"])
     run = store["client"].get_run(outcome.run_id)
@@ -319,10 +324,10 @@ def test_a_fit_with_other_candidate_settings_than_the_proposals_is_refused(store
     client.log_batch(parent.info.run_id, params=[Param("search.lambda_mode", "log"), Param("search.criteria", '["q_a", "q_c"]')])
     base = ("search.name=drawn", "search.min_runs=5", "search.n_candidates=500", "search.top_k=3")
     with pytest.raises(run_table.SearchInputError, match=r"search.lambda_mode=log, but this fit would draw its candidates with linear"):
-        theta_star.run_search(_cfg(store, *base, "search.lambda_mode=linear", "search.criteria=[q_a, q_c]"))
+        search_job(_cfg(store, *base, "search.lambda_mode=linear", "search.criteria=[q_a, q_c]"))
     with pytest.raises(run_table.SearchInputError, match=r'search.criteria=\["q_a", "q_c"\], but .* with null'):
-        theta_star.run_search(_cfg(store, *base))
-    outcome = theta_star.run_search(_cfg(store, *base, "search.criteria=[q_c, q_a]"))  # the recorded settings (any order)
+        search_job(_cfg(store, *base))
+    outcome = search_job(_cfg(store, *base, "search.criteria=[q_c, q_a]"))  # the recorded settings (any order)
     assert np.all(outcome.theta_star.alpha[:, 1] == 0)
     # the sampler: a search proposed with shared-ω̃ draws is fitted only with the same share and spread
     from quadmix_spark.search.propose import SAMPLER_VERSION
@@ -330,10 +335,10 @@ def test_a_fit_with_other_candidate_settings_than_the_proposals_is_refused(store
     client.log_batch(parent.info.run_id, params=[Param("search.sampler", f"{SAMPLER_VERSION}+shared-omega/0.5/0.25")])
     ok = (*base, "search.criteria=[q_a, q_c]")
     with pytest.raises(run_table.SearchInputError, match=r"shared-omega/0\.5/0\.25, but .* with algorithm1/1: .*search\.shared_omega"):
-        theta_star.run_search(_cfg(store, *ok))
+        search_job(_cfg(store, *ok))
     with pytest.raises(run_table.SearchInputError, match=r"shared-omega/0\.5/0\.25, but .*with algorithm1/1\+shared-omega/0\.5/0\.5"):
-        theta_star.run_search(_cfg(store, *ok, "search.shared_omega=0.5", "search.omega_spread=0.5"))
-    shared = theta_star.run_search(_cfg(store, *ok, "search.shared_omega=0.5"))
+        search_job(_cfg(store, *ok, "search.shared_omega=0.5", "search.omega_spread=0.5"))
+    shared = search_job(_cfg(store, *ok, "search.shared_omega=0.5"))
     assert shared.theta_star.omega.max() <= 0.1
 
 
@@ -360,7 +365,7 @@ def test_a_search_with_recorded_domain_tokens_is_fitted_on_its_domain_mix(store)
     add_search(client, store["exp_id"], "mixed", _thetas(40, seed=31))
     (parent,) = client.search_runs([store["exp_id"]], f"tags.`{R.TAG_SEARCH}` = 'mixed' AND tags.`{R.TAG_ROLE}` = 'search'")
     client.log_dict(parent.info.run_id, {"d0": 1000, "d1": 2000, "d2": 3000, "d3": 4000}, "domain_tokens.json")
-    outcome = theta_star.run_search(_cfg(store, "search.name=mixed", "search.min_runs=20", "search.n_candidates=500", "search.top_k=3",
+    outcome = search_job(_cfg(store, "search.name=mixed", "search.min_runs=20", "search.n_candidates=500", "search.top_k=3",
                                 "search.features=mix"))
     assert outcome.features == "mix" and outcome.fit.feature_names[0] == "mix.share.d0"
     assert client.get_run(outcome.run_id).data.params["features"] == "mix" and "on mix features" in outcome.summary()

@@ -121,6 +121,9 @@ def test_search_pipeline_end_to_end(search_env, tmp_path):
     assert "theta_star" in invoke("evaluate", *base, "--search", "t1", "--set", "evaluate.seeds=[0]",
                                   "--set", "evaluate.baselines=[random, mix]")
     assert len(runs_of(cfg, "evaluate-proxy")) == 3
+    again = runs_of(cfg, "evaluate")  # the same θ* and proxy settings: the first run, resumed
+    assert [r.info.run_id for r in again] == [eval_run.info.run_id]
+    assert again[0].info.status == "FINISHED" and again[0].data.tags["quadmix.stage"] == "evaluate"
 
 
 def test_search_refuses_too_few_runs_and_unknown_search(search_env):
