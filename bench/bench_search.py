@@ -8,7 +8,7 @@ first criterion, with domain-dependent weights, a product term, and Gaussian noi
 Three cases, timed ``--search-repeats`` (a, default 3), ``--search-big-repeats`` (b, default 2) and
 ``--search-regmix-repeats`` (r, default 1) times, interleaved, wall and process CPU seconds (all threads):
 
-- **a**: ``fit_regressor`` with the project's LightGBM settings (``search_config.DEFAULT_LIGHTGBM``: RegMix's
+- **a**: ``fit_regressor`` with the project's LightGBM settings (``quadmix_spark.search.config.DEFAULT_LIGHTGBM``: RegMix's
   gbdt, L2, up to 1,000 trees, seed 42, but learning rate 0.1 and 63 bins; split 2,800 train / 200
   validation, early stopping 3) + ``search_candidates`` with 100,000 candidates (draw, predict, running
   top-10, average). Goal: <= 5 s wall on 2 cores (the issue's).

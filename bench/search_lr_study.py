@@ -1,7 +1,7 @@
 """Which LightGBM learning rate should the search use? Cost and θ* quality per learning rate, several seeds.
 
 Not part of ``make bench`` (a few minutes); run ``python -m bench.search_lr_study`` to redo the measurement
-behind ``search_config.DEFAULT_LIGHTGBM``. For each learning rate and each seed of the synthetic runs of
+behind ``quadmix_spark.search.config.DEFAULT_LIGHTGBM``. For each learning rate and each seed of the synthetic runs of
 ``bench_search`` (3,000 θ × 182 features), the fit (early stopping 3 on 200 held-out runs, one thread) and
 100,000 candidates with top-10 averaging; reported per learning rate: median fit and candidate seconds,
 mean trees, validation MAE and Spearman ρ, and the mean noise-free loss of θ* (``bench_search.true_loss``,

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from quadmix_spark.core.config import QuadmixConfig
-from quadmix_spark.core.runs import TAG_CONFIG_FINGERPRINT, TAG_STAGE
+from quadmix_spark.core.runs import TAG_CONFIG_FINGERPRINT, TAG_FAILURE, TAG_STAGE
 
 
 def configure_mlflow(cfg: QuadmixConfig) -> str:
@@ -67,6 +67,8 @@ def stage_run(cfg: QuadmixConfig, stage: str, run_name: str | None = None, scope
         with started as run:
             if existing is not None:
                 mlflow.set_tags(all_tags)  # this invocation's driver and lease, for end_stale_runs
+                if TAG_FAILURE in client.get_run(existing).data.tags:  # an earlier interruption, now being resumed
+                    client.delete_tag(existing, TAG_FAILURE)
             held.record(run.info.run_id)
             mlflow.log_dict(cfg.resolved(), "config.yaml")
             mlflow.set_tag(TAG_CONFIG_FINGERPRINT, cfg.fingerprint())
