@@ -170,8 +170,8 @@ def fit_theta_star(cfg, search_names: Sequence[str] | None = None) -> SearchOutc
 
 
 def log_search(outcome: SearchOutcome, run_id: str, out_path: str | Path | None = None) -> SearchOutcome:
-    """Log a fit into the active MLflow run ``run_id`` (see the module docstring; the stage's run carries the
-    config and its fingerprint); ``out_path`` (.json/.yaml) also gets θ*."""
+    """Log a fit into the active MLflow run ``run_id``, opened with ``outcome.tags`` (see the module docstring; the
+    stage's run carries the config and its fingerprint); ``out_path`` (.json/.yaml) also gets θ*."""
     import lightgbm
     import mlflow
     import mlflow.lightgbm
@@ -179,7 +179,6 @@ def log_search(outcome: SearchOutcome, run_id: str, out_path: str | Path | None 
     fit, cands, table, theta = outcome.fit, outcome.candidates, outcome.runs, outcome.theta_star
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        mlflow.set_tags(outcome.tags)
         mlflow.log_params({k: _param_value(v) for k, v in outcome.params.items()})
         mlflow.log_metrics(outcome.metrics)  # NaN (ρ of constant predictions) is stored as NaN: the key is always there
         save_theta(theta, tmp / THETA_STAR_ARTIFACT)

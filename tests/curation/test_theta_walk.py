@@ -87,15 +87,14 @@ def trace(argv: list[str]) -> Walk:
 
 def walk_one_theta(spark, root: Path) -> Walk:
     """A small normalized store under ``root`` and the traced ``quadmix sample --params`` of one θ on it."""
+    from typer.testing import CliRunner
+
+    from quadmix_spark.cli import app
     from quadmix_spark.kernel.theta import save_theta
 
     cfg = make_config(root / "store")
     base = ["-c", str(DEFAULT_CONF), "--set", f"storage.root={root / 'store'}", "--set", "sampling.coarse_bins=64"]
     data = make_corpus(spark, cfg, n=300, n_domains=3, big_share=0.6)
-    from typer.testing import CliRunner
-
-    from quadmix_spark.cli import app
-
     assert CliRunner().invoke(app, ["normalize", *base]).exit_code == 0
     save_theta(a_theta(data["domains"]), root / "theta.yaml")
     return trace(["sample", *base, "--params", str(root / "theta.yaml"), "--set", "sampling.run=walk"])
