@@ -17,6 +17,12 @@ On the shared web corpus with the demo's trained scorers, in one store (``$QUADM
    mix: ``paired.<screen|lm>.<random|topk_best|mix> = {mean, se, wins, n}`` where ``mean`` is baseline loss
    minus θ* loss (positive = θ* better) and ``topk_best`` the top-k arm of the lowest mean loss.
 
+With ``--refine-rounds R`` the screening search adds R refinement rounds after its first fit: each proposes the
+``--refine-thetas`` (64) candidates the newest fit predicts best (``quadmix propose --refine``), trains them with
+the n-gram proxy and fits again; θ* is the last fit's. The rounds are part of the variant (the search gets a name
+of its own) and each round's figures are kept in ``screen_refine`` (and in ``refine-<search>.json`` in the
+experiment's folder, so a resumed run reports the rounds it did before).
+
 Steps 3-6 run in the order screening (search, fit, θ* judged by both proxies), then transformer (search, fit,
 agreement, θ* judged); ``--stop-after`` ends the run after one of the screening steps. ``--budget`` fixes the
 proxy budget and skips step 2. ``--set KEY=VALUE`` (repeatable) changes a setting for the whole experiment (a
@@ -91,7 +97,7 @@ class Experiment:
         if args.smoke:
             self.base += SMOKE_OVERRIDES
         self.base += list(args.set or [])
-        self.suffix = variant_suffix(args.set or [])
+        self.suffix = variant_suffix(variant_keys(args))
 
     def config(self, *overrides: str):
         from quadmix_spark.core.config import load_config
@@ -106,6 +112,14 @@ class Experiment:
     def search(self, name: str, kind: str, tokens: int, n: int, seed: int = 0, train_seed: int = 0):
         return self.config(f"search.name={self.name(name)}", f"search.n_proposals={n}", f"search.seed={42 + seed}",
                            f"proxy.model.kind={kind}", f"proxy.train.tokens={tokens}", f"proxy.train.seed={train_seed}")
+
+
+def variant_keys(args) -> list[str]:
+    """What makes a variant: the ``--set`` overrides, and refinement rounds when asked for."""
+    keys = list(args.set or [])
+    if getattr(args, "refine_rounds", 0):
+        keys.append(f"refine={args.refine_rounds}x{args.refine_thetas}")
+    return keys
 
 
 def variant_suffix(overrides: list[str]) -> str:
@@ -215,6 +229,32 @@ def fit(cfg) -> dict[str, Any]:
     return out
 
 
+def refine_screen(exp: "Experiment", cfg, rounds: int, n: int, first_fit: dict[str, Any]) -> dict[str, Any]:
+    """``rounds`` refinement rounds of the search of ``cfg`` after its first fit ``first_fit``: propose the newest
+    fit's ``n`` best candidates, train them, fit again. Per round: the refined θ's losses against the search's best
+    loss before the round, and the new fit. What is done is kept in ``refine-<search>.json`` and read back by a
+    resumed run (whose fits would otherwise propose again, and whose first fit already sees the refined θ):
+    ``{"initial": first fit, "rounds": [...]}``."""
+    from quadmix_spark.jobs import propose_job
+
+    state_path = exp.root / f"refine-{cfg.search.name}.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"initial": first_fit, "rounds": []}
+    done = state["rounds"]
+    for r in range(len(done), rounds):
+        before = finished_losses(cfg)
+        proposed = propose_job(cfg, refine=n)
+        log(proposed.summary())
+        losses = train_search(cfg)
+        new = [losses[t.theta_id] for t in proposed.thetas if t.theta_id in losses]
+        new_fit = fit(cfg)
+        done.append({"round": r + 1, "refined_from": proposed.refined_from, "thetas": len(proposed.thetas),
+                     "trained": len(new), "loss_min": float(np.min(new)) if new else None,
+                     "loss_mean": float(np.mean(new)) if new else None,
+                     "search_loss_min_before": float(min(before.values())), "fit": new_fit})
+        write_json(state_path, state, indent=1)
+    return {"initial": state["initial"], "rounds": done[:rounds]}
+
+
 def mix_coverage(x: np.ndarray, losses: np.ndarray, star: np.ndarray, domains, criteria, tokens) -> dict[str, Any]:
     """How far the searched θ's domain mixes lie from the pool's own (where random and the mix baseline sit):
     the total variation distance of each θ's kept-token shares (ω_m·T_m normalized) from T_m/ΣT, its
@@ -318,7 +358,7 @@ def run(args) -> dict[str, Any]:
     corpus = smoke_corpus(root, sizes["docs"]) if sizes["docs"] else None
     exp = Experiment(root, args, sizes, corpus)
     result: dict[str, Any] = {"name": NAME, "commit": git_commit(), "machine": machine_info(), "smoke": bool(args.smoke),
-                              "when": utc_now(), "sizes": sizes, "overrides": list(args.set or []),
+                              "when": utc_now(), "sizes": sizes, "overrides": variant_keys(args),
                               "timings_s": {}, "cv_spearman": {}, "paired": {}}
     timings = result["timings_s"]
 
@@ -357,6 +397,10 @@ def run(args) -> dict[str, Any]:
     judge = ["proxy.model.kind=transformer", f"proxy.train.tokens={budget}"]
     screen_losses = step("screen_proxies", train_search, screen)
     result["screen_fit"] = step("screen_fit", fit, screen)
+    if args.refine_rounds:
+        refined = step("screen_refine", refine_screen, exp, screen, args.refine_rounds, args.refine_thetas, result["screen_fit"])
+        result["screen_fit_initial"], result["screen_refine"] = refined["initial"], refined["rounds"]
+        result["screen_fit"] = refined["rounds"][-1]["fit"]
     result["cv_spearman"]["screen"] = result["screen_fit"]["cv_spearman"]
     if stop("screen_fit"):
         return result
@@ -408,6 +452,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="a config override for every stage of the experiment (repeatable), e.g. "
                              "search.shared_omega=0.5; recorded in the result, and the searches get names of their own")
+    parser.add_argument("--refine-rounds", type=int, default=0,
+                        help="refinement rounds of the screening search after its first fit (a variant of its own)")
+    parser.add_argument("--refine-thetas", type=int, default=64, help="θ proposed per refinement round")
     parser.add_argument("--stop-after", choices=STOP_POINTS,
                         help="end after this step (a partial result file); the next run without it continues")
 

@@ -183,10 +183,15 @@ def propose(
     set_: Overrides = None,
     n: Annotated[int | None, typer.Option("-n", help="number of θ (default search.n_proposals)")] = None,
     search: SearchName = None,
+    refine: Annotated[int | None, typer.Option(
+        "--refine", help="instead: add this many θ, the best candidates of the search's newest fit (a refinement round)")] = None,
     dry_run: DryRun = False,
 ) -> None:
-    """Draw K θ with Algorithm 1 into a search: an MLflow parent run and one child run per θ."""
-    _run_stage(_load(config, _with_search(set_, search)), dry_run, "propose_job", n)
+    """Draw K θ with Algorithm 1 into a search: an MLflow parent run and one child run per θ. With --refine N, add
+    the N candidates the newest fit predicts best (then `quadmix proxy` and `quadmix search` again)."""
+    if refine is not None and n is not None:
+        raise typer.BadParameter("-n and --refine are two ways to add θ: give one")
+    _run_stage(_load(config, _with_search(set_, search)), dry_run, "propose_job", n, refine=refine)
 
 
 @app.command()

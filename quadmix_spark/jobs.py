@@ -220,8 +220,10 @@ def sample_many_job(cfg: QuadmixConfig, params_set: str):
     return result
 
 
-def propose_job(cfg: QuadmixConfig, n: int | None = None):
-    """K θ of search ``search.name`` from Algorithm 1, as MLflow child runs (names from the annotations)."""
+def propose_job(cfg: QuadmixConfig, n: int | None = None, refine: int | None = None):
+    """K θ of search ``search.name`` from Algorithm 1, as MLflow child runs (names from the annotations); with
+    ``refine``, that many of the best candidates of the search's newest fit instead (no Spark)."""
+    from quadmix_spark.search import propose as proposals
     from quadmix_spark.search.propose import propose
     from quadmix_spark.search.proxy_pool import pool_predicate
     from quadmix_spark.core.run_guard import lease, search_scope
@@ -230,6 +232,8 @@ def propose_job(cfg: QuadmixConfig, n: int | None = None):
 
     configure_mlflow(cfg)
     with lease(cfg, search_scope(cfg.search.name), "propose"):  # propose and proxy of one search exclude each other
+        if refine is not None:
+            return proposals.refine(cfg, refine)
         spark = get_spark(cfg)
         inp = load_inputs(spark, cfg, pool_predicate(cfg))
         tokens = {r["domain"]: int(r["tokens"]) for r in inp.annotations.groupBy("domain").agg(

@@ -30,6 +30,9 @@ TAG_SEARCH = "quadmix.search"
 TAG_THETA_ID = "quadmix.theta_id"
 TAG_PROPOSAL_INDEX = "quadmix.proposal_index"
 TAG_N_PROPOSALS = "quadmix.n_proposals"
+TAG_REFINE_FIT = "quadmix.refine.fit"        # a refined θ: the fit whose best candidate it was (no proposal index)
+TAG_REFINE_ROUND = "quadmix.refine.round"    # 1 for the first fit refined from, 2 for the next, ...
+TAG_REFINE_RANK = "quadmix.refine.rank"      # its place among that fit's refined θ (0 = predicted best)
 TAG_DOMAINS = "quadmix.domains"     # a JSON list
 TAG_CRITERIA = "quadmix.criteria"   # a JSON list
 TAG_PROXY_STATUS = "quadmix.proxy.status"
@@ -138,9 +141,16 @@ def require_search(client, exp_id: str, name: str):
 
 
 def child_runs(client, exp_id: str, parent_id: str) -> list:
-    """Every child run of a parent run, in proposal order (paged: any number of θ)."""
+    """Every child run of a parent run, in proposal order, refined θ after Algorithm 1's by round and rank
+    (paged: any number of θ)."""
     runs = search_all(client, exp_id, f"tags.`{TAG_PARENT}` = {quote(parent_id)}")
-    return sorted(runs, key=lambda r: int(r.data.tags.get(TAG_PROPOSAL_INDEX, 0)))
+
+    def order(r):
+        t = r.data.tags
+        return (TAG_REFINE_FIT in t, int(t.get(TAG_PROPOSAL_INDEX, 0)), int(t.get(TAG_REFINE_ROUND, 0)),
+                int(t.get(TAG_REFINE_RANK, 0)), r.info.run_id)
+
+    return sorted(runs, key=order)
 
 
 def latest_fit(client, exp_id: str, search: str):

@@ -17,6 +17,11 @@ fill it in instead, see README "Bring your own trainer"):
 
 θ number i of a search is drawn with Algorithm 1 from ``default_rng([seed, i])``, so proposing more
 θ later extends a search without changing the ones it has; proposing again is a no-op.
+
+**Refinement** (:func:`refine`, ``quadmix propose --refine N``): after a fit, N more θ: the candidates the
+search's newest fit predicts best, leaving out θ the search already has. Their children carry
+``quadmix.refine.fit`` (the fit's run id), ``quadmix.refine.round`` and ``quadmix.refine.rank`` instead of a
+proposal index; ``thetas.json`` lists them after Algorithm 1's θ (and their ids under ``refined``).
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from quadmix_spark.core.config import QuadmixConfig
-from quadmix_spark.kernel.theta import Theta, sample_theta_matrix
+from quadmix_spark.kernel.theta import Theta, feature_names, sample_theta_matrix
 from quadmix_spark.core.runs import (DOMAIN_TOKENS_ARTIFACT, PENDING, ROLE_PROXY, ROLE_SEARCH, TAG_CRITERIA, TAG_DOMAINS,
-                                TAG_N_PROPOSALS, TAG_PARENT, TAG_PROPOSAL_INDEX, TAG_PROXY_STATUS, TAG_ROLE, TAG_SEARCH,
-                                TAG_STAGE, TAG_THETA_ID, THETA_ARTIFACT, THETAS_ARTIFACT, child_runs, experiment_id,
-                                find_search)
+                                TAG_N_PROPOSALS, TAG_PARENT, TAG_PROPOSAL_INDEX, TAG_PROXY_STATUS, TAG_REFINE_FIT,
+                                TAG_REFINE_RANK, TAG_REFINE_ROUND, TAG_ROLE, TAG_SEARCH, TAG_STAGE, TAG_THETA_ID,
+                                THETA_ARTIFACT, THETAS_ARTIFACT, child_runs, experiment_id, find_search, latest_fit,
+                                require_search)
 from quadmix_spark.core.theta_sources import theta_params
 
 SAMPLER_VERSION = "algorithm1/1"  # recorded on a search: a change to the θ sampler's ranges must bump it
@@ -59,10 +65,13 @@ class ProposeResult:
     parent_run_id: str
     thetas: list[Theta]
     created: int
+    refined_from: str | None = None  # refine: the fit whose best candidates these θ are
 
     def summary(self) -> str:
-        return (f"search {self.search!r} (MLflow run {self.parent_run_id}): {len(self.thetas)} θ, "
-                f"{self.created} new; next: quadmix proxy --search {self.search}")
+        what = f"{len(self.thetas)} θ" if self.refined_from is None else \
+            f"{len(self.thetas)} refined θ (the best candidates of fit {self.refined_from})"
+        return (f"search {self.search!r} (MLflow run {self.parent_run_id}): {what}, {self.created} new; "
+                f"next: quadmix proxy --search {self.search}" + ("" if self.refined_from is None else ", quadmix search"))
 
 
 def _log_params(client, run_id: str, params: dict) -> None:
@@ -71,6 +80,17 @@ def _log_params(client, run_id: str, params: dict) -> None:
     items = [Param(k, repr(v) if isinstance(v, float) else str(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
+
+
+def _create_child(client, exp_id: str, run_name: str, tags: dict[str, str], theta: Theta) -> None:
+    """One θ's run: pending, its θ as params and ``theta.json``, status SCHEDULED (what ``proxy`` picks up)."""
+    from quadmix_spark.core import faults
+
+    child = client.create_run(exp_id, run_name=run_name, tags={**tags, TAG_THETA_ID: theta.theta_id, TAG_PROXY_STATUS: PENDING})
+    faults.point("propose.child.created")
+    _log_params(client, child.info.run_id, theta_params(theta))
+    client.log_dict(child.info.run_id, theta.to_dict(), THETA_ARTIFACT)
+    client.update_run(child.info.run_id, status="SCHEDULED")
 
 
 def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
@@ -119,17 +139,12 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
         thetas.append(theta)
         if i in existing:
             continue
-        child = client.create_run(exp_id, run_name=f"theta-{i:04d}", tags={
-            **tags_common, TAG_THETA_ID: theta.theta_id, TAG_PROPOSAL_INDEX: str(i), TAG_PROXY_STATUS: PENDING})
-        faults.point("propose.child.created")
-        _log_params(client, child.info.run_id, theta_params(theta))
-        client.log_dict(child.info.run_id, theta.to_dict(), THETA_ARTIFACT)
-        client.update_run(child.info.run_id, status="SCHEDULED")
+        _create_child(client, exp_id, f"theta-{i:04d}", {**tags_common, TAG_PROPOSAL_INDEX: str(i)}, theta)
         created += 1
     n_all = max([n, *(i + 1 for i in existing)])
     all_thetas = thetas + [draw_theta(domains, criteria, sc.seed, i, sc.lambda_mode, sc.criteria, sc.shared_omega, sc.omega_spread)
                            for i in range(n, n_all)]
-    client.log_dict(parent_id, {"thetas": [t.to_dict() for t in all_thetas]}, THETAS_ARTIFACT)
+    _log_thetas(client, parent_id, all_thetas, refined_thetas(children))
     if domain_tokens is not None:
         client.log_dict(parent_id, {d: int(v) for d, v in sorted(domain_tokens.items())}, DOMAIN_TOKENS_ARTIFACT)
     client.set_tag(parent_id, TAG_N_PROPOSALS, str(n_all))
@@ -137,3 +152,82 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
     if parent.info.status == "RUNNING":
         client.set_terminated(parent_id, "FINISHED")
     return ProposeResult(sc.name, parent_id, all_thetas, created)
+
+
+def refined_thetas(children: list) -> list[Theta]:
+    """The refined θ among a search's child runs (:func:`refine`), in round and rank order, read back from
+    their params (logged as ``repr`` of each float, so the values and ids are exact)."""
+    out = []
+    for r in children:  # child_runs' order: Algorithm 1's θ, then the refined ones by round and rank
+        t = r.data.tags
+        if TAG_REFINE_FIT not in t:
+            continue
+        domains, criteria = json.loads(t[TAG_DOMAINS]), json.loads(t[TAG_CRITERIA])
+        vec = [float(r.data.params[k]) for k in feature_names(domains, criteria)]
+        out.append(Theta.from_vector(vec, domains, criteria))
+    return out
+
+
+def _log_thetas(client, parent_id: str, algorithm1: list[Theta], refined: list[Theta]) -> None:
+    client.log_dict(parent_id, {"thetas": [t.to_dict() for t in [*algorithm1, *refined]],
+                                "refined": [t.theta_id for t in refined]}, THETAS_ARTIFACT)
+
+
+def refine(cfg: QuadmixConfig, n: int) -> ProposeResult:
+    """Add to search ``cfg.search.name`` the ``n`` candidates its newest fit predicts best that it does not
+    already have (:func:`~quadmix_spark.search.theta_star.ranked_candidates`): one refinement round, to be
+    trained by ``quadmix proxy`` and fitted again by ``quadmix search``. Each round adds training runs where
+    the fit places θ*, so the next fit is corrected exactly where it matters; the candidates are the fit's own
+    Algorithm-1 draws, so the next fit searches the same distribution. Once the newest fit has ``n`` refined θ,
+    a no-op; a crash in between is completed by running it again."""
+    import mlflow
+
+    from quadmix_spark.core.run_guard import settle_children
+    from quadmix_spark.core.tracking import configure_mlflow
+    from quadmix_spark.search.run_table import SearchInputError
+    from quadmix_spark.search.theta_star import ranked_candidates
+
+    if n < 1:
+        raise ValueError(f"--refine needs a number of θ >= 1, got {n}")
+    sc = cfg.search
+    configure_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    parent = require_search(client, exp_id, sc.name)
+    fit = latest_fit(client, exp_id, sc.name)
+    if fit is None:
+        raise SearchInputError(f"search {sc.name!r} has no fit to refine: run `quadmix proxy` and `quadmix search` first")
+    parent_id, fit_id = parent.info.run_id, fit.info.run_id
+    children = settle_children(client, child_runs(client, exp_id, parent_id), sc.metric, repair=True)
+    mine = [r for r in children if r.data.tags.get(TAG_REFINE_FIT) == fit_id]
+    rounds = {r.data.tags[TAG_REFINE_FIT]: int(r.data.tags.get(TAG_REFINE_ROUND, 0)) for r in children if TAG_REFINE_FIT in r.data.tags}
+    round_no = rounds.get(fit_id, max(rounds.values(), default=0) + 1)
+    have = {r.data.tags.get(TAG_THETA_ID) for r in children}
+    created = 0
+    if len(mine) < n:
+        domains, criteria = json.loads(fit.data.tags[TAG_DOMAINS]), json.loads(fit.data.tags[TAG_CRITERIA])
+        # enough candidates that n remain even if every θ the search has is among them
+        k = min(int(fit.data.params["n_candidates"]), n + len(have))
+        fresh = [t for t in ranked_candidates(client, exp_id, fit, k) if t.theta_id not in have][: n - len(mine)]
+        tags_common = {TAG_PARENT: parent_id, TAG_SEARCH: sc.name, TAG_ROLE: ROLE_PROXY, TAG_DOMAINS: json.dumps(domains),
+                       TAG_CRITERIA: json.dumps(criteria), TAG_REFINE_FIT: fit_id, TAG_REFINE_ROUND: str(round_no)}
+        for j, theta in enumerate(fresh, start=len(mine)):
+            _create_child(client, exp_id, f"refine-r{round_no}-{j:04d}", {**tags_common, TAG_REFINE_RANK: str(j)}, theta)
+            created += 1
+        children = child_runs(client, exp_id, parent_id)
+    refined = refined_thetas(children)
+    _log_thetas(client, parent_id, _algorithm1_thetas(client, parent_id), refined)
+    ids = {r.data.tags[TAG_THETA_ID] for r in children if r.data.tags.get(TAG_REFINE_FIT) == fit_id}
+    return ProposeResult(sc.name, parent_id, [t for t in refined if t.theta_id in ids], created, refined_from=fit_id)
+
+
+def _algorithm1_thetas(client, parent_id: str) -> list[Theta]:
+    """The Algorithm-1 θ a search's ``thetas.json`` lists (those not named under ``refined``)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = json.loads(Path(client.download_artifacts(parent_id, THETAS_ARTIFACT, tmp)).read_text())
+    refined = set(doc.get("refined", []))
+    thetas = [Theta.from_dict(d) for d in doc["thetas"]]
+    return [t for t in thetas if t.theta_id not in refined]

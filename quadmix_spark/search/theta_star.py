@@ -37,8 +37,8 @@ import pandas as pd
 
 from quadmix_spark.core.runs import (ROLE_FIT, ROLE_SEARCH, TAG_CRITERIA, TAG_DOMAINS, TAG_ROLE,
                                      TAG_SEARCH, TAG_SEARCH_RUN_ID, TAG_SEARCH_WARNINGS, TAG_THETA_ID,
-                                     THETA_STAR_ARTIFACT, quote, search_all)
-from quadmix_spark.kernel.theta import Theta, save_theta
+                                     THETA_STAR_ARTIFACT, names_tag, quote, search_all)
+from quadmix_spark.kernel.theta import Theta, save_theta, unflatten
 from quadmix_spark.search.candidates import CandidateResult, active_mask, search_candidates
 from quadmix_spark.search.fit_plots import make_plots
 from quadmix_spark.search.regression import THREAD_KEYS, SearchFit, featurizer_for, fit_search, fit_warnings
@@ -200,3 +200,37 @@ def log_search(outcome: SearchOutcome, run_id: str, out_path: str | Path | None 
     if out_path is not None:
         outcome.out_path = save_theta(theta, out_path)
     return outcome
+
+
+def ranked_candidates(client, experiment_id: str, fit_run, k: int) -> list[Theta]:
+    """The ``k`` candidates a logged fit predicts best, best first: its model (``runs:/<id>/model``) over the
+    candidates it drew itself (its ``n_candidates``, ``candidate_seed`` and sampler settings, read from its
+    params), so each is a draw from the distribution every later fit of the search searches too.
+
+    What ``quadmix propose --refine`` proposes: training the fit's favourites shows the next fit where it was
+    wrong about the region θ* comes from (RegMix and QuaDMix fit once; this is the cheap sequential step)."""
+    import mlflow.lightgbm
+
+    p = fit_run.data.params
+    domains, criteria = names_tag(fit_run, TAG_DOMAINS), names_tag(fit_run, TAG_CRITERIA)
+    if domains is None or criteria is None or "n_candidates" not in p:
+        raise SearchInputError(f"run {fit_run.info.run_id} is not a search fit of quadmix (no domains, criteria or "
+                               "candidate settings recorded)")
+    n_candidates = int(p["n_candidates"])
+    if not 1 <= k <= n_candidates:
+        raise SearchInputError(f"asked for the {k} best candidates of a fit that drew {n_candidates}: at most that many "
+                               "(raise search.n_candidates and fit again)")
+    names = p.get("search_names", fit_run.data.tags.get(TAG_SEARCH, "")).split(",")
+    tokens = search_domain_tokens(client, experiment_id, names, domains)
+    features = featurizer_for(p.get("features", "theta"), domains, criteria, tokens)
+    if features.kind != p.get("features", "theta"):
+        raise SearchInputError(f"fit {fit_run.info.run_id} used features {p.get('features')!r}, which need the pool's "
+                               "tokens per domain its searches no longer record")
+    model = mlflow.lightgbm.load_model(f"runs:/{fit_run.info.run_id}/model")
+    active = json.loads(p.get("active_criteria", "null"))
+    cands = search_candidates(model, domains, criteria, n_candidates, k, int(p["candidate_seed"]), p["lambda_mode"],
+                              active_mask(criteria, active), featurize=features,
+                              shared_omega=float(p.get("shared_omega", 0.0)), omega_spread=float(p.get("omega_spread", 0.25)))
+    b = unflatten(cands.top_features, len(domains), len(criteria))
+    return [Theta(tuple(domains), tuple(criteria), b.alpha[i], b.lam[i], b.omega[i], b.eta[i], b.eps[i])
+            for i in range(len(cands.top_pred))]

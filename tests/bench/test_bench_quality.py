@@ -52,3 +52,18 @@ def test_a_variant_reuses_the_curation_and_keeps_its_searches_apart(tmp_path, sp
     assert r["curation"]["ingested_now"] == 0  # the store's curation, reused
     assert set(r["cv_spearman"]) == {"screen"} and "lm" not in r["paired"]
     assert r["screen_fit"]["theta_star"] != base["screen_fit"]["theta_star"]  # its own proposals, its own θ*
+
+    # refinement rounds: a variant of their own; each round's θ are the newest fit's best candidates, trained and
+    # fitted again; a rerun reads the rounds back instead of proposing more
+    refine = ["--refine-rounds", "2", "--refine-thetas", "3"]
+    assert main([*common, *refine]) == 0
+    keys = ["refine=2x3"]
+    r = json.loads((results / f"selection_quality{variant_suffix(keys)}.json").read_text())
+    assert r["overrides"] == keys and r["last_step"] == "screen_fit"
+    rounds = r["screen_refine"]
+    assert [x["round"] for x in rounds] == [1, 2] and all(x["thetas"] == x["trained"] == 3 for x in rounds)
+    assert rounds[0]["fit"]["n_runs"] == r["screen_fit_initial"]["n_runs"] + 3 == rounds[1]["fit"]["n_runs"] - 3
+    assert r["screen_fit"] == rounds[1]["fit"] and rounds[0]["refined_from"] != rounds[1]["refined_from"]
+    assert main([*common, *refine]) == 0
+    again = json.loads((results / f"selection_quality{variant_suffix(keys)}.json").read_text())
+    assert again["screen_refine"] == rounds and again["screen_fit_initial"] == r["screen_fit_initial"]

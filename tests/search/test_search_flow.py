@@ -126,6 +126,54 @@ def test_search_pipeline_end_to_end(search_env, tmp_path):
     assert again[0].info.status == "FINISHED" and again[0].data.tags["quadmix.stage"] == "evaluate"
 
 
+def test_refinement_rounds(search_env, tmp_path):
+    """propose --refine adds the newest fit's best candidates (not the θ the search has), proxy trains them,
+    search fits over all; a second round starts from the new fit; reruns and -n keep every θ."""
+    from quadmix_spark.core.runs import experiment_id, find_search, latest_fit
+    from quadmix_spark.search.theta_star import ranked_candidates
+
+    cfg, base = search_env
+    base = [*base, "--set", "proxy.model.kind=ngram", "--search", "r"]
+    invoke("propose", *base, "-n", "8")
+    invoke("proxy", *base)
+    err = invoke("propose", *base, "--refine", "3", code=1)
+    assert "has no fit to refine" in err
+    invoke("search", *base)
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    fit1 = latest_fit(client, exp_id, "r")
+    best = ranked_candidates(client, exp_id, fit1, 3)
+
+    out = invoke("propose", *base, "--refine", "3")
+    assert "3 refined θ" in out and "3 new" in out and fit1.info.run_id in out
+    refined = [r for r in runs_of(cfg, "proxy") if "quadmix.refine.fit" in r.data.tags]
+    assert sorted((r.data.tags["quadmix.refine.rank"], r.data.tags["quadmix.theta_id"]) for r in refined) == \
+        [(str(j), t.theta_id) for j, t in enumerate(best)]
+    assert {r.data.tags["quadmix.refine.round"] for r in refined} == {"1"}
+    assert all("quadmix.proposal_index" not in r.data.tags for r in refined)
+    assert "3 refined θ" in invoke("propose", *base, "--refine", "3") and "0 new" in invoke("propose", *base, "--refine", "3")
+    assert "8 θ, 0 new" in invoke("propose", *base, "-n", "8")  # Algorithm 1's θ again: the refined ones stay listed
+    parent = find_search(client, exp_id, "r")
+    doc = json.loads(Path(client.download_artifacts(parent.info.run_id, "thetas.json", str(tmp_path))).read_text())
+    assert len(doc["thetas"]) == 11 and doc["refined"] == [t.theta_id for t in best]
+    assert doc["thetas"][8:] == [t.to_dict() for t in best]
+
+    assert "3 trained, 0 failed, 8 already finished" in invoke("proxy", *base)
+    invoke("search", *base)
+    fit2 = latest_fit(client, exp_id, "r")
+    assert fit2.info.run_id != fit1.info.run_id and fit2.data.params["n_runs"] == "11"
+    out = invoke("propose", *base, "--refine", "2")  # round 2: the new fit's best θ the search lacks
+    rounds = {}
+    for r in runs_of(cfg, "proxy"):
+        if "quadmix.refine.fit" in r.data.tags:
+            rounds.setdefault(r.data.tags["quadmix.refine.round"], set()).add(r.data.tags["quadmix.theta_id"])
+    assert len(rounds["1"]) == 3 and len(rounds["2"]) == 2 and not rounds["1"] & rounds["2"]
+    have = {r.data.tags["quadmix.theta_id"] for r in runs_of(cfg, "proxy")}
+    assert len(have) == 13
+    ranked = [t.theta_id for t in ranked_candidates(client, exp_id, fit2, 13)]
+    assert [i for i in ranked if i not in have - rounds["2"]][:2] == sorted(rounds["2"], key=ranked.index)
+
+
 def test_search_refuses_too_few_runs_and_unknown_search(search_env):
     cfg, base = search_env
     invoke("propose", *base, "-n", "2", "--search", "few")
