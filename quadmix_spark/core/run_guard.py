@@ -36,8 +36,8 @@ from pathlib import Path
 
 from quadmix_spark.core.config import QuadmixConfig
 from quadmix_spark.core.runs import (FAILED, FINISHED, PENDING, TAG_CRITERIA, TAG_DOMAINS, TAG_FAILURE, TAG_HOST, TAG_LEASE,
-                                TAG_PID, TAG_PID_START, TAG_PROXY_ERROR, TAG_PROXY_FINGERPRINT, TAG_PROXY_STATUS, TAG_SEARCH,
-                                THETA_ARTIFACT)
+                                TAG_PID, TAG_PID_START, TAG_PROXY_ERROR, TAG_PROXY_FINGERPRINT, TAG_PROXY_STATUS,
+                                TAG_REFINE_FIT, TAG_REFINE_ROUND, TAG_SEARCH, THETA_ARTIFACT)
 BUSY_EXIT_CODE = 75  # EX_TEMPFAIL: try again later
 HOLDER_WAIT_S = 10.0  # a new holder writes its record right after locking
 
@@ -223,7 +223,8 @@ def settle_children(client, children: list, metric: str, repair: bool) -> list:
       trains it again from the start);
     - never touched by a proxy and complete (every θ param and ``theta.json``): back to SCHEDULED;
     - never touched by a proxy and incomplete (``quadmix propose`` died while making it): deleted when
-      ``repair`` (``propose`` makes it again), else a ``ValueError`` asking for ``quadmix propose``.
+      ``repair`` (``propose`` makes it again), else a ``ValueError`` asking for ``quadmix propose`` (with
+      ``--refine`` for a refinement round's run).
     """
     from quadmix_spark.kernel.theta import feature_names
 
@@ -250,9 +251,17 @@ def settle_children(client, children: list, metric: str, repair: bool) -> list:
                 continue
             else:
                 raise ValueError(f"proposal run {run_id} ({run.info.run_name}) of search {tags.get(TAG_SEARCH)!r} was left "
-                                 "incomplete by an interrupted `quadmix propose`: run `quadmix propose` for this search again")
+                                 f"incomplete by an interrupted {_remedy(tags)}")
         out.append(client.get_run(run_id))
     return out
+
+
+def _remedy(tags: dict[str, str]) -> str:
+    """What made an incomplete proposal run, and the command that makes it again."""
+    if TAG_REFINE_FIT in tags:  # a refinement round: plain `propose` would only delete it
+        return (f"`quadmix propose --refine` (round {tags.get(TAG_REFINE_ROUND, '?')}, from fit run "
+                f"{tags[TAG_REFINE_FIT]}): run `quadmix propose --refine N` for this search again")
+    return "`quadmix propose`: run `quadmix propose` for this search again"
 
 
 def resume_search_parent(client, parent, recorded: dict[str, str], config: dict):

@@ -19,8 +19,10 @@ from quadmix_spark.core.run_guard import (
     end_stale_runs,
     lease,
     process_start,
+    settle_children,
 )
-from quadmix_spark.core.runs import TAG_FAILURE, TAG_HOST, TAG_LEASE, TAG_PID, TAG_PID_START
+from quadmix_spark.core.runs import (TAG_CRITERIA, TAG_DOMAINS, TAG_FAILURE, TAG_HOST, TAG_LEASE, TAG_PID, TAG_PID_START,
+                                     TAG_REFINE_FIT, TAG_REFINE_ROUND, TAG_SEARCH)
 from quadmix_spark.core.storage import retry_conflicts
 from tests.conftest import REPO, make_config
 
@@ -79,6 +81,28 @@ def test_stale_runs_end_failed_and_live_ones_stay(tmp_path):
         run = client.get_run(run_id)
         assert run.info.status == status
         assert ("interrupted" in run.data.tags.get(TAG_FAILURE, "")) == (status == "FAILED")
+
+
+def test_an_incomplete_proposal_names_the_command_that_made_it(tmp_path):
+    """A θ run that ``propose`` died while making (RUNNING, no θ params) is deleted under repair; otherwise the
+    error names the command to run again: ``propose --refine`` for a refinement round's run."""
+    cfg = make_config(tmp_path / "store")
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp = client.create_experiment("quadmix", artifact_location=(tmp_path / "artifacts").as_uri())
+    common = {TAG_SEARCH: "s", TAG_DOMAINS: '["a"]', TAG_CRITERIA: '["q"]'}
+    plain = client.create_run(exp, run_name="theta-0003", tags=common)
+    refined = client.create_run(exp, run_name="refine-r2-0001", tags={**common, TAG_REFINE_FIT: "fit9", TAG_REFINE_ROUND: "2"})
+    with pytest.raises(ValueError) as err:
+        settle_children(client, [plain], "target_loss", repair=False)
+    assert "theta-0003" in str(err.value) and "run `quadmix propose` for this search" in str(err.value)
+    assert "--refine" not in str(err.value)
+    with pytest.raises(ValueError) as err:
+        settle_children(client, [refined], "target_loss", repair=False)
+    assert "refine-r2-0001" in str(err.value) and "round 2, from fit run fit9" in str(err.value)
+    assert "run `quadmix propose --refine N` for this search" in str(err.value)
+    assert settle_children(client, [client.get_run(plain.info.run_id), client.get_run(refined.info.run_id)],
+                           "target_loss", repair=True) == []
+    assert {client.get_run(r.info.run_id).info.lifecycle_stage for r in (plain, refined)} == {"deleted"}
 
 
 def test_conflicts_are_retried_a_bounded_number_of_times(capsys):
