@@ -23,6 +23,12 @@ the n-gram proxy and fits again; θ* is the last fit's. The rounds are part of t
 of its own) and each round's figures are kept in ``screen_refine`` (and in ``refine-<search>.json`` in the
 experiment's folder, so a resumed run reports the rounds it did before).
 
+With ``--lm-top N`` a second fidelity follows the screening search's evaluation: the screening fit's N best
+candidates in a search of their own (``quality-screen-lm<N>``, ``quadmix propose --refine N --from``), trained with
+the transformer proxy; its θ* is the mean of the ``--lm-top-k`` (6) of them the transformer finds best on the
+search part (``search.theta_star: trained``), judged like the others (``paired.screen_lm``; ``screen_lm`` has the
+N losses and the Spearman of the screening fit's rank with them). It adds a search to the variant, not a variant.
+
 Steps 3-6 run in the order screening (search, fit, θ* judged by both proxies), then transformer (search, fit,
 agreement, θ* judged); ``--stop-after`` ends the run after one of the screening steps. ``--budget`` fixes the
 proxy budget and skips step 2. ``--set KEY=VALUE`` (repeatable) changes a setting for the whole experiment (a
@@ -53,7 +59,7 @@ from bench.common import REPO, RESULTS_DIR, git_commit, log, machine_info, scrat
 NAME = "selection_quality"
 REFERENCE_DIR = REPO / "bench" / "reference"
 CONFS = [REPO / "conf" / "default.yaml", REPO / "conf" / "scorers.yaml", REPO / "conf" / "search-demo.yaml"]
-STOP_POINTS = ("screen_fit", "screen_evaluate_ngram", "screen_evaluate")
+STOP_POINTS = ("screen_fit", "screen_evaluate_ngram", "screen_evaluate", "screen_lm_evaluate")
 GOALS = {"cv_spearman.screen": 0.8, "cv_spearman.lm": 0.6, "agreement_spearman": 0.7, "paired_z": 2.0}
 
 
@@ -153,9 +159,16 @@ def curate(exp: Experiment) -> dict[str, Any]:
 
 def train_search(cfg) -> dict[str, float]:
     """propose and train every θ of a search (again once if some failed); {θ id: target loss}."""
-    from quadmix_spark.jobs import propose_job, proxy_job
+    from quadmix_spark.jobs import propose_job
 
     propose_job(cfg)
+    return train_proposed(cfg)
+
+
+def train_proposed(cfg) -> dict[str, float]:
+    """Train every θ a search has (again once if some failed); {θ id: target loss}."""
+    from quadmix_spark.jobs import proxy_job
+
     for _ in range(2):
         report = proxy_job(cfg)
         log(report.summary())
@@ -255,6 +268,33 @@ def refine_screen(exp: "Experiment", cfg, rounds: int, n: int, first_fit: dict[s
     return {"initial": state["initial"], "rounds": done[:rounds]}
 
 
+def screen_lm(exp: "Experiment", budget: int, n: int, k: int) -> tuple[Any, dict[str, Any]]:
+    """The second fidelity: the screening fit's ``n`` best candidates in a search of their own (``quadmix propose
+    --refine n --from <screening search>``), trained with the transformer proxy; θ* the mean of the ``k`` of them
+    the transformer finds best on the search part (``search.theta_star: trained``). Returns the search's config and
+    its figures, with the Spearman between the screening fit's rank of each θ and the transformer's loss."""
+    import mlflow
+
+    from quadmix_spark.core.runs import TAG_REFINE_RANK, TAG_THETA_ID, child_runs, experiment_id, require_search
+    from quadmix_spark.jobs import propose_job
+
+    cfg = exp.config(f"search.name={exp.name(f'quality-screen-lm{n}')}", "proxy.model.kind=transformer",
+                     f"proxy.train.tokens={budget}", "proxy.train.seed=0", "search.theta_star=trained", f"search.top_k={k}",
+                     f"search.min_runs={min(n, exp.sizes['min_runs'])}")
+    log(propose_job(cfg, refine=n, source=exp.name("quality-screen")).summary())
+    losses = train_proposed(cfg)
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    rank = {r.data.tags[TAG_THETA_ID]: float(r.data.tags[TAG_REFINE_RANK])
+            for r in child_runs(client, exp_id, require_search(client, exp_id, cfg.search.name).info.run_id)}
+    rho, _ = spearman(rank, losses)
+    values = np.array(list(losses.values()))
+    out = {"search": cfg.search.name, "thetas": n, "top_k": k, "trained": len(losses), "loss_min": float(values.min()),
+           "loss_mean": float(values.mean()), "loss_max": float(values.max()), "spearman_screen_rank_lm_loss": rho,
+           "fit": fit(cfg), "losses": losses}
+    return cfg, out
+
+
 def mix_coverage(x: np.ndarray, losses: np.ndarray, star: np.ndarray, domains, criteria, tokens) -> dict[str, Any]:
     """How far the searched θ's domain mixes lie from the pool's own (where random and the mix baseline sit):
     the total variation distance of each θ's kept-token shares (ω_m·T_m normalized) from T_m/ΣT, its
@@ -322,7 +362,7 @@ def verdicts(result: dict[str, Any]) -> dict[str, Any]:
         out[f"cv_spearman.{key}"] = {"goal": goal, "value": value, "met": value is not None and value >= goal}
     goal, value = GOALS["agreement_spearman"], result.get("agreement_spearman")
     out["agreement_spearman"] = {"goal": goal, "value": value, "met": value is not None and value >= goal}
-    for key in ("screen", "lm"):
+    for key in ("screen", "lm", *(("screen_lm",) if "screen_lm" in result["paired"] else ())):
         for arm in ("random", "topk_best", "mix"):
             r = result["paired"].get(key, {}).get(arm)
             z = r["mean"] / r["se"] if r and r["se"] and np.isfinite(r["se"]) and r["se"] > 0 else None
@@ -412,6 +452,11 @@ def run(args) -> dict[str, Any]:
                                       exp.config(f"search.name={exp.name('quality-screen')}", *judge))
     if stop("screen_evaluate"):
         return result
+    if args.lm_top:
+        lm_top_cfg, result["screen_lm"] = step("screen_lm", screen_lm, exp, budget, args.lm_top, args.lm_top_k)
+        result["paired"]["screen_lm"] = step("screen_lm_evaluate", evaluate, lm_top_cfg)
+        if stop("screen_lm_evaluate"):
+            return result
 
     lm_losses = step("lm_proxies", train_search, lm)
     result["lm_fit"] = step("lm_fit", fit, lm)
@@ -455,6 +500,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine-rounds", type=int, default=0,
                         help="refinement rounds of the screening search after its first fit (a variant of its own)")
     parser.add_argument("--refine-thetas", type=int, default=64, help="θ proposed per refinement round")
+    parser.add_argument("--lm-top", type=int, default=0, metavar="N",
+                        help="train the screening fit's N best candidates with the transformer proxy (a search of their "
+                             "own) and judge the mean of the best --lm-top-k of them as a θ* too (paired.screen_lm)")
+    parser.add_argument("--lm-top-k", type=int, default=6, help="how many of the --lm-top θ that θ* averages")
     parser.add_argument("--stop-after", choices=STOP_POINTS,
                         help="end after this step (a partial result file); the next run without it continues")
 

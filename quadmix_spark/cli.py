@@ -185,13 +185,19 @@ def propose(
     search: SearchName = None,
     refine: Annotated[int | None, typer.Option(
         "--refine", help="instead: add this many θ, the best candidates of the search's newest fit (a refinement round)")] = None,
+    from_: Annotated[str | None, typer.Option(
+        "--from", help="with --refine: the best candidates of this other search's newest fit, into --search (made if "
+                       "missing): e.g. a screening search's favourites, to train with the transformer proxy")] = None,
     dry_run: DryRun = False,
 ) -> None:
     """Draw K θ with Algorithm 1 into a search: an MLflow parent run and one child run per θ. With --refine N, add
-    the N candidates the newest fit predicts best (then `quadmix proxy` and `quadmix search` again)."""
+    the N candidates the newest fit predicts best (then `quadmix proxy` and `quadmix search` again); with --from S
+    as well, those of search S's newest fit (fit the new search with search.theta_star=trained)."""
     if refine is not None and n is not None:
         raise typer.BadParameter("-n and --refine are two ways to add θ: give one")
-    _run_stage(_load(config, _with_search(set_, search)), dry_run, "propose_job", n, refine=refine)
+    if from_ is not None and refine is None:
+        raise typer.BadParameter("--from names the search whose fit --refine N takes its θ from: give --refine N too")
+    _run_stage(_load(config, _with_search(set_, search)), dry_run, "propose_job", n, refine=refine, source=from_)
 
 
 @app.command()

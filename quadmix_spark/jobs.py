@@ -220,9 +220,10 @@ def sample_many_job(cfg: QuadmixConfig, params_set: str):
     return result
 
 
-def propose_job(cfg: QuadmixConfig, n: int | None = None, refine: int | None = None):
+def propose_job(cfg: QuadmixConfig, n: int | None = None, refine: int | None = None, source: str | None = None):
     """K θ of search ``search.name`` from Algorithm 1, as MLflow child runs (names from the annotations); with
-    ``refine``, that many of the best candidates of the search's newest fit instead (no Spark)."""
+    ``refine``, that many of the best candidates of the newest fit of the search (or of search ``source``) instead
+    (no Spark)."""
     from quadmix_spark.search import propose as proposals
     from quadmix_spark.search.propose import propose
     from quadmix_spark.search.proxy_pool import pool_predicate
@@ -233,7 +234,7 @@ def propose_job(cfg: QuadmixConfig, n: int | None = None, refine: int | None = N
     configure_mlflow(cfg)
     with lease(cfg, search_scope(cfg.search.name), "propose"):  # propose and proxy of one search exclude each other
         if refine is not None:
-            return proposals.refine(cfg, refine)
+            return proposals.refine(cfg, refine, source)
         spark = get_spark(cfg)
         inp = load_inputs(spark, cfg, pool_predicate(cfg))
         tokens = {r["domain"]: int(r["tokens"]) for r in inp.annotations.groupBy("domain").agg(

@@ -260,7 +260,8 @@ def _remedy(tags: dict[str, str]) -> str:
     """What made an incomplete proposal run, and the command that makes it again."""
     if TAG_REFINE_FIT in tags:  # a refinement round: plain `propose` would only delete it
         return (f"`quadmix propose --refine` (round {tags.get(TAG_REFINE_ROUND, '?')}, from fit run "
-                f"{tags[TAG_REFINE_FIT]}): run `quadmix propose --refine N` for this search again")
+                f"{tags[TAG_REFINE_FIT]}): run `quadmix propose --refine N` for this search again (with its --from, if "
+                "it was seeded from another search's fit)")
     return "`quadmix propose`: run `quadmix propose` for this search again"
 
 

@@ -60,6 +60,10 @@ class SearchConfig(Section):
     lightgbm: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_LIGHTGBM), description="LGBMRegressor params over DEFAULT_LIGHTGBM")
     n_candidates: int = Field(100_000, gt=0, description="θ drawn from Algorithm 1 and scored by the regressor")
     top_k: int = Field(10, gt=0, description="θ* = element-wise mean of the k best candidates")
+    theta_star: Literal["candidates", "trained"] = Field(
+        "candidates", description="what θ* averages: candidates (the top_k of n_candidates Algorithm-1 draws the fit "
+                                  "predicts best: the paper) or trained (the top_k trained θ by their measured metric: for "
+                                  "a search whose θ are already another fit's best candidates, `propose --refine N --from`)")
     candidate_seed: int = Field(4242, ge=0)
 
     @field_validator("lightgbm")

@@ -22,6 +22,8 @@ fill it in instead, see README "Bring your own trainer"):
 search's newest fit predicts best, leaving out θ the search already has. Their children carry
 ``quadmix.refine.fit`` (the fit's run id), ``quadmix.refine.round`` and ``quadmix.refine.rank`` instead of a
 proposal index; ``thetas.json`` lists them after Algorithm 1's θ (and their ids under ``refined``).
+``quadmix propose --refine N --from <search>`` puts the best candidates of another search's fit into a search of
+their own (param ``search.seeded_from``), to be trained with another proxy (a second, costlier fidelity).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
     import mlflow
 
     from quadmix_spark.core import faults
-    from quadmix_spark.core.run_guard import resume_search_parent, settle_children
+    from quadmix_spark.core.run_guard import settle_children
     from quadmix_spark.core.tracking import configure_mlflow
 
     sc = cfg.search
@@ -112,22 +114,8 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
     configure_mlflow(cfg)
     client = mlflow.MlflowClient()
     exp_id = experiment_id(client, cfg.tracking.experiment)
-    recorded = {"search.seed": str(sc.seed), "search.lambda_mode": sc.lambda_mode,
-                "search.criteria": json.dumps(sc.criteria), "search.domains": json.dumps(domains),
-                "search.all_criteria": json.dumps(criteria), "search.sampler": sampler_version(sc)}
-    parent = resume_search_parent(client, find_search(client, exp_id, sc.name), recorded, cfg.resolved())
-    if parent is None:
-        parent = client.create_run(exp_id, run_name=f"search-{sc.name}",
-                                   tags={TAG_SEARCH: sc.name, TAG_ROLE: ROLE_SEARCH, TAG_STAGE: "propose"})
-        faults.point("propose.parent.created")
-        _log_params(client, parent.info.run_id, recorded)
-        client.log_dict(parent.info.run_id, cfg.resolved(), "config.yaml")
-    else:
-        have = parent.data.params
-        differ = {k: (have.get(k), v) for k, v in recorded.items() if k in have and have[k] != v}
-        if differ:
-            raise ValueError(f"search {sc.name!r} exists with other settings {differ} (recorded, now): "
-                             "use another search.name or the recorded settings")
+    parent = _open_parent(client, exp_id, cfg, {**draw_settings(sc), "search.domains": json.dumps(domains),
+                                                "search.all_criteria": json.dumps(criteria)})
     parent_id = parent.info.run_id
     children = settle_children(client, child_runs(client, exp_id, parent_id), sc.metric, repair=True)
     existing = {int(r.data.tags[TAG_PROPOSAL_INDEX]) for r in children if TAG_PROPOSAL_INDEX in r.data.tags}
@@ -154,6 +142,35 @@ def propose(cfg: QuadmixConfig, domains: list[str], criteria: list[str], n: int,
     return ProposeResult(sc.name, parent_id, all_thetas, created)
 
 
+def draw_settings(sc) -> dict[str, str]:
+    """What a search's parent records of the settings its θ are drawn with (besides its domains and criteria)."""
+    return {"search.seed": str(sc.seed), "search.lambda_mode": sc.lambda_mode, "search.criteria": json.dumps(sc.criteria),
+            "search.sampler": sampler_version(sc)}
+
+
+def _open_parent(client, exp_id: str, cfg: QuadmixConfig, recorded: dict[str, str], extra: dict[str, str] | None = None):
+    """Search ``cfg.search.name``'s parent run: created with ``recorded`` (and ``extra``) as params and the config,
+    completed if a crash left it half made, refused if it exists with other ``recorded`` settings."""
+    from quadmix_spark.core import faults
+    from quadmix_spark.core.run_guard import resume_search_parent
+
+    sc = cfg.search
+    parent = resume_search_parent(client, find_search(client, exp_id, sc.name), recorded, cfg.resolved())
+    if parent is None:
+        parent = client.create_run(exp_id, run_name=f"search-{sc.name}",
+                                   tags={TAG_SEARCH: sc.name, TAG_ROLE: ROLE_SEARCH, TAG_STAGE: "propose"})
+        faults.point("propose.parent.created")
+        _log_params(client, parent.info.run_id, {**recorded, **(extra or {})})
+        client.log_dict(parent.info.run_id, cfg.resolved(), "config.yaml")
+        return parent
+    have = parent.data.params
+    differ = {k: (have.get(k), v) for k, v in recorded.items() if k in have and have[k] != v}
+    if differ:
+        raise ValueError(f"search {sc.name!r} exists with other settings {differ} (recorded, now): "
+                         "use another search.name or the recorded settings")
+    return parent
+
+
 def refined_thetas(children: list) -> list[Theta]:
     """The refined θ among a search's child runs (:func:`refine`), in round and rank order, read back from
     their params (logged as ``repr`` of each float, so the values and ids are exact)."""
@@ -173,13 +190,19 @@ def _log_thetas(client, parent_id: str, algorithm1: list[Theta], refined: list[T
                                 "refined": [t.theta_id for t in refined]}, THETAS_ARTIFACT)
 
 
-def refine(cfg: QuadmixConfig, n: int) -> ProposeResult:
+def refine(cfg: QuadmixConfig, n: int, source: str | None = None) -> ProposeResult:
     """Add to search ``cfg.search.name`` the ``n`` candidates its newest fit predicts best that it does not
     already have (:func:`~quadmix_spark.search.theta_star.ranked_candidates`): one refinement round, to be
     trained by ``quadmix proxy`` and fitted again by ``quadmix search``. Each round adds training runs where
     the fit places θ*, so the next fit is corrected exactly where it matters; the candidates are the fit's own
     Algorithm-1 draws, so the next fit searches the same distribution. Once the newest fit has ``n`` refined θ,
-    a no-op; a crash in between is completed by running it again."""
+    a no-op; a crash in between is completed by running it again.
+
+    With ``source`` (``--from``, another search's name) the candidates are the newest fit of ``source``, and
+    search ``cfg.search.name`` is created for them when missing, recording the source's domains, criteria and
+    pool, and the draw settings, which must be the source's (``search.seeded_from`` names it): a second search
+    over the best of the first, typically trained with a costlier proxy than the one that screened them, and
+    fitted with ``search.theta_star: trained``."""
     import mlflow
 
     from quadmix_spark.core.run_guard import settle_children
@@ -190,13 +213,16 @@ def refine(cfg: QuadmixConfig, n: int) -> ProposeResult:
     if n < 1:
         raise ValueError(f"--refine needs a number of θ >= 1, got {n}")
     sc = cfg.search
+    source = source or sc.name
     configure_mlflow(cfg)
     client = mlflow.MlflowClient()
     exp_id = experiment_id(client, cfg.tracking.experiment)
-    parent = require_search(client, exp_id, sc.name)
-    fit = latest_fit(client, exp_id, sc.name)
+    fit = latest_fit(client, exp_id, source)
     if fit is None:
-        raise SearchInputError(f"search {sc.name!r} has no fit to refine: run `quadmix proxy` and `quadmix search` first")
+        require_search(client, exp_id, source)
+        raise SearchInputError(f"search {source!r} has no fit to refine: run `quadmix proxy --search {source}` and "
+                               f"`quadmix search --search {source}` first")
+    parent = require_search(client, exp_id, sc.name) if source == sc.name else _seeded_parent(client, exp_id, cfg, source, fit)
     parent_id, fit_id = parent.info.run_id, fit.info.run_id
     children = settle_children(client, child_runs(client, exp_id, parent_id), sc.metric, repair=True)
     mine = [r for r in children if r.data.tags.get(TAG_REFINE_FIT) == fit_id]
@@ -217,8 +243,39 @@ def refine(cfg: QuadmixConfig, n: int) -> ProposeResult:
         children = child_runs(client, exp_id, parent_id)
     refined = refined_thetas(children)
     _log_thetas(client, parent_id, _algorithm1_thetas(client, parent_id), refined)
+    if parent.info.status == "RUNNING":  # a seeded search's parent, made just now (or by a run that died)
+        client.set_terminated(parent_id, "FINISHED")
     ids = {r.data.tags[TAG_THETA_ID] for r in children if r.data.tags.get(TAG_REFINE_FIT) == fit_id}
     return ProposeResult(sc.name, parent_id, [t for t in refined if t.theta_id in ids], created, refined_from=fit_id)
+
+
+def _seeded_parent(client, exp_id: str, cfg: QuadmixConfig, source: str, fit):
+    """The parent of search ``cfg.search.name`` seeded from ``source``'s fit ``fit``: made (or checked) with the
+    source's domains, criteria and pool tokens and this config's draw settings, which must equal the source's (the
+    seeded search's own fit draws its candidates with them)."""
+    import tempfile
+    from pathlib import Path
+
+    from quadmix_spark.search.run_table import SearchInputError, same_setting
+
+    src = require_search(client, exp_id, source)
+    now, had = draw_settings(cfg.search), src.data.params
+    differ = {k: (had[k], v) for k, v in now.items() if k != "search.seed" and k in had and not same_setting(k, had[k], v)}
+    if differ:
+        raise SearchInputError(f"search {source!r} drew its θ with {differ} (recorded, now): seed "
+                               f"{cfg.search.name!r} from it with the same settings (--set key=recorded value)")
+    recorded = {**now, "search.domains": fit.data.tags[TAG_DOMAINS], "search.all_criteria": fit.data.tags[TAG_CRITERIA]}
+    parent = _open_parent(client, exp_id, cfg, recorded, extra={"search.seeded_from": source})
+    seeded_from = parent.data.params.get("search.seeded_from")
+    if seeded_from is not None and seeded_from != source:
+        raise SearchInputError(f"search {cfg.search.name!r} was seeded from search {seeded_from!r}, not {source!r}: "
+                               "give it another name")
+    if DOMAIN_TOKENS_ARTIFACT not in {a.path for a in client.list_artifacts(parent.info.run_id)} and \
+            DOMAIN_TOKENS_ARTIFACT in {a.path for a in client.list_artifacts(src.info.run_id)}:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokens = json.loads(Path(client.download_artifacts(src.info.run_id, DOMAIN_TOKENS_ARTIFACT, tmp)).read_text())
+        client.log_dict(parent.info.run_id, tokens, DOMAIN_TOKENS_ARTIFACT)
+    return client.get_run(parent.info.run_id)
 
 
 def _algorithm1_thetas(client, parent_id: str) -> list[Theta]:
@@ -226,6 +283,8 @@ def _algorithm1_thetas(client, parent_id: str) -> list[Theta]:
     import tempfile
     from pathlib import Path
 
+    if THETAS_ARTIFACT not in {a.path for a in client.list_artifacts(parent_id)}:
+        return []  # a search seeded from another's fit (``refine(..., source)``) has no Algorithm-1 θ
     with tempfile.TemporaryDirectory() as tmp:
         doc = json.loads(Path(client.download_artifacts(parent_id, THETAS_ARTIFACT, tmp)).read_text())
     refined = set(doc.get("refined", []))

@@ -294,7 +294,7 @@ def check_draw_settings(client, experiment_id: str, names: Sequence[str], cfg, t
             recorded = parent.data.params
             for key, value in now.items():
                 have = recorded.get(key)
-                if have is None or _same_setting(key, have, value):
+                if have is None or same_setting(key, have, value):
                     continue
                 raise SearchInputError(
                     f"search {name!r} drew its θ with {key}={have}, but this fit would draw its candidates with {value}: "
@@ -305,7 +305,8 @@ def check_draw_settings(client, experiment_id: str, names: Sequence[str], cfg, t
                 )
 
 
-def _same_setting(key: str, recorded: str, now: str) -> bool:
+def same_setting(key: str, recorded: str, now: str) -> bool:
+    """Whether a draw setting a search's parent recorded equals ``now`` (name lists compared as sets)."""
     if key in ("search.criteria", "search.domains", "search.all_criteria"):
         a, b = json.loads(recorded), json.loads(now)
         return (a is None and b is None) or (a is not None and b is not None and sorted(a) == sorted(b))

@@ -15,6 +15,9 @@ LightGBM model (``model``, MLflow LightGBM flavour); artifacts ``theta_star.json
 :func:`~quadmix_spark.kernel.theta.save_theta` format), ``cv_predictions.csv`` (every run's out-of-fold
 prediction), ``top_candidates.csv``, ``config.yaml`` and the plots under ``plots/``.
 
+With ``search.theta_star: trained`` θ* is instead the mean of the best trained θ (:func:`best_trained`): for a
+search seeded with another fit's best candidates (``quadmix propose --refine N --from <search>``).
+
 The candidates are drawn with the settings the searches' θ were drawn with: a fit whose
 ``search.lambda_mode`` or ``search.criteria`` differs from what a search's parent run recorded is refused
 (:func:`~quadmix_spark.search.run_table.check_draw_settings`).
@@ -33,12 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from quadmix_spark.core.runs import (ROLE_FIT, ROLE_SEARCH, TAG_CRITERIA, TAG_DOMAINS, TAG_ROLE,
                                      TAG_SEARCH, TAG_SEARCH_RUN_ID, TAG_SEARCH_WARNINGS, TAG_THETA_ID,
                                      THETA_STAR_ARTIFACT, names_tag, quote, search_all)
-from quadmix_spark.kernel.theta import Theta, save_theta, unflatten
+from quadmix_spark.kernel.theta import Theta, average_top_k, save_theta, unflatten
 from quadmix_spark.search.candidates import CandidateResult, active_mask, search_candidates
 from quadmix_spark.search.fit_plots import make_plots
 from quadmix_spark.search.regression import THREAD_KEYS, SearchFit, featurizer_for, fit_search, fit_warnings
@@ -79,8 +83,10 @@ class SearchOutcome:
             f"  candidates: {self.candidates.n_candidates:,} from Algorithm 1, predicted loss median "
             f"{self.candidates.pred_quantiles[0.5]:.4g}, best {self.candidates.pred_quantiles[0.0]:.4g}; "
             f"top {self.candidates.top_k} mean {mt['top_pred_mean']:.4g}",
-            f"  θ* {self.theta_star.theta_id} ({self.theta_star.n_domains} domains × {self.theta_star.n_criteria} criteria)"
-            f", MLflow run {self.run_id}" + (f", written to {self.out_path}" if self.out_path else ""),
+            f"  θ* {self.theta_star.theta_id} ({self.theta_star.n_domains} domains × {self.theta_star.n_criteria} criteria"
+            + (f"; the mean of the {min(self.params['top_k'], len(self.runs))} best trained θ, search.theta_star: trained"
+               if self.params.get("theta_star_from") == "trained" else "")
+            + f"), MLflow run {self.run_id}" + (f", written to {self.out_path}" if self.out_path else ""),
         ]
         lines += [f"  warning: {w}" for w in fit_warnings(self.fit)]
         return "\n".join(lines)
@@ -94,7 +100,8 @@ def _param_value(v: Any) -> str:
 def fit_theta_star(cfg, search_names: Sequence[str] | None = None) -> SearchOutcome:
     """The ``search`` stage's work: collect the named searches' finished proxy runs (default ``[cfg.search.name]``),
     check them (enough runs, the settings their θ were drawn with), fit LightGBM, score ``cfg.search.n_candidates``
-    Algorithm-1 candidates and average the top k into θ*. Reads the tracking store, writes nothing: the runner
+    Algorithm-1 candidates and average the top k into θ* (or, with ``search.theta_star: trained``, the top k trained θ:
+    :func:`best_trained`). Reads the tracking store, writes nothing: the runner
     (``jobs.search_job``) opens the stage's run and calls :func:`log_search`."""
     import mlflow
 
@@ -122,7 +129,7 @@ def fit_theta_star(cfg, search_names: Sequence[str] | None = None) -> SearchOutc
         fit.model, table.domains, table.criteria, sc.n_candidates, sc.top_k, sc.candidate_seed, sc.lambda_mode, active,
         num_threads=threads, featurize=features, shared_omega=sc.shared_omega, omega_spread=sc.omega_spread,
     )
-    theta = cands.theta_star
+    theta = cands.theta_star if sc.theta_star == "candidates" else best_trained(table, sc.top_k)
     metrics = {
         "cv_mae": fit.cv_mae,
         "cv_spearman": fit.cv_spearman,
@@ -136,6 +143,7 @@ def fit_theta_star(cfg, search_names: Sequence[str] | None = None) -> SearchOutc
         "search_names": ",".join(names),
         "n_candidates": sc.n_candidates,
         "top_k": sc.top_k,
+        "theta_star_from": sc.theta_star,
         "candidate_seed": sc.candidate_seed,
         "split_seed": sc.seed,
         "cv_folds": sc.cv_folds,
@@ -167,6 +175,16 @@ def fit_theta_star(cfg, search_names: Sequence[str] | None = None) -> SearchOutc
             tags[TAG_SEARCH_RUN_ID] = parents[0].info.run_id
 
     return SearchOutcome(exp.experiment_id, names, theta, metrics, table, fit, cands, features.kind, params, tags)
+
+
+def best_trained(table: RunTable, k: int) -> Theta:
+    """θ* from the trained θ themselves (``search.theta_star: trained``): the element-wise mean of the ``k`` runs
+    of lowest measured metric (all of them when fewer), averaged as the paper averages its best candidates. For a
+    search whose θ are already a fit's best candidates judged by a costlier proxy, where a fit of that narrow
+    region would be asked about the whole prior; averaging k runs damps the luck of any one run's seed."""
+    b = unflatten(table.X.to_numpy(), len(table.domains), len(table.criteria))
+    return average_top_k(b.alpha, b.lam, b.omega, b.eta, b.eps, np.asarray(table.y, dtype=np.float64), min(k, len(table)),
+                         domains=table.domains, criteria=table.criteria)
 
 
 def log_search(outcome: SearchOutcome, run_id: str, out_path: str | Path | None = None) -> SearchOutcome:

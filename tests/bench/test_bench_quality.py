@@ -16,19 +16,25 @@ def test_the_smoke_run_goes_end_to_end_and_writes_every_figure(tmp_path, spark):
     from bench.quality import main
 
     root, results = tmp_path / "quality", tmp_path / "results"
-    assert main(["--smoke", "--root", str(root), "--results-dir", str(results)]) == 0
+    assert main(["--smoke", "--root", str(root), "--results-dir", str(results), "--lm-top", "6", "--lm-top-k", "2"]) == 0
     r = json.loads((results / "selection_quality.json").read_text())
     assert r["smoke"] and r["commit"] and r["machine"]["cpu_model"]
     assert set(r["cv_spearman"]) == {"screen", "lm"}
     assert r["agreement_thetas"] == r["sizes"]["lm_thetas"] and -1 <= r["agreement_spearman"] <= 1
     assert len(r["proxy_losses"]["screen"]) == r["sizes"]["screen_thetas"]
-    for search in ("screen", "lm"):
+    # the second fidelity: the screening fit's 6 best candidates trained with the transformer, θ* the mean of 2
+    lm_top = r["screen_lm"]
+    assert lm_top["trained"] == len(lm_top["losses"]) == 6 and lm_top["fit"]["n_runs"] == 6
+    assert lm_top["loss_min"] == min(lm_top["losses"].values()) and -1 <= lm_top["spearman_screen_rank_lm_loss"] <= 1
+    assert lm_top["fit"]["theta_star"] not in lm_top["losses"]
+    for search in ("screen", "lm", "screen_lm"):
         for arm in ("random", "topk_best", "mix"):
             p = r["paired"][search][arm]
             assert set(p) == {"mean", "se", "wins", "n"} and p["n"] == len(r["sizes"]["seeds"]) and np.isfinite(p["mean"])
         assert r["paired"][search]["topk_best_arm"].startswith("topk:")
     assert r["budget"]["spread"] and r["budget"]["tokens"] in r["sizes"]["budgets"]
-    assert set(r["verdicts"]) >= {"cv_spearman.screen", "cv_spearman.lm", "agreement_spearman", "paired.lm.mix"}
+    assert set(r["verdicts"]) >= {"cv_spearman.screen", "cv_spearman.lm", "agreement_spearman", "paired.lm.mix",
+                                "paired.screen_lm.mix"}
     assert "dclm" in r["curation"]["scorers"] and "auc_within_length" in r["curation"]["scorers"]["dclm"]
 
 

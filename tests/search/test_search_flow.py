@@ -174,6 +174,53 @@ def test_refinement_rounds(search_env, tmp_path):
     assert [i for i in ranked if i not in have - rounds["2"]][:2] == sorted(rounds["2"], key=ranked.index)
 
 
+def test_a_search_seeded_from_another_fit(search_env):
+    """propose --refine N --from S puts S's fit's N best candidates into a search of their own (S's domains, pool
+    and draw settings, refused when they differ), trained with another proxy; its fit with search.theta_star=trained
+    averages its best trained θ."""
+    import numpy as np
+
+    from quadmix_spark.core.runs import child_runs, experiment_id, find_search, latest_fit, latest_theta_star
+    from quadmix_spark.kernel.theta import Theta
+    from quadmix_spark.search.theta_star import ranked_candidates
+
+    cfg, base = search_env
+    screen = [*base, "--set", "proxy.model.kind=ngram", "--search", "screen"]
+    invoke("propose", *screen, "-n", "8")
+    invoke("proxy", *screen)
+    top = [*base, "--search", "top"]  # the transformer proxy (the default kind)
+    assert "no fit to refine" in invoke("propose", *top, "--refine", "4", "--from", "screen", code=1)
+    assert "--from names the search" in invoke("propose", *top, "--from", "screen", code=2)
+    invoke("search", *screen)
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    fit = latest_fit(client, exp_id, "screen")
+    err = invoke("propose", *top, "--set", "search.lambda_mode=linear", "--refine", "4", "--from", "screen", code=1)
+    assert "search.lambda_mode" in err and find_search(client, exp_id, "top") is None
+    assert "no search named 'nosuch'" in invoke("propose", *top, "--refine", "4", "--from", "nosuch", code=1)
+
+    out = invoke("propose", *top, "--refine", "4", "--from", "screen")
+    assert "4 refined θ" in out and "4 new" in out and fit.info.run_id in out
+    assert "0 new" in invoke("propose", *top, "--refine", "4", "--from", "screen")
+    parent = find_search(client, exp_id, "top")
+    assert parent.info.status == "FINISHED" and parent.data.params["search.seeded_from"] == "screen"
+    assert parent.data.params["search.domains"] == fit.data.tags["quadmix.domains"]
+    assert "domain_tokens.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = child_runs(client, exp_id, parent.info.run_id)
+    assert [r.data.tags["quadmix.theta_id"] for r in children] == [t.theta_id for t in ranked_candidates(client, exp_id, fit, 4)]
+
+    assert "4 trained, 0 failed" in invoke("proxy", *top)
+    out = invoke("search", *top, "--set", "search.theta_star=trained", "--set", "search.top_k=2")
+    assert "the mean of the 2 best trained θ" in out
+    runs = sorted(child_runs(client, exp_id, parent.info.run_id), key=lambda r: r.data.metrics["target_loss"])
+    best = [Theta.from_dict(json.loads(Path(client.download_artifacts(r.info.run_id, "theta.json")).read_text()))
+            for r in runs[:2]]
+    _, star = latest_theta_star(client, exp_id, "top")
+    star = Theta.from_dict(star)
+    assert np.allclose(star.to_vector(), (best[0].to_vector() + best[1].to_vector()) / 2)
+    assert star.theta_id not in {t.theta_id for t in best}
+
+
 def test_search_refuses_too_few_runs_and_unknown_search(search_env):
     cfg, base = search_env
     invoke("propose", *base, "-n", "2", "--search", "few")
