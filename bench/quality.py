@@ -275,16 +275,22 @@ def screen_lm(exp: "Experiment", budget: int, n: int, k: int) -> tuple[Any, dict
     its figures, with the Spearman between the screening fit's rank of each θ and the transformer's loss."""
     import mlflow
 
-    from quadmix_spark.core.runs import TAG_REFINE_RANK, TAG_THETA_ID, child_runs, experiment_id, require_search
+    from quadmix_spark.core.runs import (TAG_REFINE_RANK, TAG_THETA_ID, child_runs, experiment_id, find_search,
+                                         require_search)
     from quadmix_spark.jobs import propose_job
 
     cfg = exp.config(f"search.name={exp.name(f'quality-screen-lm{n}')}", "proxy.model.kind=transformer",
                      f"proxy.train.tokens={budget}", "proxy.train.seed=0", "search.theta_star=trained", f"search.top_k={k}",
                      f"search.min_runs={min(n, exp.sizes['min_runs'])}")
-    log(propose_job(cfg, refine=n, source=exp.name("quality-screen")).summary())
-    losses = train_proposed(cfg)
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
     exp_id = experiment_id(client, cfg.tracking.experiment)
+    # propose --refine adds the next n candidates on every call: a resumed run keeps the ones it has (the
+    # search's name holds n, so another --lm-top is another search)
+    if find_search(client, exp_id, cfg.search.name) is None:
+        log(propose_job(cfg, refine=n, source=exp.name("quality-screen")).summary())
+    else:
+        log(f"search {cfg.search.name!r} exists: its θ are kept (resumed run)")
+    losses = train_proposed(cfg)
     rank = {r.data.tags[TAG_THETA_ID]: float(r.data.tags[TAG_REFINE_RANK])
             for r in child_runs(client, exp_id, require_search(client, exp_id, cfg.search.name).info.run_id)}
     rho, _ = spearman(rank, losses)

@@ -37,6 +37,13 @@ def test_the_smoke_run_goes_end_to_end_and_writes_every_figure(tmp_path, spark):
                                 "paired.screen_lm.mix"}
     assert "dclm" in r["curation"]["scorers"] and "auc_within_length" in r["curation"]["scorers"]["dclm"]
 
+    # resumed: every run is reused, and the second fidelity keeps its 6 θ (propose --refine would add 6 more)
+    assert main(["--smoke", "--root", str(root), "--results-dir", str(results), "--lm-top", "6", "--lm-top-k", "2",
+                 "--stop-after", "screen_lm_evaluate"]) == 0
+    again = json.loads((results / "selection_quality.json").read_text())
+    assert again["screen_lm"]["losses"] == lm_top["losses"] and again["screen_lm"]["fit"]["n_runs"] == 6
+    assert again["paired"]["screen_lm"] == r["paired"]["screen_lm"]
+
 
 def test_a_variant_reuses_the_curation_and_keeps_its_searches_apart(tmp_path, spark):
     """``--set`` runs a variant in the same store: its own search names and result file, the overrides recorded,
