@@ -246,7 +246,7 @@ def refine_screen(exp: "Experiment", cfg, rounds: int, n: int, first_fit: dict[s
     """``rounds`` refinement rounds of the search of ``cfg`` after its first fit ``first_fit``: propose the newest
     fit's ``n`` best candidates, train them, fit again. Per round: the refined θ's losses against the search's best
     loss before the round, and the new fit. What is done is kept in ``refine-<search>.json`` and read back by a
-    resumed run (whose fits would otherwise propose again, and whose first fit already sees the refined θ):
+    resumed run (whose first fit already sees the refined θ, so the figures of the rounds before it are kept here):
     ``{"initial": first fit, "rounds": [...]}``."""
     from quadmix_spark.jobs import propose_job
 
@@ -284,7 +284,7 @@ def screen_lm(exp: "Experiment", budget: int, n: int, k: int) -> tuple[Any, dict
                      f"search.min_runs={min(n, exp.sizes['min_runs'])}")
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
     exp_id = experiment_id(client, cfg.tracking.experiment)
-    # propose --refine adds the next n candidates on every call: a resumed run keeps the ones it has (the
+    # a resumed run keeps the θ it has even when the screening search has been fitted on more runs since (the
     # search's name holds n, so another --lm-top is another search)
     if find_search(client, exp_id, cfg.search.name) is None:
         log(propose_job(cfg, refine=n, source=exp.name("quality-screen")).summary())

@@ -33,6 +33,8 @@ TAG_N_PROPOSALS = "quadmix.n_proposals"
 TAG_REFINE_FIT = "quadmix.refine.fit"        # a refined θ: the fit whose best candidate it was (no proposal index)
 TAG_REFINE_ROUND = "quadmix.refine.round"    # 1 for the first fit refined from, 2 for the next, ...
 TAG_REFINE_RANK = "quadmix.refine.rank"      # its place among that fit's refined θ (0 = predicted best)
+TAG_REFINE_FIT_INPUTS = "quadmix.refine.fit_inputs"  # that fit's TAG_FIT_INPUTS: a refit of the same inputs is the same fit
+TAG_FIT_INPUTS = "quadmix.fit.inputs"        # on a fit: a digest of everything it was fitted from (fit_inputs_key)
 TAG_DOMAINS = "quadmix.domains"     # a JSON list
 TAG_CRITERIA = "quadmix.criteria"   # a JSON list
 TAG_PROXY_STATUS = "quadmix.proxy.status"

@@ -20,8 +20,9 @@ fill it in instead, see README "Bring your own trainer"):
 
 **Refinement** (:func:`refine`, ``quadmix propose --refine N``): after a fit, N more θ: the candidates the
 search's newest fit predicts best, leaving out θ the search already has. Their children carry
-``quadmix.refine.fit`` (the fit's run id), ``quadmix.refine.round`` and ``quadmix.refine.rank`` instead of a
-proposal index; ``thetas.json`` lists them after Algorithm 1's θ (and their ids under ``refined``).
+``quadmix.refine.fit`` (the fit's run id), ``quadmix.refine.fit_inputs`` (its ``quadmix.fit.inputs`` digest: a
+refit of the same runs with the same settings is the same fit, so proposing after it is a no-op),
+``quadmix.refine.round`` and ``quadmix.refine.rank`` instead of a proposal index; ``thetas.json`` lists them after Algorithm 1's θ (and their ids under ``refined``).
 ``quadmix propose --refine N --from <search>`` puts the best candidates of another search's fit into a search of
 their own (param ``search.seeded_from``), to be trained with another proxy (a second, costlier fidelity).
 """
@@ -35,9 +36,9 @@ import numpy as np
 
 from quadmix_spark.core.config import QuadmixConfig
 from quadmix_spark.kernel.theta import Theta, feature_names, sample_theta_matrix
-from quadmix_spark.core.runs import (DOMAIN_TOKENS_ARTIFACT, PENDING, ROLE_PROXY, ROLE_SEARCH, TAG_CRITERIA, TAG_DOMAINS,
+from quadmix_spark.core.runs import (DOMAIN_TOKENS_ARTIFACT, PENDING, ROLE_PROXY, ROLE_SEARCH, TAG_CRITERIA, TAG_DOMAINS, TAG_FIT_INPUTS,
                                 TAG_N_PROPOSALS, TAG_PARENT, TAG_PROPOSAL_INDEX, TAG_PROXY_STATUS, TAG_REFINE_FIT,
-                                TAG_REFINE_RANK, TAG_REFINE_ROUND, TAG_ROLE, TAG_SEARCH, TAG_STAGE, TAG_THETA_ID,
+                                TAG_REFINE_FIT_INPUTS, TAG_REFINE_RANK, TAG_REFINE_ROUND, TAG_ROLE, TAG_SEARCH, TAG_STAGE, TAG_THETA_ID,
                                 THETA_ARTIFACT, THETAS_ARTIFACT, child_runs, experiment_id, find_search, latest_fit,
                                 require_search)
 from quadmix_spark.core.theta_sources import theta_params
@@ -195,8 +196,9 @@ def refine(cfg: QuadmixConfig, n: int, source: str | None = None) -> ProposeResu
     already have (:func:`~quadmix_spark.search.theta_star.ranked_candidates`): one refinement round, to be
     trained by ``quadmix proxy`` and fitted again by ``quadmix search``. Each round adds training runs where
     the fit places θ*, so the next fit is corrected exactly where it matters; the candidates are the fit's own
-    Algorithm-1 draws, so the next fit searches the same distribution. Once the newest fit has ``n`` refined θ,
-    a no-op; a crash in between is completed by running it again.
+    Algorithm-1 draws, so the next fit searches the same distribution. Once the newest fit (or a fit of the same
+    inputs, :func:`~quadmix_spark.search.theta_star.fit_inputs_key`) has ``n`` refined θ, a no-op; a crash in
+    between is completed by running it again.
 
     With ``source`` (``--from``, another search's name) the candidates are the newest fit of ``source``, and
     search ``cfg.search.name`` is created for them when missing, recording the source's domains, criteria and
@@ -225,9 +227,16 @@ def refine(cfg: QuadmixConfig, n: int, source: str | None = None) -> ProposeResu
     parent = require_search(client, exp_id, sc.name) if source == sc.name else _seeded_parent(client, exp_id, cfg, source, fit)
     parent_id, fit_id = parent.info.run_id, fit.info.run_id
     children = settle_children(client, child_runs(client, exp_id, parent_id), sc.metric, repair=True)
-    mine = [r for r in children if r.data.tags.get(TAG_REFINE_FIT) == fit_id]
-    rounds = {r.data.tags[TAG_REFINE_FIT]: int(r.data.tags.get(TAG_REFINE_ROUND, 0)) for r in children if TAG_REFINE_FIT in r.data.tags}
-    round_no = rounds.get(fit_id, max(rounds.values(), default=0) + 1)
+    # a fit is known by its inputs' digest (a rerun of `quadmix search` with nothing new is the same fit under
+    # another run id); fits and refined θ from before the digest was recorded, by the fit's run id
+    fit_key = fit.data.tags.get(TAG_FIT_INPUTS) or fit_id
+
+    def made_from(r) -> str | None:
+        return r.data.tags.get(TAG_REFINE_FIT_INPUTS) or r.data.tags.get(TAG_REFINE_FIT)
+
+    mine = [r for r in children if made_from(r) == fit_key]
+    rounds = {made_from(r): int(r.data.tags.get(TAG_REFINE_ROUND, 0)) for r in children if TAG_REFINE_FIT in r.data.tags}
+    round_no = rounds.get(fit_key, max(rounds.values(), default=0) + 1)
     have = {r.data.tags.get(TAG_THETA_ID) for r in children}
     created = 0
     if len(mine) < n:
@@ -237,6 +246,8 @@ def refine(cfg: QuadmixConfig, n: int, source: str | None = None) -> ProposeResu
         fresh = [t for t in ranked_candidates(client, exp_id, fit, k) if t.theta_id not in have][: n - len(mine)]
         tags_common = {TAG_PARENT: parent_id, TAG_SEARCH: sc.name, TAG_ROLE: ROLE_PROXY, TAG_DOMAINS: json.dumps(domains),
                        TAG_CRITERIA: json.dumps(criteria), TAG_REFINE_FIT: fit_id, TAG_REFINE_ROUND: str(round_no)}
+        if TAG_FIT_INPUTS in fit.data.tags:
+            tags_common[TAG_REFINE_FIT_INPUTS] = fit_key
         for j, theta in enumerate(fresh, start=len(mine)):
             _create_child(client, exp_id, f"refine-r{round_no}-{j:04d}", {**tags_common, TAG_REFINE_RANK: str(j)}, theta)
             created += 1
@@ -245,7 +256,7 @@ def refine(cfg: QuadmixConfig, n: int, source: str | None = None) -> ProposeResu
     _log_thetas(client, parent_id, _algorithm1_thetas(client, parent_id), refined)
     if parent.info.status == "RUNNING":  # a seeded search's parent, made just now (or by a run that died)
         client.set_terminated(parent_id, "FINISHED")
-    ids = {r.data.tags[TAG_THETA_ID] for r in children if r.data.tags.get(TAG_REFINE_FIT) == fit_id}
+    ids = {r.data.tags[TAG_THETA_ID] for r in children if made_from(r) == fit_key}
     return ProposeResult(sc.name, parent_id, [t for t in refined if t.theta_id in ids], created, refined_from=fit_id)
 
 

@@ -7,7 +7,8 @@ Output
 :func:`fit_theta_star` computes, :func:`log_search` logs ONE new run in the same experiment (the runner
 ``jobs.search_job`` opens it): run name ``search-fit-<names>``, tags
 ``quadmix.role=search-fit``, ``quadmix.stage=search``, ``quadmix.search=<comma-joined names>``,
-``quadmix.theta_id=<θ* id>``; params (``n_runs``, ``search_names``, ``n_candidates``, ``top_k``, ``cv_folds``,
+``quadmix.theta_id=<θ* id>``, ``quadmix.fit.inputs`` (:func:`fit_inputs_key`: the same for a refit of the same
+inputs); params (``n_runs``, ``search_names``, ``n_candidates``, ``top_k``, ``cv_folds``,
 ``lightgbm.<param>``, ``theta_star.<feature name>``); metrics ``cv_mae``, ``cv_spearman`` (out of sample:
 K-fold cross-validation over θ, see :class:`~quadmix_spark.search.regression.SearchFit`), ``cv_folds``, ``n_trees`` (of the final model,
 fitted on every run), ``top_pred_mean`` (and ``pred_*`` quantiles of the candidates' predicted loss); the
@@ -29,6 +30,7 @@ The pure parts (:mod:`~quadmix_spark.search.regression`, :mod:`~quadmix_spark.se
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from collections.abc import Sequence
@@ -39,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from quadmix_spark.core.runs import (ROLE_FIT, ROLE_SEARCH, TAG_CRITERIA, TAG_DOMAINS, TAG_ROLE,
+from quadmix_spark.core.runs import (ROLE_FIT, ROLE_SEARCH, TAG_CRITERIA, TAG_DOMAINS, TAG_FIT_INPUTS, TAG_ROLE,
                                      TAG_SEARCH, TAG_SEARCH_RUN_ID, TAG_SEARCH_WARNINGS, TAG_THETA_ID,
                                      THETA_STAR_ARTIFACT, names_tag, quote, search_all)
 from quadmix_spark.kernel.theta import Theta, average_top_k, save_theta, unflatten
@@ -164,6 +166,7 @@ def fit_theta_star(cfg, search_names: Sequence[str] | None = None) -> SearchOutc
         TAG_THETA_ID: theta.theta_id,
         TAG_DOMAINS: json.dumps(list(table.domains)),
         TAG_CRITERIA: json.dumps(list(table.criteria)),
+        TAG_FIT_INPUTS: fit_inputs_key(params, table, tokens),
     }
     warnings = fit_warnings(fit)
     if warnings:
@@ -175,6 +178,18 @@ def fit_theta_star(cfg, search_names: Sequence[str] | None = None) -> SearchOutc
             tags[TAG_SEARCH_RUN_ID] = parents[0].info.run_id
 
     return SearchOutcome(exp.experiment_id, names, theta, metrics, table, fit, cands, features.kind, params, tags)
+
+
+def fit_inputs_key(params: dict[str, Any], table: RunTable, domain_tokens: Sequence[float] | None) -> str:
+    """A digest of everything a fit is made from: its settings (``params`` less θ*, which they determine), the
+    pool's tokens per domain, and every run it reads (run, θ and search ids, the metric's exact value; a run's θ
+    is fixed by its id). The fit is deterministic, so two fits with the same key are the same fit under two run
+    ids (``quadmix search`` run again with nothing new): ``quadmix propose --refine`` treats them as one."""
+    settings = {k: _param_value(v) for k, v in params.items() if not k.startswith("theta_star.")}
+    runs = [[r, t, s, float(y).hex()] for r, t, s, y in zip(table.run_ids, table.theta_ids, table.search_of_run, table.y)]
+    doc = {"settings": settings, "domains": list(table.domains), "criteria": list(table.criteria),
+           "domain_tokens": None if domain_tokens is None else [float(v).hex() for v in domain_tokens], "runs": runs}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def best_trained(table: RunTable, k: int) -> Theta:

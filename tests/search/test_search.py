@@ -269,6 +269,23 @@ def test_run_search_logs_one_run_with_theta_star(store, tmp_path):
     np.testing.assert_allclose(model.predict(x), outcome.fit.model.predict(x))
 
 
+def test_fit_inputs_key_names_what_the_fit_reads(main_table):
+    """The digest `propose --refine` knows a fit by: θ* (an output) leaves it alone; a setting, the pool's tokens
+    or one run's metric changes it."""
+    from dataclasses import replace
+
+    from quadmix_spark.search.theta_star import fit_inputs_key
+
+    params = {"n_runs": len(main_table), "top_k": 10, "lightgbm.num_leaves": 31, "theta_star.quadmix.omega.d0": "0.1"}
+    key = fit_inputs_key(params, main_table, None)
+    assert fit_inputs_key({**params, "theta_star.quadmix.omega.d0": "0.2"}, main_table, None) == key
+    assert fit_inputs_key({**params, "top_k": 11}, main_table, None) != key
+    assert fit_inputs_key(params, main_table, (1.0, 2.0)) != key
+    y = main_table.y.copy()
+    y[3] = np.nextafter(y[3], np.inf)  # one bit of one run's loss
+    assert fit_inputs_key(params, replace(main_table, y=y), None) != key
+
+
 def test_tiny_fit_still_reports_spearman(store):
     """A handful of runs (one per fold) and stumps: ρ may be undefined (constant predictions) but is always logged."""
     outcome = search_job(_cfg(store, "search.min_runs=5", "search.val_fraction=0.34", "search.n_candidates=500",

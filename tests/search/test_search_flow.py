@@ -152,6 +152,12 @@ def test_refinement_rounds(search_env, tmp_path):
     assert {r.data.tags["quadmix.refine.round"] for r in refined} == {"1"}
     assert all("quadmix.proposal_index" not in r.data.tags for r in refined)
     assert "3 refined θ" in invoke("propose", *base, "--refine", "3") and "0 new" in invoke("propose", *base, "--refine", "3")
+    invoke("search", *base)  # the same 8 finished runs: the same fit under another run id, not a new round
+    refit = latest_fit(client, exp_id, "r")
+    assert refit.info.run_id != fit1.info.run_id
+    assert refit.data.tags["quadmix.fit.inputs"] == fit1.data.tags["quadmix.fit.inputs"]
+    out = invoke("propose", *base, "--refine", "3")
+    assert "3 refined θ" in out and "0 new" in out
     assert "8 θ, 0 new" in invoke("propose", *base, "-n", "8")  # Algorithm 1's θ again: the refined ones stay listed
     parent = find_search(client, exp_id, "r")
     doc = json.loads(Path(client.download_artifacts(parent.info.run_id, "thetas.json", str(tmp_path))).read_text())
@@ -162,6 +168,7 @@ def test_refinement_rounds(search_env, tmp_path):
     invoke("search", *base)
     fit2 = latest_fit(client, exp_id, "r")
     assert fit2.info.run_id != fit1.info.run_id and fit2.data.params["n_runs"] == "11"
+    assert fit2.data.tags["quadmix.fit.inputs"] != fit1.data.tags["quadmix.fit.inputs"]
     out = invoke("propose", *base, "--refine", "2")  # round 2: the new fit's best θ the search lacks
     rounds = {}
     for r in runs_of(cfg, "proxy"):
@@ -201,6 +208,8 @@ def test_a_search_seeded_from_another_fit(search_env):
 
     out = invoke("propose", *top, "--refine", "4", "--from", "screen")
     assert "4 refined θ" in out and "4 new" in out and fit.info.run_id in out
+    assert "0 new" in invoke("propose", *top, "--refine", "4", "--from", "screen")
+    invoke("search", *screen)  # the source fitted again from the same runs: still the same 4 θ
     assert "0 new" in invoke("propose", *top, "--refine", "4", "--from", "screen")
     parent = find_search(client, exp_id, "top")
     assert parent.info.status == "FINISHED" and parent.data.params["search.seeded_from"] == "screen"
