@@ -147,6 +147,16 @@ def infer_json_schema(spark: SparkSession, files: list[str]) -> T.StructType:
     return T.StructType([f for f in schema.fields if f.name != "_corrupt_record"])
 
 
+def whitespace_only(column: Column, unicode: bool = False) -> Column:
+    """True where a string column is empty or white space only: Java's regex ``^\\s*$`` (with ``unicode``,
+    ``(?U)``: Unicode white space), null where it is null. The regex runs on a Java copy of the whole value, so
+    it is asked only where the first character is white space or a line terminator (``$`` also matches before a
+    final one: ``"\\u2028"`` is blank to it), the only values it can match."""
+    flag = "(?U)" if unicode else ""
+    first_is_space = F.substring(column, 1, 1).rlike(f"^{flag}[\\s\\u0085\\u2028\\u2029]$")
+    return (F.octet_length(column) == 0) | (first_is_space & column.rlike(f"^{flag}\\s*$"))
+
+
 def read_jsonl(
     spark: SparkSession,
     files: list[str],
@@ -176,7 +186,7 @@ def read_jsonl(
     parsed = lines.select(
         "unit",
         "raw",
-        F.col("raw").rlike(r"^\s*$").alias("blank"),
+        whitespace_only(F.col("raw")).alias("blank"),
         F.when(valid | replace, F.try_parse_json(F.make_valid_utf8("raw"))).alias("v"),
         F.when(~valid & ~replace, F.lit("invalid_utf8")).alias("utf8_error"),
     )

@@ -48,6 +48,7 @@ from quadmix_spark.curation.corpus_files import (
     read_jsonl,
     read_table_input,
     unit_digests,
+    whitespace_only,
 )
 from quadmix_spark.core.storage import read_table, table_exists, write_table
 from quadmix_spark.core.tables import DOCUMENTS, INGEST_LOG, REJECTS
@@ -113,8 +114,10 @@ def classify_rows(rows: DataFrame, max_chars: int, id_column: str | None) -> Dat
         (kind.isNull(), F.lit("missing_text"), F.lit("the record has no text field")),
         (kind == "VOID", F.lit("null_text"), F.lit("text is null")),
         (kind != "STRING", F.lit("non_string_text"), F.concat(F.lit("text is of JSON type "), kind)),
-        (text.rlike(r"^(?U)\s*$"), F.lit("empty_text"), F.lit("text is empty or whitespace only")),
-        (n_chars > max_chars, F.lit("too_large"), F.format_string(f"%d characters > ingest.max_chars={max_chars}", n_chars)),
+        (whitespace_only(text, unicode=True), F.lit("empty_text"), F.lit("text is empty or whitespace only")),
+        # a text of at most max_chars bytes has at most max_chars characters: counted only past that
+        ((F.octet_length(text) > max_chars) & (n_chars > max_chars), F.lit("too_large"),
+         F.format_string(f"%d characters > ingest.max_chars={max_chars}", n_chars)),
     ]
     if id_column:
         id_kind = F.col("id_kind")

@@ -338,3 +338,22 @@ def test_the_cpu_bound_scan_splits_small_inputs_across_the_cores_and_changes_no_
     cols = ["doc_id", "text", "n_tokens", "text_hash", "source"]
     one, many = (read_table(spark, c.storage.table("documents")).select(*cols).orderBy("doc_id").collect() for c in (cfg_one, cfg_many))
     assert len(one) == 240 and one == many
+
+
+@pytest.mark.parametrize("unicode", [False, True])
+def test_whitespace_only_is_the_regex_it_replaces(spark, unicode):
+    """The blank-line and empty-text checks ask the whole-value regex only where the first character is white
+    space; the answers are the regex's on values that start with every kind of character, and on invalid UTF-8."""
+    from quadmix_spark.curation.corpus_files import whitespace_only
+
+    values = ["", " ", "   ", "\t\n", "\n", "x", " x", "x ", "X\n", " \n ", "\u00a0", " \u00a0", "\u3000 ", "\u2028",
+              "\u0085", "\u2029", " \u2028", "\u2028x", "\u200b", "\U0001F600", " \U0001F600", "\r\n", "\x0b\x0c", "é ", None]
+    flag = "(?U)" if unicode else ""
+    rows = spark.createDataFrame([(v,) for v in values], "s string").withColumn("b", F.col("s").cast("binary"))
+    bad = spark.createDataFrame([(bytes(b),) for b in ([0xC2], [0xE2, 0x20, 0x20], [0x20, 0xFF], [0xFF, 0x20])], "b binary")
+    rows = rows.unionByName(bad.withColumn("s", F.col("b").cast("string")))
+    got = rows.select("s", whitespace_only(F.col("s"), unicode).alias("fast"), F.col("s").rlike(f"^{flag}\\s*$").alias("regex"))
+    checked = got.collect()
+    assert len(checked) == len(values) + 4
+    assert [(r.s, r.fast) for r in checked] == [(r.s, r.regex) for r in checked]
+    assert {r.fast for r in checked} == {True, False, None}  # both answers and null are reached
