@@ -14,6 +14,10 @@
  * BPE-merged the way tokenizers' Word::merge_all does it: a min-heap of (rank, position), a popped merge
  * skipped when its left symbol is gone, has no right neighbour, or the pair there no longer merges to the
  * same id. Results never depend on the cache (it only saves work). The GIL is held throughout.
+ *
+ * Two scans serve the Python steps before it, for every file: CodePointSet (the first code point of a text
+ * in a set: bpe_fast's test that a text is already normalized) and Trie (the leftmost-longest matches of
+ * strings in a text: the added tokens).
  */
 #define PY_SSIZE_T_CLEAN
 #ifndef Py_LIMITED_API
@@ -274,17 +278,25 @@ static int piece(Counter *self, const uint32_t *cp, size_t n, size_t *count) {
 
 /* ---------------------------------------------------------------- GPT-2's pattern */
 
-/* Runs every piece of the segment; returns the number of tokens, or -1 with an exception set. */
-static Py_ssize_t run(Counter *self, PyObject *text, int keep_ids) {
+/* The code points of a str, copied into *buf (grown as needed); -1 with an exception set. */
+static Py_ssize_t code_points(PyObject *text, uint32_t **buf, size_t *cap) {
     if (!PyUnicode_Check(text)) {
         PyErr_SetString(PyExc_TypeError, "a str is needed");
         return -1;
     }
     Py_ssize_t n = PyUnicode_GetLength(text);
     if (n < 0) return -1;
-    if (grow((void **)&self->cp, &self->cp_cap, (size_t)n + 1, sizeof(uint32_t)) < 0) return -1;
-    uint32_t *cp = self->cp;
-    if (n > 0 && !PyUnicode_AsUCS4(text, (Py_UCS4 *)cp, n, 0)) return -1;
+    if (grow((void **)buf, cap, (size_t)n + 1, sizeof(uint32_t)) < 0) return -1;
+    if (n > 0 && !PyUnicode_AsUCS4(text, (Py_UCS4 *)*buf, n, 0)) return -1;
+    return n;
+}
+
+
+/* Runs every piece of the segment; returns the number of tokens, or -1 with an exception set. */
+static Py_ssize_t run(Counter *self, PyObject *text, int keep_ids) {
+    Py_ssize_t n = code_points(text, &self->cp, &self->cp_cap);
+    if (n < 0) return -1;
+    const uint32_t *cp = self->cp;
     const uint8_t *cls = self->classes;
 #define CLS(c) (cls[(c)])
 #define OTHER(c) (!(CLS(c) & (CL_L | CL_N | CL_S)))
@@ -447,6 +459,212 @@ static PyType_Spec Counter_spec = {
     "quadmix_udfs._bpe_native.Counter", sizeof(Counter), 0, Py_TPFLAGS_DEFAULT, Counter_slots,
 };
 
+/* ---------------------------------------------------------------- scans for bpe_fast's Python steps */
+
+/* CodePointSet(flags): flags is bytes of 0x110000, nonzero for the members.
+ * search(text) -> the index of the first member in text, or -1. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *flags_obj;
+    const uint8_t *flags;
+    uint32_t *cp; size_t cp_cap;
+} CodePointSet;
+
+static int CodePointSet_init(CodePointSet *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"flags", NULL};
+    PyObject *flags;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "S", names, &flags)) return -1;
+    if (PyBytes_Size(flags) != N_CODE_POINTS) {
+        PyErr_SetString(PyExc_ValueError, "flags must hold one byte per code point (0x110000)");
+        return -1;
+    }
+    Py_INCREF(flags);
+    Py_XDECREF(self->flags_obj);
+    self->flags_obj = flags;
+    self->flags = (const uint8_t *)PyBytes_AsString(flags);
+    return 0;
+}
+
+static PyObject *CodePointSet_search(CodePointSet *self, PyObject *text) {
+    if (!self->flags) {
+        PyErr_SetString(PyExc_ValueError, "CodePointSet not initialised");
+        return NULL;
+    }
+    Py_ssize_t n = code_points(text, &self->cp, &self->cp_cap);
+    if (n < 0) return NULL;
+    const uint32_t *cp = self->cp;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (self->flags[cp[i]]) return PyLong_FromSsize_t(i);
+    return PyLong_FromLong(-1);
+}
+
+static void CodePointSet_dealloc(CodePointSet *self) {
+    Py_XDECREF(self->flags_obj);
+    PyMem_Free(self->cp);
+    PyTypeObject *type = Py_TYPE((PyObject *)self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(type);
+}
+
+static PyMethodDef CodePointSet_methods[] = {
+    {"search", (PyCFunction)CodePointSet_search, METH_O, "Index of the first member code point of a str, or -1."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot CodePointSet_slots[] = {
+    {Py_tp_doc, "A set of code points, one flag byte each; search(text) finds the first member."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, CodePointSet_init},
+    {Py_tp_dealloc, CodePointSet_dealloc},
+    {Py_tp_methods, CodePointSet_methods},
+    {0, NULL},
+};
+
+static PyType_Spec CodePointSet_spec = {
+    "quadmix_udfs._bpe_native.CodePointSet", sizeof(CodePointSet), 0, Py_TPFLAGS_DEFAULT, CodePointSet_slots,
+};
+
+/* Trie(starts, chars, targets, terminals): a character trie of strings in CSR form. Node 0 is the root;
+ * node k's edges are starts[k]..starts[k+1] (int32, n_nodes + 1 of them), each a code point (chars, uint32,
+ * sorted within a node) and the node it leads to (targets, int32); terminals (int32 per node) is the index
+ * of the string ending at the node, or -1.
+ * find(text) -> [(start, stop, index), ...]: the matches a scan from the left finds, each the longest
+ * string starting at the leftmost position where one starts, the scan going on after its end (what
+ * re.finditer gives for the trie written as a pattern with greedy optional groups). */
+typedef struct {
+    PyObject_HEAD
+    int32_t *starts, *targets, *terminals;
+    uint32_t *chars;
+    Py_ssize_t n_nodes;
+    uint8_t pairs[256 * 256 / 8]; /* bit (a & 255) << 8 | (b & 255): some string may start with a, b */
+    uint32_t *cp; size_t cp_cap;
+} Trie;
+
+static int Trie_init(Trie *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"starts", "chars", "targets", "terminals", NULL};
+    Py_buffer st, ch, tg, tm;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*y*y*", names, &st, &ch, &tg, &tm)) return -1;
+    int rc = -1;
+    Py_ssize_t nodes = tm.len / (Py_ssize_t)sizeof(int32_t);
+    Py_ssize_t edges = ch.len / (Py_ssize_t)sizeof(uint32_t);
+    if (nodes < 1 || tm.len % sizeof(int32_t) || st.len != (nodes + 1) * (Py_ssize_t)sizeof(int32_t)
+        || ch.len % sizeof(uint32_t) || tg.len != edges * (Py_ssize_t)sizeof(int32_t)) {
+        PyErr_SetString(PyExc_ValueError, "Trie: starts must be int32[nodes + 1], chars uint32[edges], targets int32[edges], terminals int32[nodes]");
+        goto done;
+    }
+    const int32_t *s = st.buf, *t = tg.buf;
+    const uint32_t *c = ch.buf;
+    if (s[0] != 0 || s[nodes] != edges) {
+        PyErr_SetString(PyExc_ValueError, "Trie: starts must run from 0 to the number of edges");
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < nodes; k++) {
+        if (s[k + 1] < s[k]) { PyErr_SetString(PyExc_ValueError, "Trie: starts must not decrease"); goto done; }
+        for (int32_t e = s[k]; e < s[k + 1]; e++) {
+            if (t[e] <= 0 || t[e] >= nodes || c[e] >= N_CODE_POINTS || (e > s[k] && c[e] <= c[e - 1])) {
+                PyErr_SetString(PyExc_ValueError, "Trie: an edge leads out of the trie, or a node's characters are not strictly increasing");
+                goto done;
+            }
+        }
+    }
+    PyMem_Free(self->starts); PyMem_Free(self->targets); PyMem_Free(self->terminals); PyMem_Free(self->chars);
+    self->starts = PyMem_Malloc(st.len); self->targets = PyMem_Malloc(tg.len ? tg.len : 1);
+    self->terminals = PyMem_Malloc(tm.len); self->chars = PyMem_Malloc(ch.len ? ch.len : 1);
+    if (!self->starts || !self->targets || !self->terminals || !self->chars) { PyErr_NoMemory(); goto done; }
+    memcpy(self->starts, st.buf, st.len); memcpy(self->targets, tg.buf, tg.len);
+    memcpy(self->terminals, tm.buf, tm.len); memcpy(self->chars, ch.buf, ch.len);
+    self->n_nodes = nodes;
+    memset(self->pairs, 0, sizeof(self->pairs));
+    for (int32_t e = s[0]; e < s[1]; e++) {
+        uint32_t a = (c[e] & 255) << 8;
+        int32_t child = t[e];
+        if (((const int32_t *)tm.buf)[child] >= 0) { /* a one-character string: any next character */
+            memset(self->pairs + (a >> 3), 0xff, 256 / 8);
+            continue;
+        }
+        for (int32_t f = s[child]; f < s[child + 1]; f++) {
+            uint32_t k = a | (c[f] & 255);
+            self->pairs[k >> 3] |= (uint8_t)(1u << (k & 7));
+        }
+    }
+    rc = 0;
+done:
+    PyBuffer_Release(&st); PyBuffer_Release(&ch); PyBuffer_Release(&tg); PyBuffer_Release(&tm);
+    return rc;
+}
+
+static inline int32_t trie_child(const Trie *self, int32_t node, uint32_t c) {
+    int32_t lo = self->starts[node], hi = self->starts[node + 1];
+    while (lo < hi) {
+        int32_t mid = lo + (hi - lo) / 2;
+        uint32_t m = self->chars[mid];
+        if (m == c) return self->targets[mid];
+        if (m < c) lo = mid + 1; else hi = mid;
+    }
+    return -1;
+}
+
+static PyObject *Trie_find(Trie *self, PyObject *text) {
+    if (!self->starts) {
+        PyErr_SetString(PyExc_ValueError, "Trie not initialised");
+        return NULL;
+    }
+    Py_ssize_t n = code_points(text, &self->cp, &self->cp_cap);
+    if (n < 0) return NULL;
+    self->cp[n] = 0; /* the pair filter reads one past the end */
+    const uint32_t *cp = self->cp;
+    const uint8_t *pairs = self->pairs;
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    Py_ssize_t i = 0;
+    while (i < n) {
+        /* one well-predicted branch per character where no string starts: most of a text */
+        uint32_t k = (cp[i] & 255) << 8 | (cp[i + 1] & 255);
+        if (!((pairs[k >> 3] >> (k & 7)) & 1)) { i++; continue; }
+        int32_t node = 0, term = -1;
+        Py_ssize_t stop = -1;
+        for (Py_ssize_t j = i; j < n; j++) {
+            node = trie_child(self, node, cp[j]);
+            if (node < 0) break;
+            if (self->terminals[node] >= 0) { stop = j + 1; term = self->terminals[node]; }
+        }
+        if (stop < 0) { i++; continue; }
+        PyObject *m = Py_BuildValue("(nni)", i, stop, (int)term);
+        if (!m || PyList_Append(out, m) < 0) { Py_XDECREF(m); Py_DECREF(out); return NULL; }
+        Py_DECREF(m);
+        i = stop;
+    }
+    return out;
+}
+
+static void Trie_dealloc(Trie *self) {
+    PyMem_Free(self->starts); PyMem_Free(self->targets); PyMem_Free(self->terminals); PyMem_Free(self->chars);
+    PyMem_Free(self->cp);
+    PyTypeObject *type = Py_TYPE((PyObject *)self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(type);
+}
+
+static PyMethodDef Trie_methods[] = {
+    {"find", (PyCFunction)Trie_find, METH_O, "Leftmost-longest matches of a str: [(start, stop, index), ...]."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Trie_slots[] = {
+    {Py_tp_doc, "A character trie of strings; find(text) gives their leftmost-longest matches."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, Trie_init},
+    {Py_tp_dealloc, Trie_dealloc},
+    {Py_tp_methods, Trie_methods},
+    {0, NULL},
+};
+
+static PyType_Spec Trie_spec = {
+    "quadmix_udfs._bpe_native.Trie", sizeof(Trie), 0, Py_TPFLAGS_DEFAULT, Trie_slots,
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_bpe_native", "Native inner loop of quadmix_udfs.bpe_fast.", -1, NULL, NULL, NULL, NULL, NULL,
 };
@@ -454,11 +672,15 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__bpe_native(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    PyObject *type = PyType_FromSpec(&Counter_spec);
-    if (!type || PyModule_AddObject(m, "Counter", type) < 0) {
-        Py_XDECREF(type);
-        Py_DECREF(m);
-        return NULL;
+    PyType_Spec *specs[] = {&Counter_spec, &CodePointSet_spec, &Trie_spec};
+    const char *names[] = {"Counter", "CodePointSet", "Trie"};
+    for (int i = 0; i < 3; i++) {
+        PyObject *type = PyType_FromSpec(specs[i]);
+        if (!type || PyModule_AddObject(m, names[i], type) < 0) {
+            Py_XDECREF(type);
+            Py_DECREF(m);
+            return NULL;
+        }
     }
     return m;
 }

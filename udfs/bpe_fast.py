@@ -22,7 +22,10 @@ one expensive step, a pre-tokenized piece's ids:
 For files whose only pattern is GPT-2's (GPT-2, GPT-NeoX, RoBERTa-style), steps 3 and 4 run compiled
 (``udfs/_bpe_native.c``, built at install): the pattern written out as code over Oniguruma's classes and
 ``tokenizers``' merge loop (a heap of rank and position) over the file's merges, with its own piece cache.
-Where it is not built, or the file has ``ignore_merges``, the Python steps above do the same work.
+Where it is not built, or the file has ``ignore_merges``, the Python steps above do the same work. For every
+file the same module finds the added tokens of step 1 (a character trie, leftmost-longest) and tells which
+texts are already normalized for step 2 (a set of the code points that could make a text fail
+``unicodedata``'s test; :func:`unstable_in`), the two steps' costs on a typical web page.
 
 So the ids equal ``Tokenizer.encode(text, add_special_tokens=False).ids`` by construction for every step but
 the third, which ``tests/udfs/test_bpe_fast.py`` checks on generated strings and every shared page. A file with a
@@ -188,6 +191,30 @@ def python_unassigned() -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=4)
+def unstable_in(form: str) -> np.ndarray:
+    """bool per code point, False only where any text of such characters passes :meth:`ByteLevelBPE.
+    _unicode_normalize`'s test (``unicodedata`` finds it in ``form`` and every character assigned): assigned,
+    canonical combining class 0, in ``form`` on its own, and, for the composing forms, never the second of a
+    canonical pair nor a conjoining Hangul vowel or trailing consonant (so nothing in the text composes or
+    reorders: Unicode's quick check answers yes). A superset of what could fail is fine: those texts take
+    the full test."""
+    out = python_unassigned().copy()
+    composing = form in ("NFC", "NFKC")
+    for c in np.flatnonzero(~out[0x80:]) + 0x80:
+        ch = chr(c)
+        if unicodedata.combining(ch) or not unicodedata.is_normalized(form, ch):
+            out[c] = True
+        if composing:
+            parts = unicodedata.decomposition(ch).split()
+            if len(parts) == 2 and not parts[0].startswith("<"):
+                out[int(parts[1], 16)] = True
+    if composing:
+        out[0x1161:0x1176] = True  # Hangul V jamo (compose algorithmically, not in the decomposition data)
+        out[0x11A8:0x11C3] = True  # Hangul T jamo
+    return out
+
+
 def _set_text(ranges: list[tuple[int, int]]) -> str:
     """Ranges as the inside of a ``regex`` character set."""
     return "".join(f"\\U{a:08X}" if a == b else f"\\U{a:08X}-\\U{b:08X}" for a, b in ranges)
@@ -296,34 +323,90 @@ def _trie_pattern(words) -> str:
     return build(root)
 
 
-class _AddedMatcher:
-    """``AddedVocabulary::find_matches`` over one set of added tokens (raw or normalized)."""
+def _trie_arrays(words: list[str]) -> tuple[bytes, bytes, bytes, bytes]:
+    """The character trie of ``words`` in the CSR form ``_bpe_native.Trie`` takes: (starts int32[nodes + 1],
+    chars uint32[edges] sorted within each node, targets int32[edges], terminals int32[nodes]: the index in
+    ``words`` of the word ending at the node, or -1); node 0 is the root, nodes numbered breadth-first."""
+    root: dict = {}
+    for i, w in enumerate(words):
+        node = root
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = i
+    starts, chars, targets, terminals = [0], [], [], []
+    queue = [root]
+    for node in queue:  # the queue grows as it is read: breadth-first
+        terminals.append(node.get("", -1))
+        for ch in sorted(k for k in node if k):
+            chars.append(ord(ch))
+            targets.append(len(queue))
+            queue.append(node[ch])
+        starts.append(len(chars))
+    return (np.array(starts, dtype=np.int32).tobytes(), np.array(chars, dtype=np.uint32).tobytes(),
+            np.array(targets, dtype=np.int32).tobytes(), np.array(terminals, dtype=np.int32).tobytes())
 
-    def __init__(self, tokens: list[_Added]):
+
+def _compiled():
+    """The compiled module (``udfs/_bpe_native.c``), or None where it was not built."""
+    try:
+        from quadmix_udfs import _bpe_native
+    except ImportError:
+        return None
+    return _bpe_native
+
+
+class _AddedMatcher:
+    """``AddedVocabulary::find_matches`` over one set of added tokens (raw or normalized). The matches come
+    from the compiled trie (``native``, where built) or from the same trie written as a ``re`` pattern."""
+
+    def __init__(self, tokens: list[_Added], native: bool = True):
         import re
 
         self.tokens = {t.content: t for t in tokens}  # a later duplicate replaces an earlier one, as the map does
+        self.by_index = list(self.tokens.values())
+        self.index = {c: i for i, c in enumerate(self.tokens)}
+        compiled = _compiled() if native and self.tokens else None
+        self.trie = compiled.Trie(*_trie_arrays(list(self.tokens))) if compiled is not None else None
         # a trie as one pattern: at each character at most one branch goes on, and the optional groups are
         # greedy, so the match at the leftmost position is the longest (aho-corasick's LeftmostLongest)
-        self.rx = re.compile(_trie_pattern(self.tokens)) if self.tokens else None
+        self.rx = re.compile(_trie_pattern(self.tokens)) if self.tokens and self.trie is None else None
         # every token starts with one of these: a text holding none of them has no match (a substring test is
         # much cheaper than the pattern's scan); None when there are too many to test one by one
         heads = {t[:2] for t in self.tokens}
         self.heads = tuple(sorted(heads)) if len(heads) <= 8 else None
-        rules = any(t.single_word or t.lstrip or t.rstrip for t in tokens)
-        classes = added_rule_classes() if rules else {}
+        self.rules = any(t.single_word or t.lstrip or t.rstrip for t in self.by_index)
+        classes = added_rule_classes() if self.rules else {}
         self.word, self.space = classes.get("w"), classes.get("s")
+
+    def _matches(self, sentence: str) -> list | None:
+        """(start, stop, token index in ``by_index``) of each leftmost-longest match, left to right; None when
+        there is none."""
+        if self.trie is not None:
+            return self.trie.find(sentence) or None
+        if self.rx is None or (self.heads is not None and not any(h in sentence for h in self.heads)):
+            return None
+        return [(m.start(), m.end(), self.index[m.group()]) for m in self.rx.finditer(sentence)] or None
 
     def split(self, sentence: str) -> list[tuple[str, int | None]]:
         """(piece, added token id or None) covering ``sentence``."""
-        if self.rx is None or not sentence or (self.heads is not None and not any(h in sentence for h in self.heads)):
+        matches = self._matches(sentence) if sentence and self.tokens else None
+        if matches is None:
             return [(sentence, None)]
         out: list[tuple[str, int | None]] = []
         offset = 0
         n = len(sentence)
-        for m in self.rx.finditer(sentence):
-            start, stop = m.span()
-            t = self.tokens[m.group()]
+        if not self.rules:  # each match is a piece as found
+            tokens = self.by_index
+            for start, stop, k in matches:
+                if offset < start:
+                    out.append((sentence[offset:start], None))
+                out.append((sentence[start:stop], tokens[k].id))
+                offset = stop
+            if offset != n:
+                out.append((sentence[offset:], None))
+            return out
+        for start, stop, k in matches:
+            t = self.by_index[k]
             if t.single_word:
                 # as tokenizers' ``\w$`` / ``^\w`` checks, with its Rust regex's Unicode data
                 if (start > 0 and self.word[ord(sentence[start - 1])]) or (stop < n and self.word[ord(sentence[stop])]):
@@ -421,9 +504,13 @@ class ByteLevelBPE:
         norm = self.tokenizer.normalizer
         self.normalize = norm.normalize_str if norm is not None else None
         self.form = (spec.get("normalizer") or {}).get("type")
+        self.stable = None  # the compiled set of characters that may need the form (see _unicode_normalize)
         if self.form in ("NFC", "NFD", "NFKC", "NFKD"):
             self.normalize = self._unicode_normalize
             self.unassigned = python_unassigned()
+            compiled = _compiled() if native else None
+            if compiled is not None:
+                self.stable = compiled.CodePointSet(unstable_in(self.form).astype(np.uint8).tobytes())
         raw, normalized = [], []
         for t in spec.get("added_tokens") or []:
             content = t.get("content") or ""
@@ -437,8 +524,8 @@ class ByteLevelBPE:
                 normalized.append(_Added(content, int(t["id"]), bool(t.get("single_word")), bool(t.get("lstrip")), bool(t.get("rstrip"))))
             else:
                 raw.append(_Added(content, int(t["id"]), bool(t.get("single_word")), bool(t.get("lstrip")), bool(t.get("rstrip"))))
-        self.raw_added = _AddedMatcher(raw)
-        self.normalized_added = _AddedMatcher(normalized)
+        self.raw_added = _AddedMatcher(raw, native)
+        self.normalized_added = _AddedMatcher(normalized, native)
         # caches: piece -> ids and count; chunk -> ids and count. Each is emptied when a fill would take it
         # past ``limit`` keys; what they hold never depends on what came before (only how fast it comes)
         self.limit = cache_limit
@@ -473,6 +560,8 @@ class ByteLevelBPE:
         every character of it is assigned in ``unicodedata``'s Unicode version (normalization stability: such
         a text stays normalized in every later version), else ``tokenizers``' own normalizer."""
         if text.isascii():  # ASCII is its own form under all four, and assigned in every Unicode version
+            return text
+        if self.stable is not None and self.stable.search(text) < 0:  # the test below, sure to pass
             return text
         if unicodedata.is_normalized(self.form, text) and not self.unassigned[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)].any():
             return text

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import Column
 from pyspark.sql.functions import pandas_udf
-from pyspark.sql.types import LongType
 
 from quadmix_udfs.files import local_path
 
@@ -40,19 +39,28 @@ def count_tokens(texts: list[str], tokenizer_path: str, batch_size: int = 256, f
     return load_encoder(tokenizer_path, fast).count_batch(texts, batch_size)
 
 
-def token_count_column(text: Column, tokenizer_path: str, batch_size: int = 256, fast: bool = True) -> Column:
-    """A bigint column with the token count of ``text`` (null text -> null)."""
+TEXT_COUNTS = "struct<n_tokens: bigint, n_chars: int>"
 
-    @pandas_udf(LongType())
-    def _count(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
+
+def text_counts_column(text: Column, tokenizer_path: str, batch_size: int = 256, fast: bool = True) -> Column:
+    """A ``struct<n_tokens bigint, n_chars int>`` column: the token count of ``text`` and its length in
+    characters (code points: what Spark's ``char_length`` gives for the valid UTF-8 that reaches Python), both
+    null where ``text`` is null. The length is read off the Python string the tokenizer counts, so no JVM
+    pass over the text is needed for it."""
+
+    @pandas_udf(TEXT_COUNTS)
+    def _counts(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         for texts in batches:
             mask = texts.notna().to_numpy()
-            counts = pd.Series(pd.NA, index=texts.index, dtype="Int64")
+            tokens = pd.Series(pd.NA, index=texts.index, dtype="Int64")
+            chars = pd.Series(pd.NA, index=texts.index, dtype="Int32")
             if mask.any():
-                counts[mask] = count_tokens(texts[mask].tolist(), tokenizer_path, batch_size, fast)
-            yield counts
+                kept = texts[mask].tolist()
+                tokens[mask] = count_tokens(kept, tokenizer_path, batch_size, fast)
+                chars[mask] = np.fromiter(map(len, kept), dtype=np.int32, count=len(kept))
+            yield pd.DataFrame({"n_tokens": tokens, "n_chars": chars})
 
-    return _count(text)
+    return _counts(text)
 
 
 def eos_id(tok) -> int:

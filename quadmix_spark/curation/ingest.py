@@ -216,7 +216,7 @@ def documents_frame(staged: DataFrame, batch_id: str) -> DataFrame:
     return staged.where(F.col("reason").isNull()).select(
         "doc_id",
         "text",
-        F.char_length("text").alias("n_chars"),
+        "n_chars",  # counted with the tokens (stage_batch): Spark's char_length is a JVM pass over every text
         F.col("n_tokens").cast("bigint").alias("n_tokens"),
         "text_hash",
         "source",
@@ -303,10 +303,12 @@ def stage_batch(spark: SparkSession, cfg: QuadmixConfig, fmt: str, units: list[I
     rows = rows.withColumn("source", F.lit(ic.source_name) if ic.source_name else F.col("unit"))
     rows = assign_doc_ids(classify_rows(rows, ic.max_chars, ic.id_column), ic.id_column)
 
-    from quadmix_udfs.tokens import token_count_column
+    from quadmix_udfs.tokens import text_counts_column
 
     text_to_count = F.when(F.col("reason").isNull(), F.col("text"))
-    rows = rows.withColumn("n_tokens", token_count_column(text_to_count, local_path(ic.tokenizer), ic.batch_size, ic.fast_tokenizer))
+    counts = text_counts_column(text_to_count, local_path(ic.tokenizer), ic.batch_size, ic.fast_tokenizer)
+    rows = rows.withColumn("_counts", counts)
+    rows = rows.withColumns({"n_tokens": F.col("_counts.n_tokens"), "n_chars": F.col("_counts.n_chars")}).drop("_counts")
     # unique within the batch; read once, from the persisted rows (see stage_and_write), so it is stable
     return rows.withColumn(ROW_ID, F.monotonically_increasing_id())
 

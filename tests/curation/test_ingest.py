@@ -65,6 +65,7 @@ def test_bad_rows_go_to_rejects_with_reasons_and_counts_add_up(spark, cfg_factor
     }
     docs, rejects = tables(spark, cfg)
     assert sorted(r.doc_id for r in docs.select("doc_id").collect()) == ["a", "b", "d1"]
+    assert {r.doc_id: r.n_chars for r in docs.collect()} == {"a": 25, "b": 18, "d1": 9}
     assert rejects.count() == report.rejects
     assert rejects.where(F.col("source").endswith("bad.jsonl")).count() == report.rejects
     by_reason = {r.reason: r for r in rejects.collect()}
@@ -285,6 +286,8 @@ def test_robustness_crawl_counts_add_up_and_tokens_are_real(spark, cfg_factory):
     for row in docs.orderBy("doc_id").limit(20).collect():
         assert row.n_tokens == len(tok.encode(row.text, add_special_tokens=False).ids)
         assert row.n_chars == len(row.text)
+    # n_chars comes from the Python string the tokens are counted on: Spark's own count agrees on every document
+    assert docs.where(F.col("n_chars") != F.char_length("text")).count() == 0
 
 
 @pytest.mark.parametrize("broadcast_rows", [200_000, 0])
@@ -357,3 +360,21 @@ def test_whitespace_only_is_the_regex_it_replaces(spark, unicode):
     assert len(checked) == len(values) + 4
     assert [(r.s, r.fast) for r in checked] == [(r.s, r.regex) for r in checked]
     assert {r.fast for r in checked} == {True, False, None}  # both answers and null are reached
+
+
+def test_character_counts_agree_with_spark_on_any_text(spark, cfg_factory, tmp_path):
+    # astral characters, combining marks, NUL, and invalid bytes replaced on reading: the count taken in Python
+    # beside the tokens is Spark's char_length of the stored text
+    path = write_jsonl(
+        tmp_path / "chars.jsonl",
+        [{"id": "emoji", "text": "🙂 x 👩‍👩‍👧"}, {"id": "marks", "text": "cafe\u0301 \u0915\u093c"}, {"id": "nul", "text": "a\x00b"}],
+        raw_lines=[b'{"id": "lone", "text": "x\\ud800y"}', b'{"id": "bytes", "text": "bad \xff\xfe bytes"}'],
+    )
+    cfg = cfg_factory(f"ingest.input=[{path}]", "ingest.invalid_utf8=replace")
+    report = run_ingest(spark, cfg)
+    # Spark's JSON parser refuses the lone surrogate escape: a reject, the other four are documents
+    assert report.documents == 4 and report.rejects_by_reason == {"malformed_json": 1} and report.balanced
+    docs, _ = tables(spark, cfg)
+    rows = docs.select("doc_id", "n_chars", F.char_length("text").alias("spark"), "text").collect()
+    assert all(r.n_chars == r.spark == len(r.text) for r in rows), [(r.doc_id, r.n_chars, r.spark) for r in rows]
+    assert {r.doc_id: r.n_chars for r in rows}["emoji"] == 9  # 🙂, two spaces, x, and 👩 ZWJ 👩 ZWJ 👧

@@ -142,7 +142,11 @@ def _reference(path: str, texts: list[str]) -> list[list[int]]:
 def _assert_same(path: str, texts: list[str], engine: str = "python") -> None:
     enc = bpe_fast.load_encoder(path, native=engine == "compiled")
     assert enc.fast is not None, enc.reason
-    assert (enc.fast.native is not None) == (engine == "compiled"), enc.fast.native_reason
+    compiled = engine == "compiled"
+    # the compiled pre-tokenizer and merges serve GPT-2's pattern alone; the compiled added-token and
+    # normalization scans serve every file
+    assert (enc.fast.native is not None) == (compiled and enc.fast.chunks is not None), enc.fast.native_reason
+    assert (enc.fast.raw_added.trie is not None) == compiled
     want = _reference(path, texts)
     got = enc.encode_batch(texts)
     bad = [i for i in range(len(texts)) if got[i] != want[i]]
@@ -153,9 +157,10 @@ def _assert_same(path: str, texts: list[str], engine: str = "python") -> None:
 
 STYLES = ["gpt_neox", "gpt2", "roberta", "llama3"]
 COMPILED = importlib.util.find_spec("quadmix_udfs._bpe_native") is not None
-# (file, engine): the compiled loop serves the files with GPT-2's pattern alone; llama3 has its own pattern
+# (file, engine): the compiled loop serves the files with GPT-2's pattern alone (llama3 has its own pattern, so
+# "compiled" there is the compiled added-token and normalization scans only)
 RUNS = [("gpt_neox", "compiled"), ("gpt_neox", "python"), ("gpt2", "compiled"), ("gpt2", "python"),
-        ("roberta", "compiled"), ("roberta", "python"), ("llama3", "python")]
+        ("roberta", "compiled"), ("roberta", "python"), ("llama3", "compiled"), ("llama3", "python")]
 RUNS = [r for r in RUNS if COMPILED or r[1] == "python"]
 SHARED_RUNS = [r for r in RUNS if r[0] in ("gpt_neox", "llama3")]
 
@@ -204,6 +209,45 @@ def test_results_do_not_depend_on_what_was_cached_before(files, style, engine):
     assert tiny.encode_batch(texts[::-1])[::-1] == ids
     held = tiny.fast.native.cached() if native else len(tiny.fast.pieces)
     assert 0 < held <= max(50, max(len(i) for i in ids))
+
+
+@pytest.mark.skipif(not COMPILED, reason="the compiled module is not built")
+def test_the_compiled_trie_finds_what_the_pattern_finds():
+    # overlapping prefixes, a one-character string, strings sharing low bytes of their code points (the pair
+    # filter keys on those), astral characters, a string that is a prefix of another
+    words = ["ab", "abc", "bcd", "c", "  ", "    ", "\u0120x", "\U0001F600\U0001F600", "\u0161", "a\u0161b", "b"]
+    tokens = [bpe_fast._Added(w, i, False, False, False) for i, w in enumerate(words)]
+    compiled, pattern = bpe_fast._AddedMatcher(tokens, native=True), bpe_fast._AddedMatcher(tokens, native=False)
+    assert compiled.trie is not None and pattern.trie is None
+    rng = np.random.default_rng(3)
+    alphabet = ["a", "b", "c", "d", " ", "x", "\u0120", "\U0001F600", "\u0161", "a\u0161", "\u0100", "\u0200"]
+    texts = ["", "a", "abc", "abcd", "bcd", "      ", "\U0001F600" * 3]
+    texts += ["".join(rng.choice(alphabet, size=rng.integers(1, 30))) for _ in range(5000)]
+    found = 0
+    for t in texts:
+        want = pattern._matches(t)
+        assert compiled._matches(t) == want, t
+        assert compiled.split(t) == pattern.split(t), t
+        found += len(want or ())
+    assert found > 10_000
+    assert compiled._matches("abcd") == [(0, 3, words.index("abc"))]  # "d" after it starts nothing
+
+
+@pytest.mark.parametrize("form", ["NFC", "NFD", "NFKC", "NFKD"])
+def test_characters_outside_the_unstable_set_make_only_normalized_text(form):
+    import unicodedata
+
+    unstable = bpe_fast.unstable_in(form)
+    stable = np.flatnonzero(~unstable)
+    assert unstable[0xD800:0xE000].all() and not unstable[:0x80].any()
+    assert unstable[0x0301] and unstable[0x00C5 if form.endswith("D") else 0x212B]  # a combining mark; Å / the Ångström sign
+    if form in ("NFC", "NFKC"):
+        assert unstable[0x1161] and unstable[0x0CD5]  # compose with what comes before (quick check: maybe)
+    rng = np.random.default_rng(len(form))
+    texts = ["".join(map(chr, rng.choice(stable, size=rng.integers(1, 12)))) for _ in range(20_000)]
+    texts += [chr(c) for c in stable]
+    bad = [t for t in texts if not unicodedata.is_normalized(form, t)]
+    assert not bad, f"{len(bad)} texts of stable characters are not {form}, e.g. {bad[0]!r}"
 
 
 def test_a_lone_surrogate_is_an_error_as_in_tokenizers(files):
