@@ -89,14 +89,6 @@ def pool_key(cfg: QuadmixConfig, documents_version: int) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _eos_id(tok) -> int:
-    for name in ("<|endoftext|>", "</s>", "[SEP]", "<eos>"):
-        i = tok.token_to_id(name)
-        if i is not None:
-            return int(i)
-    raise ValueError("the pool tokenizer has no end-of-text token (<|endoftext|>, </s>, [SEP] or <eos>)")
-
-
 def _write_shards(folder: str, tok_path: str, batch_size: int, vocab: int, fast: bool, batches):
     """mapInPandas body: the partition's rows arrive sorted by (shard, doc_id); each Arrow batch is tokenized and
     appended to its shard's file as it comes, so memory holds one batch (its text and ids), never a shard."""
@@ -182,10 +174,10 @@ def build_pool(spark: SparkSession, cfg: QuadmixConfig, domains: DataFrame, run_
         Path(folder, sub).mkdir(parents=True, exist_ok=True)
 
     pc, tok_path = cfg.proxy.pool, tokenizer_path(cfg)
-    from quadmix_udfs.tokens import load_tokenizer
+    from quadmix_udfs.tokens import eos_id, load_tokenizer
 
     tok = load_tokenizer(tok_path)
-    vocab, eos = tok.get_vocab_size(with_added_tokens=True), _eos_id(tok)
+    vocab, eos = tok.get_vocab_size(with_added_tokens=True), eos_id(tok)
     docs = read_table(spark, docs_table, version=version).select("doc_id", "text")
     where = pool_predicate(cfg)
     if where is not None:
