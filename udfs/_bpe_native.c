@@ -560,7 +560,10 @@ static int Trie_init(Trie *self, PyObject *args, PyObject *kwds) {
         goto done;
     }
     for (Py_ssize_t k = 0; k < nodes; k++) {
-        if (s[k + 1] < s[k]) { PyErr_SetString(PyExc_ValueError, "Trie: starts must not decrease"); goto done; }
+        if (s[k + 1] < s[k] || s[k + 1] > edges) {
+            PyErr_SetString(PyExc_ValueError, "Trie: starts must not decrease nor pass the number of edges");
+            goto done;
+        }
         for (int32_t e = s[k]; e < s[k + 1]; e++) {
             if (t[e] <= 0 || t[e] >= nodes || c[e] >= N_CODE_POINTS || (e > s[k] && c[e] <= c[e - 1])) {
                 PyErr_SetString(PyExc_ValueError, "Trie: an edge leads out of the trie, or a node's characters are not strictly increasing");
@@ -568,12 +571,19 @@ static int Trie_init(Trie *self, PyObject *args, PyObject *kwds) {
             }
         }
     }
+    /* all or nothing: a failed (re-)initialisation leaves the trie as it was */
+    int32_t *starts = PyMem_Malloc(st.len), *targets = PyMem_Malloc(tg.len ? tg.len : 1);
+    int32_t *terminals = PyMem_Malloc(tm.len);
+    uint32_t *chars = PyMem_Malloc(ch.len ? ch.len : 1);
+    if (!starts || !targets || !terminals || !chars) {
+        PyMem_Free(starts); PyMem_Free(targets); PyMem_Free(terminals); PyMem_Free(chars);
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(starts, st.buf, st.len); memcpy(targets, tg.buf, tg.len);
+    memcpy(terminals, tm.buf, tm.len); memcpy(chars, ch.buf, ch.len);
     PyMem_Free(self->starts); PyMem_Free(self->targets); PyMem_Free(self->terminals); PyMem_Free(self->chars);
-    self->starts = PyMem_Malloc(st.len); self->targets = PyMem_Malloc(tg.len ? tg.len : 1);
-    self->terminals = PyMem_Malloc(tm.len); self->chars = PyMem_Malloc(ch.len ? ch.len : 1);
-    if (!self->starts || !self->targets || !self->terminals || !self->chars) { PyErr_NoMemory(); goto done; }
-    memcpy(self->starts, st.buf, st.len); memcpy(self->targets, tg.buf, tg.len);
-    memcpy(self->terminals, tm.buf, tm.len); memcpy(self->chars, ch.buf, ch.len);
+    self->starts = starts; self->targets = targets; self->terminals = terminals; self->chars = chars;
     self->n_nodes = nodes;
     memset(self->pairs, 0, sizeof(self->pairs));
     for (int32_t e = s[0]; e < s[1]; e++) {

@@ -231,6 +231,20 @@ def test_the_compiled_trie_finds_what_the_pattern_finds():
         found += len(want or ())
     assert found > 10_000
     assert compiled._matches("abcd") == [(0, 3, words.index("abc"))]  # "d" after it starts nothing
+    # arrays that do not make a trie are refused, never read past their ends
+    trie = bpe_fast._compiled().Trie
+    i32 = lambda *v: np.array(v, dtype=np.int32).tobytes()  # noqa: E731
+    u32 = lambda *v: np.array(v, dtype=np.uint32).tobytes()  # noqa: E731
+    assert trie(i32(0, 1, 1), u32(97), i32(1), i32(-1, 0)).find("xa") == [(1, 2, 0)]
+    for starts, chars, targets, terminals in [
+        (i32(0, 5, 1), u32(97), i32(1), i32(-1, 0)),  # an edge range past the edges
+        (i32(0, 1, 1), u32(97), i32(0), i32(-1, 0)),  # an edge back to the root
+        (i32(0, 1, 1), u32(0x110000), i32(1), i32(-1, 0)),  # not a code point
+        (i32(0, 2, 2), u32(98, 97), i32(1, 1), i32(-1, 0)),  # characters out of order
+        (i32(0, 1), u32(97), i32(1), i32(-1, 0)),  # starts of the wrong length
+    ]:
+        with pytest.raises(ValueError, match="Trie"):
+            trie(starts, chars, targets, terminals)
 
 
 @pytest.mark.parametrize("form", ["NFC", "NFD", "NFKC", "NFKD"])
