@@ -207,7 +207,8 @@ def test_results_do_not_depend_on_what_was_cached_before(files, style, engine):
     # emptied again and again, in another order
     np.testing.assert_array_equal(tiny.count_batch(texts[::-1])[::-1], counts)
     assert tiny.encode_batch(texts[::-1])[::-1] == ids
-    held = tiny.fast.native.cached() if native else len(tiny.fast.pieces)
+    # the compiled loop keeps its own cache; llama3's pattern keeps the Python one even with the compiled scans
+    held = tiny.fast.native.cached() if tiny.fast.native is not None else len(tiny.fast.pieces)
     assert 0 < held <= max(50, max(len(i) for i in ids))
 
 
