@@ -346,13 +346,20 @@ def _trie_arrays(words: list[str]) -> tuple[bytes, bytes, bytes, bytes]:
             np.array(targets, dtype=np.int32).tobytes(), np.array(terminals, dtype=np.int32).tobytes())
 
 
-def _compiled():
-    """The compiled module (``udfs/_bpe_native.c``), or None where it was not built."""
+@lru_cache(maxsize=1)
+def _compiled_or_why():
+    """(the compiled module ``udfs/_bpe_native.c``, None), or (None, why not) where it was not built (setup.py
+    marks the extension optional, so an install without a C compiler still succeeds)."""
     try:
         from quadmix_udfs import _bpe_native
-    except ImportError:
-        return None
-    return _bpe_native
+    except ImportError as e:
+        return None, f"not compiled ({e})"
+    return _bpe_native, None
+
+
+def _compiled():
+    """The compiled module, or None where it was not built."""
+    return _compiled_or_why()[0]
 
 
 class _AddedMatcher:
@@ -686,10 +693,9 @@ def _native_counter(model: dict, patterns: list[str], cache_limit: int):
         return None, "the pre-tokenizer is not GPT-2's pattern alone"
     if model.get("ignore_merges"):
         return None, "BPE ignore_merges"
-    try:
-        from quadmix_udfs._bpe_native import Counter
-    except ImportError as e:  # built without a C compiler (setup.py marks the extension optional)
-        return None, f"not compiled ({e})"
+    compiled, why = _compiled_or_why()
+    if compiled is None:
+        return None, why
     classes = np.zeros(0x110000, dtype=np.uint8)
     for flag, name in ((1, "L"), (2, "N"), (4, "S")):
         for a, b in onig_classes()[name]:
@@ -702,7 +708,7 @@ def _native_counter(model: dict, patterns: list[str], cache_limit: int):
             raise Unsupported(f"merge {a!r} {b!r}: a token is not in the vocabulary")
         triples.append((vocab[a], vocab[b], vocab[a + b]))
     merges = np.array(triples, dtype=np.int32).reshape(-1, 3)
-    return Counter(classes.tobytes(), byte_ids.tobytes(), merges.tobytes(), cache_limit), None
+    return compiled.Counter(classes.tobytes(), byte_ids.tobytes(), merges.tobytes(), cache_limit), None
 
 
 # ------------------------------------------------------------------ loading, with tokenizers as the fallback
