@@ -15,7 +15,7 @@ JARS_STAMP := $(VENV)/.delta-jars
 .PHONY: setup test test-cluster test-faults test-faults-ci slow bench quality demo ui wheel clean
 setup: $(STAMP) $(JARS_STAMP)
 
-$(STAMP): pyproject.toml setup.py udfs/_bpe_native.c requirements/lock.txt
+$(STAMP): pyproject.toml setup.py udfs/_bpe_native.c udfs/_text_stats_native.c requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=70" wheel
 	$(PY) -m pip install --quiet -c requirements/lock.txt -e ".[models,proxy,dev]"

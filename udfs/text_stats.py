@@ -1,7 +1,9 @@
 """Heuristic text statistics (Gopher quality and repetition, C4) and a rule-based quality score: ``text_stats``.
 
-No model: every number is computed from the text, vectorized over an Arrow batch with numpy (no Python loop per
-document or character; the loops here run per chunk of up to 512 KB of text, per n-gram size or per rule).
+No model: every number is computed from the text, by a compiled kernel (``udfs/_text_stats_native.c``, document by
+document in C) where that module is built, else vectorized over an Arrow batch with numpy (no Python loop per
+document or character; the loops here run per chunk of up to 512 KB of text, per n-gram size or per rule). The two
+give the same float64 values, bit for bit (the tests compare them); :func:`kernel_description` says which one runs.
 
 Definitions (each text is first cut to ``max_chars`` code points, as Python's ``text[:max_chars]``; null = "")
 - **whitespace**: the characters Python's ``str.isspace`` accepts (ASCII ``\\t \\n \\v \\f \\r``, ``\\x1c``-``\\x1f``,
@@ -48,12 +50,14 @@ words, 0.97 at 10,000), so the ranking has resolution instead of ~20 levels; it 
 logarithm's SIMD and scalar paths may round differently). A pre-filter (``filter``) lists the rules a page
 must pass; the names of those it fails are the ``<scorer>_rejected`` column.
 
-Same bits whatever the batch: every statistic is a ratio of integer counts of one text. Texts are processed in
-chunks of whole documents; repeated words, n-grams and lines are found by sorting 64-bit keys made of a 42-bit
-hash of the content and the position: equality is decided inside one document only, so two different word
-sequences of one document taken as equal (a 42-bit hash collision: probability ~3e-8 per n-gram size for a
-550-word page, ~1e-6 for a 3,500-word one) depends on that text alone. ``alpha_words`` follows the running
-Python's Unicode tables (``str.isalpha``), so two Python versions may differ on newly assigned letters.
+Same bits whatever the batch: every statistic is a ratio of integer counts of one text. The numpy path processes the
+texts in chunks of whole documents; repeated words, n-grams and lines are found by sorting 64-bit keys made of a
+42-bit hash of the content and the position: equality is decided inside one document only, so two different word
+sequences of one document taken as equal (a 42-bit hash collision: probability ~3e-8 per n-gram size for a 550-word
+page, ~1e-6 for a 3,500-word one) depends on that text alone. The compiled kernel computes the same hashes and
+applies the same rule (top 42 bits, one document, and an n-gram compared only where numpy compares it), with hash
+tables instead of sorting, so a collision gives it the same values too. ``alpha_words`` follows the running Python's
+Unicode tables (``str.isalpha``), so two Python versions may differ on newly assigned letters.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ STATS = (
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 BULLETS = "-*•‣⁃◦·▪▫■□●○►▶▸▹➢➤→✓✔❖◆◇–"
 TERMINAL = ".!?\"'”’。！？"
+LOREM_IPSUM, JAVASCRIPT = "lorem ipsum", "javascript"
 POLICY_PHRASES = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 TOP_NGRAMS = (2, 3, 4)
 DUP_NGRAMS = (5, 6, 7, 8, 9, 10)
@@ -329,6 +334,43 @@ def _alpha_table() -> np.ndarray:
     return np.frombuffer(bytes(chr(i).isalpha() for i in range(0x110000)), dtype=bool)
 
 
+@lru_cache(maxsize=1)
+def _flags_table() -> bytes:
+    """The compiled kernel's table, one byte per code point: 1 ``str.isalpha``, 2 ``str.isspace``, 4 in
+    ``BULLETS``, 8 in ``TERMINAL``."""
+    flags = _alpha_table().astype(np.uint8)
+    flags[np.frombuffer(bytes(chr(i).isspace() for i in range(0x110000)), dtype=bool)] |= 2
+    flags[_BULLET_CPS] |= 4
+    flags[_TERMINAL_CPS] |= 8
+    return flags.tobytes()
+
+
+@lru_cache(maxsize=1)
+def _native_or_why():
+    """(the compiled kernel of ``udfs/_text_stats_native.c``, set up with this module's tables and phrases, None),
+    or (None, why not): not built (setup.py marks it optional), or built from other definitions."""
+    try:
+        from quadmix_udfs import _text_stats_native
+    except ImportError as e:
+        return None, f"not compiled ({e})"
+    if tuple(_text_stats_native.STATS) != STATS:
+        return None, "a stale build: its statistics are not STATS (rebuild it)"
+    try:
+        kernel = _text_stats_native.Kernel(_flags_table(), [w.encode() for w in STOP_WORDS], [LOREM_IPSUM.encode()],
+                                           [JAVASCRIPT.encode()], [p.encode() for p in POLICY_PHRASES])
+    except ValueError as e:
+        return None, f"it refuses these definitions ({e})"
+    return kernel, None
+
+
+def kernel_description(native: bool = True) -> str:
+    """Which path computes the statistics (for ``native`` as :func:`text_statistics` takes it), in one line."""
+    if not native:
+        return "numpy (the compiled kernel is not asked for)"
+    why = _native_or_why()[1]
+    return "compiled kernel (quadmix_udfs._text_stats_native)" if why is None else f"numpy (compiled kernel: {why})"
+
+
 def _decode_at(b: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """Code points of the UTF-8 sequences starting at ``pos`` (``b`` padded by 3 bytes; a stray continuation
     byte decodes as itself)."""
@@ -404,8 +446,8 @@ def _whitespace(b: np.ndarray, n: int, high: np.ndarray) -> np.ndarray:
 
 
 # each phrase is looked for where one of its rarer bytes (or byte pairs) sits: (byte at that place, phrase, place)
-_PHRASE_ANCHORS = (("j", "javascript", 0), ("v", "privacy policy", 3), ("k", "cookie", 3),
-                   ("p", "lorem ipsum", 7), ("m", "terms of use", 3))
+_PHRASE_ANCHORS = (("j", JAVASCRIPT, 0), ("v", "privacy policy", 3), ("k", "cookie", 3),
+                   ("p", LOREM_IPSUM, 7), ("m", "terms of use", 3))
 # the cookie phrases, as (phrase, where "cookie" sits in it)
 _COOKIE_PHRASES = tuple((p, p.index("cookie")) for p in POLICY_PHRASES if "cookie" in p)
 
@@ -588,8 +630,8 @@ def _c4_phrases(c: _Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hit_lines = np.unique(c.line_of_word[np.searchsorted(c.starts, pos, side="right") - 1])
         return c.per_doc(doc[hit_lines])
 
-    lorem = c.per_doc(c.doc_of_bytes(found["lorem ipsum"])) > 0
-    return lorem, lines_with(found["javascript"]), lines_with(np.concatenate([found[p] for p in POLICY_PHRASES]))
+    lorem = c.per_doc(c.doc_of_bytes(found[LOREM_IPSUM])) > 0
+    return lorem, lines_with(found[JAVASCRIPT]), lines_with(np.concatenate([found[p] for p in POLICY_PHRASES]))
 
 
 def _dup_lines(c: _Chunk, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -685,10 +727,9 @@ def _top_covered(pos, run, first, lengths, n, cum_chars, word_doc, nd) -> np.nda
 # ---------------------------------------------------------------- batches
 
 
-def text_chunks(texts, max_chars: int) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-    """The texts of an Arrow string array (or a list), null as "" and cut to ``max_chars`` code points, in chunks of
-    consecutive documents holding at most ``_CHUNK_BYTES`` (or one document): (first document, end document,
-    the chunk's bytes followed by 16 zero bytes, document offsets into them)."""
+def _utf8_buffers(texts, max_chars: int) -> tuple[np.ndarray, np.ndarray]:
+    """The texts of an Arrow string array (or a list), null as "" and cut to ``max_chars`` code points: (their UTF-8
+    bytes, int64 offsets: text i is ``data[offsets[i]:offsets[i + 1]]``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -701,11 +742,19 @@ def text_chunks(texts, max_chars: int) -> Iterator[tuple[int, int, np.ndarray, n
         texts = pc.utf8_slice_codeunits(texts, 0, max_chars)
     nd = len(texts)
     if not nd:
-        return
+        return np.zeros(0, np.uint8), np.zeros(1, np.int64)
     offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64 if pa.types.is_large_string(texts.type) else np.int32)
     offsets = offsets[texts.offset : texts.offset + nd + 1].astype(np.int64)
     data = texts.buffers()[2]
-    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return (np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)), offsets
+
+
+def text_chunks(texts, max_chars: int) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """The texts of an Arrow string array (or a list), null as "" and cut to ``max_chars`` code points, in chunks of
+    consecutive documents holding at most ``_CHUNK_BYTES`` (or one document): (first document, end document,
+    the chunk's bytes followed by 16 zero bytes, document offsets into them)."""
+    data, offsets = _utf8_buffers(texts, max_chars)
+    nd = len(offsets) - 1
     lo = 0
     while lo < nd:
         hi = min(max(int(np.searchsorted(offsets, offsets[lo] + _CHUNK_BYTES, side="right")) - 1, lo + 1), nd)
@@ -716,8 +765,15 @@ def text_chunks(texts, max_chars: int) -> Iterator[tuple[int, int, np.ndarray, n
         lo = hi
 
 
-def text_statistics(texts, max_chars: int) -> dict[str, np.ndarray]:
-    """``STATS`` of every text of an Arrow string array (null = ""), each cut to ``max_chars`` code points."""
+def text_statistics(texts, max_chars: int, native: bool = True) -> dict[str, np.ndarray]:
+    """``STATS`` of every text of an Arrow string array (null = ""), each cut to ``max_chars`` code points: by the
+    compiled kernel where it is built and ``native``, else by the numpy path (the same values)."""
+    kernel = _native_or_why()[0] if native else None
+    if kernel is not None:
+        data, offsets = _utf8_buffers(texts, max_chars)
+        rows = np.empty((len(STATS), len(offsets) - 1))
+        kernel.stats(data, offsets, rows)
+        return dict(zip(STATS, rows))
     out = {k: np.zeros(len(texts)) for k in STATS}
     for lo, hi, b, offsets in text_chunks(texts, max_chars):
         stats = _chunk_stats(b, int(offsets[-1]), offsets)
@@ -734,12 +790,14 @@ class TextStatsScorer:
     :func:`resolve_rules`); ``filter`` the enforced rules, as :func:`resolve_filter` takes them (names, families,
     ``"all"``; kept as the rule names). Fills ``q_<name>`` (the score), ``<name>_stats`` (struct of ``STATS``)
     and ``<name>_rejected`` (the enforced rules a document fails; empty when it passes or none is enforced).
+    ``native=False`` computes with the numpy path even where the compiled kernel is built (the same values).
     """
 
     max_chars: int = 20_000
     filter: tuple[str, ...] = ()
     thresholds: tuple[tuple[str, float | None, float | None], ...] = ()
     output: str = "score"
+    native: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "filter", resolve_filter(self.filter or None))
@@ -753,11 +811,13 @@ class TextStatsScorer:
         return tuple(Rule(r.name, r.family, r.stat, *bounds.get(r.name, (r.lo, r.hi))) for r in RULES)
 
     def validate(self) -> None:
-        """Nothing to load; checks the settings and builds the Unicode table once."""
+        """Nothing to load; checks the settings and builds the Unicode tables (and the compiled kernel) once."""
         from quadmix_udfs.fasttext_scorer import ModelLoadError
 
         if not 0 < self.max_chars <= MAX_CHARS_LIMIT:
             raise ModelLoadError(f"text_stats: max_chars must be between 1 and {MAX_CHARS_LIMIT:,}")
+        if self.native:
+            _native_or_why()
         _alpha_table()
 
     def fingerprint_settings(self) -> dict:
@@ -776,7 +836,8 @@ class TextStatsScorer:
         """Per text: does it pass every enforced rule (all True when none is)."""
         rules = self.rules
         enforced = [i for i, r in enumerate(rules) if r.name in self.filter]
-        return rule_passes(text_statistics(texts, self.max_chars), [rules[i] for i in enforced]).all(axis=0)
+        stats = text_statistics(texts, self.max_chars, self.native)
+        return rule_passes(stats, [rules[i] for i in enforced]).all(axis=0)
 
     def score(self, texts: Sequence[str | None]) -> tuple[np.ndarray, None]:
         return self.score_arrow(texts)[0], None
@@ -787,7 +848,7 @@ class TextStatsScorer:
 
         _keep_freed_memory()
         rules = self.rules
-        stats = text_statistics(texts, self.max_chars)
+        stats = text_statistics(texts, self.max_chars, self.native)
         passes = rule_passes(stats, rules)
         scores = quality_score(stats, passes, rules)
         struct = pa.StructArray.from_arrays([pa.array(stats[k]) for k in STATS], names=list(STATS))
