@@ -30,7 +30,7 @@ search part (``search.theta_star: trained``), judged like the others (``paired.s
 N losses and the Spearman of the screening fit's rank with them). It adds a search to the variant, not a variant.
 
 Steps 3-6 run in the order screening (search, fit, θ* judged by both proxies), then transformer (search, fit,
-agreement, θ* judged); ``--stop-after`` ends the run after one of the screening steps. ``--budget`` fixes the
+agreement, θ* judged); ``--stop-after`` ends the run after the seed spread or one of the screening steps. ``--budget`` fixes the
 proxy budget and skips step 2. ``--set KEY=VALUE`` (repeatable) changes a setting for the whole experiment (a
 variant, e.g. ``--set search.shared_omega=0.5``): the overrides are recorded in the result, the variant's searches
 get names of their own (``quality-screen-v<hash>``; the curation is shared) and its result file is
@@ -59,7 +59,7 @@ from bench.common import REPO, RESULTS_DIR, git_commit, log, machine_info, scrat
 NAME = "selection_quality"
 REFERENCE_DIR = REPO / "bench" / "reference"
 CONFS = [REPO / "conf" / "default.yaml", REPO / "conf" / "scorers.yaml", REPO / "conf" / "search-demo.yaml"]
-STOP_POINTS = ("screen_fit", "screen_evaluate_ngram", "screen_evaluate", "screen_lm_evaluate")
+STOP_POINTS = ("spread", "screen_fit", "screen_evaluate_ngram", "screen_evaluate", "screen_lm_evaluate")
 GOALS = {"cv_spearman.screen": 0.8, "cv_spearman.lm": 0.6, "agreement_spearman": 0.7, "paired_z": 2.0}
 
 
@@ -435,6 +435,8 @@ def run(args) -> dict[str, Any]:
         budget, why = choose_budget(spreads, args.max_noise)
         result["budget"] = {"tokens": budget, "why": why, "spread": spreads}
     log(f"transformer proxy budget: {budget:,} tokens ({why})")
+    if stop("spread"):
+        return result
 
     screen = exp.search("quality-screen", "ngram", budget, sizes["screen_thetas"], seed=0)
     lm = exp.search("quality-lm", "transformer", budget, sizes["lm_thetas"], seed=1)

@@ -80,3 +80,12 @@ def test_a_variant_reuses_the_curation_and_keeps_its_searches_apart(tmp_path, sp
     assert main([*common, *refine]) == 0
     again = json.loads((results / f"selection_quality{variant_suffix(keys)}.json").read_text())
     assert again["screen_refine"] == rounds and again["screen_fit_initial"] == r["screen_fit_initial"]
+
+    # the seed spread alone (--stop-after spread), as a variant: its own spread runs, its budget, nothing searched
+    lr = ["proxy.train.min_lr=0.0001"]
+    assert main(["--smoke", "--root", str(root), "--results-dir", str(results), "--stop-after", "spread", "--set", lr[0]]) == 0
+    r = json.loads((results / f"selection_quality{variant_suffix(lr)}.json").read_text())
+    assert r["overrides"] == lr and r["partial"] and r["last_step"] == "spread"
+    (spread,) = r["budget"]["spread"]
+    assert spread["seeds"] == 2 and spread["thetas"] == 3 and spread["seed_sd"] > 0 and r["budget"]["tokens"] == 6000
+    assert not r["cv_spearman"] and "screen_fit" not in r and "spread_6000" in r["timings_s"]
