@@ -60,6 +60,7 @@ NAME = "selection_quality"
 REFERENCE_DIR = REPO / "bench" / "reference"
 CONFS = [REPO / "conf" / "default.yaml", REPO / "conf" / "scorers.yaml", REPO / "conf" / "search-demo.yaml"]
 STOP_POINTS = ("spread", "screen_fit", "screen_evaluate_ngram", "screen_evaluate", "screen_lm_evaluate")
+SKIPPABLE = ("screen_evaluate_ngram", "screen_evaluate")  # judgements of the screening θ* another step supersedes
 GOALS = {"cv_spearman.screen": 0.8, "cv_spearman.lm": 0.6, "agreement_spearman": 0.7, "paired_z": 2.0}
 
 
@@ -452,12 +453,17 @@ def run(args) -> dict[str, Any]:
     result["cv_spearman"]["screen"] = result["screen_fit"]["cv_spearman"]
     if stop("screen_fit"):
         return result
-    result["screen_on_ngram"] = step("screen_evaluate_ngram", evaluate, exp.config(
-        f"search.name={exp.name('quality-screen')}", "proxy.model.kind=ngram", f"proxy.train.tokens={budget}"))
+    skip = set(args.skip or [])
+    if skip:
+        result["skipped"] = sorted(skip)
+    if "screen_evaluate_ngram" not in skip:
+        result["screen_on_ngram"] = step("screen_evaluate_ngram", evaluate, exp.config(
+            f"search.name={exp.name('quality-screen')}", "proxy.model.kind=ngram", f"proxy.train.tokens={budget}"))
     if stop("screen_evaluate_ngram"):
         return result
-    result["paired"]["screen"] = step("screen_evaluate", evaluate,
-                                      exp.config(f"search.name={exp.name('quality-screen')}", *judge))
+    if "screen_evaluate" not in skip:
+        result["paired"]["screen"] = step("screen_evaluate", evaluate,
+                                          exp.config(f"search.name={exp.name('quality-screen')}", *judge))
     if stop("screen_evaluate"):
         return result
     if args.lm_top:
@@ -512,6 +518,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train the screening fit's N best candidates with the transformer proxy (a search of their "
                              "own) and judge the mean of the best --lm-top-k of them as a θ* too (paired.screen_lm)")
     parser.add_argument("--lm-top-k", type=int, default=6, help="how many of the --lm-top θ that θ* averages")
+    parser.add_argument("--skip", action="append", choices=SKIPPABLE, metavar="STEP",
+                        help=f"leave out a judgement of the screening search's own θ* (one of {', '.join(SKIPPABLE)}; "
+                             "repeatable), e.g. when only the second fidelity (--lm-top) is wanted; the result lists it")
     parser.add_argument("--stop-after", choices=STOP_POINTS,
                         help="end after this step (a partial result file); the next run without it continues")
 

@@ -80,6 +80,12 @@ def test_a_variant_reuses_the_curation_and_keeps_its_searches_apart(tmp_path, sp
     assert main([*common, *refine]) == 0
     again = json.loads((results / f"selection_quality{variant_suffix(keys)}.json").read_text())
     assert again["screen_refine"] == rounds and again["screen_fit_initial"] == r["screen_fit_initial"]
+    # --skip leaves out the judgements of the screening θ* (nothing trained for them), and the result says so
+    skip = ["--skip", "screen_evaluate_ngram", "--skip", "screen_evaluate"]
+    assert main([*common[:-1], "screen_evaluate", *refine, *skip]) == 0
+    r = json.loads((results / f"selection_quality{variant_suffix(keys)}.json").read_text())
+    assert r["skipped"] == ["screen_evaluate", "screen_evaluate_ngram"] and r["last_step"] == "screen_evaluate"
+    assert "screen_on_ngram" not in r and not r["paired"] and "screen_evaluate" not in r["timings_s"]
 
     # the seed spread alone (--stop-after spread), as a variant: its own spread runs, its budget, nothing searched
     lr = ["proxy.train.min_lr=0.0001"]
