@@ -85,7 +85,8 @@ def train_scorers_job(cfg: QuadmixConfig) -> TrainReport:
 def annotate_job(cfg: QuadmixConfig, rescore: list[str] | None = None) -> AnnotateReport:
     """Runner for ``quadmix annotate`` / ``jobs/annotate.py``: scorers checked, Spark, an MLflow run, the stage.
 
-    Logs the scorer versions (params ``quadmix.scorer.<key>``), counts and speed (metrics), and the
+    Logs the scorer versions (params ``quadmix.scorer.<key>``), the implementation an adapter says it runs
+    (``quadmix.scorer_impl.<name>``, e.g. text_stats' compiled kernel), counts and speed (metrics), and the
     per-domain score histograms as a table (``annotate/score_histograms.json``) and a PNG plot.
     """
     import mlflow
@@ -100,6 +101,7 @@ def annotate_job(cfg: QuadmixConfig, rescore: list[str] | None = None) -> Annota
         report = run_annotate(spark, cfg, rescore, run.info.run_id, scorers)
         mlflow.log_params({f"quadmix.scorer.{k}": v for k, v in report.versions.items()})
         mlflow.log_params({PARAM_GPU_STAGE: report.gpu_profile[:250]})
+        mlflow.log_params({f"quadmix.scorer_impl.{k}": v[:250] for k, v in report.implementations.items()})
         mlflow.log_metrics({f"annotate.{k}": float(v) for k, v in report.metrics().items()})
         mlflow.set_tag(TAG_ANNOTATIONS_VERSION, str(report.table_version_after))
         if report.histograms is not None and len(report.histograms):

@@ -820,6 +820,10 @@ class TextStatsScorer:
             _native_or_why()
         _alpha_table()
 
+    def describe(self) -> str:
+        """Which path computes the statistics here (the values are the same either way)."""
+        return kernel_description(self.native)
+
     def fingerprint_settings(self) -> dict:
         """What decides the output beyond the config: the definitions' version and the effective rules."""
         return {"text_stats": VERSION, "rules": [[r.name, r.lo, r.hi] for r in self.rules], "filter": list(self.filter)}

@@ -70,6 +70,7 @@ class AnnotateReport:
     gpu_profile: str = "not used"
     histograms: pd.DataFrame | None = field(default=None, repr=False)
     prefilter: dict[str, dict[str, int]] = field(default_factory=dict)  # scorer -> {rule | "rejected": rows}
+    implementations: dict[str, str] = field(default_factory=dict)  # scorer -> which implementation (driver's view)
 
     @property
     def changed(self) -> bool:
@@ -101,7 +102,8 @@ class AnnotateReport:
             + "".join(f", {rule} {n}" for rule, n in counts.items() if rule != "rejected" and n)
             for name, counts in self.prefilter.items()
         )
-        return f"{head}\n  rows {self.rows}, domains {self.domains}; GPU stage: {self.gpu_profile}{prefilter}\n{versions}"
+        impl = "".join(f"\n  {name} computed by {how}" for name, how in self.implementations.items())
+        return f"{head}\n  rows {self.rows}, domains {self.domains}; GPU stage: {self.gpu_profile}{prefilter}{impl}\n{versions}"
 
     def metrics(self) -> dict[str, float]:
         out = {
@@ -481,7 +483,7 @@ def run_annotate(
     if not table_exists(spark, docs_table):
         raise ScorerError(f"no documents table at {docs_table}: run `quadmix ingest` first")
     documents = read_table(spark, docs_table)
-    report = AnnotateReport(versions=scorers.versions())
+    report = AnnotateReport(versions=scorers.versions(), implementations=scorers.implementations())
     existing = read_table(spark, table) if table_exists(spark, table) else None
     report.table_version_before = table_version(spark, table)
     existing_versions: dict[str, dict[str, int]] = {}

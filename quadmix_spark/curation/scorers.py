@@ -6,7 +6,9 @@
   ``validate()`` (driver side: load, probe, raise :class:`ModelLoadError`) and
   ``score(texts) -> (scores, labels | None)``. An adapter that fills more columns than its score
   (``text_stats``) also has ``extra_columns(name) -> [(column, Arrow type)]`` and
-  ``score_arrow(texts) -> (scores, [Arrow arrays of those columns])``.
+  ``score_arrow(texts) -> (scores, [Arrow arrays of those columns])``. An adapter with more than one
+  implementation of the same values (``text_stats``: a compiled kernel or numpy) says which one runs here in
+  ``describe() -> str``; annotate's summary and run show it.
 - A scorer's recorded version is ``<config version>.<fingerprint>``; the fingerprint hashes the model files
   (model, tokenizer, head) and every setting that changes the output (not batch size, device or threads),
   plus what the adapter says decides its output (``fingerprint_settings()``: for ``text_stats`` its
@@ -241,6 +243,11 @@ class ScorerSet:
     def filters(self) -> dict[str, tuple[str, ...]]:
         """Quality scorer name -> the pre-filter rules it enforces (``text_stats``; empty for the others)."""
         return {s.name: tuple(getattr(s.adapter, "filter", ())) for s in self.quality}
+
+    def implementations(self) -> dict[str, str]:
+        """Scorer name -> which implementation computes it on this machine, for the adapters that say
+        (``describe()``); executors built otherwise (no compiled module) may use another one, with the same values."""
+        return {s.name: s.adapter.describe() for s in self.by_key().values() if callable(getattr(s.adapter, "describe", None))}
 
     @staticmethod
     def _columns(s: Scorer) -> tuple[str, ...]:

@@ -17,7 +17,8 @@ from quadmix_spark.curation.config import ScorerConfig
 from quadmix_spark.core.config import ConfigError
 from quadmix_spark.curation.scorers import ScorerError, build_scorer, fingerprint
 from quadmix_udfs.scoring import ScorerRun, score_batch
-from quadmix_udfs.text_stats import RULES, STATS, TextStatsScorer, quality_score, rule_passes, text_statistics
+from quadmix_udfs.text_stats import (RULES, STATS, TextStatsScorer, kernel_description, quality_score, rule_passes,
+                                     text_statistics)
 from tests.conftest import DATA
 
 LID = str(DATA / "models" / "lid" / "lid.176.ftz")
@@ -376,6 +377,10 @@ def test_annotate_writes_stats_and_rejections_and_the_sampler_leaves_rejected_do
     (run,) = client.search_runs([client.get_experiment_by_name("quadmix").experiment_id], "tags.`quadmix.stage` = 'annotate'")
     assert run.data.metrics["annotate.prefilter.gopher.rejected"] == len(out)
     assert run.data.metrics["annotate.prefilter.gopher.gopher_top_2gram"] == counts["gopher_top_2gram"]
+    # which path computed the statistics: in the summary and the run (the fastText scorers do not say)
+    assert report.implementations == {"gopher": kernel_description()}
+    assert f"gopher computed by {kernel_description()}" in report.summary()
+    assert run.data.params["quadmix.scorer_impl.gopher"] == kernel_description()
     assert not run_annotate(spark, cfg).changed  # incremental: nothing to do
 
     # a changed filter is a new version: refused, then rescored explicitly (the column follows the new rules)
