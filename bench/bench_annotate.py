@@ -439,7 +439,7 @@ def run_fasttext(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         stop_spark()
     n_base = len(prepared)
-    del prepared
+    prepared.clear()  # the texts' memory, before the result is built
     value = timings["annotate"].rate(docs) / CORES
     base = timings["model"].rate(n_base)
     details = {

@@ -122,7 +122,6 @@ def pip_wheels(names: list[str], python: str, dest: Path) -> list[Path]:
 
 
 def build(args: argparse.Namespace) -> list[Path]:
-    import delta
     import pydantic
     import pydantic_core
     import pyspark

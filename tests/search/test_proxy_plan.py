@@ -3,7 +3,6 @@ epoch, the ε tail redrawn each epoch (spec §2.6), from the pool's document ind
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
