@@ -30,7 +30,9 @@ search part (``search.theta_star: trained``), judged like the others (``paired.s
 N losses and the Spearman of the screening fit's rank with them). It adds a search to the variant, not a variant.
 
 Steps 3-6 run in the order screening (search, fit, θ* judged by both proxies), then transformer (search, fit,
-agreement, θ* judged); ``--stop-after`` ends the run after the seed spread or one of the screening steps. ``--budget`` fixes the
+agreement, θ* judged); ``--stop-after`` ends the run after the seed spread or one of the screening steps, and
+``--skip`` leaves out the judgements of the screening θ* itself (``screen_evaluate_ngram``, ``screen_evaluate``:
+80 transformer runs at 10 seeds) when only the second fidelity's θ* is wanted. ``--budget`` fixes the
 proxy budget and skips step 2. ``--set KEY=VALUE`` (repeatable) changes a setting for the whole experiment (a
 variant, e.g. ``--set search.shared_omega=0.5``): the overrides are recorded in the result, the variant's searches
 get names of their own (``quality-screen-v<hash>``; the curation is shared) and its result file is
