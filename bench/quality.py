@@ -28,6 +28,10 @@ candidates in a search of their own (``quality-screen-lm<N>``, ``quadmix propose
 the transformer proxy; its θ* is the mean of the ``--lm-top-k`` (6) of them the transformer finds best on the
 search part (``search.theta_star: trained``), judged like the others (``paired.screen_lm``; ``screen_lm`` has the
 N losses and the Spearman of the screening fit's rank with them). It adds a search to the variant, not a variant.
+``--lm-race R`` then races the R of them with the lowest loss: each is trained again with ``--lm-race-seeds`` (2)
+more seeds (``quadmix propose --replicate``) and θ* averages the ``--lm-top-k`` with the lowest mean loss
+(``screen_lm.race``: every raced θ's losses by seed, their means and the pooled seed sd). The replicates join the
+same search.
 
 Steps 3-6 run in the order screening (search, fit, θ* judged by both proxies), then transformer (search, fit,
 agreement, θ* judged); ``--stop-after`` ends the run after the seed spread or one of the screening steps, and
@@ -180,17 +184,28 @@ def train_proposed(cfg) -> dict[str, float]:
     return finished_losses(cfg)
 
 
-def finished_losses(cfg) -> dict[str, float]:
+def finished_losses(cfg, replicates: bool = False) -> dict[str, Any]:
+    """{θ id: target loss} of a search's finished θ, from each θ's first run; with ``replicates``, {θ id: [loss of
+    each finished run, by training seed]} of the θ trained with several seeds (``quadmix propose --replicate``)."""
     import mlflow
 
-    from quadmix_spark.core.runs import TAG_THETA_ID, child_runs, experiment_id, require_search
+    from quadmix_spark.core.runs import TAG_REPLICATE_OF, TAG_SEED, TAG_THETA_ID, child_runs, experiment_id, require_search
 
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
     exp_id = experiment_id(client, cfg.tracking.experiment)
     parent = require_search(client, exp_id, cfg.search.name)
     metric = cfg.search.metric
-    return {r.data.tags[TAG_THETA_ID]: float(r.data.metrics[metric]) for r in child_runs(client, exp_id, parent.info.run_id)
-            if r.info.status == "FINISHED" and metric in r.data.metrics}
+    done = [r for r in child_runs(client, exp_id, parent.info.run_id) if r.info.status == "FINISHED" and metric in r.data.metrics]
+    if not replicates:
+        return {r.data.tags[TAG_THETA_ID]: float(r.data.metrics[metric]) for r in done if TAG_REPLICATE_OF not in r.data.tags}
+    raced = {r.data.tags[TAG_THETA_ID] for r in done if TAG_REPLICATE_OF in r.data.tags}
+    runs: dict[str, list[tuple[int, float]]] = {}
+    for r in done:
+        t = r.data.tags
+        if t[TAG_THETA_ID] in raced:
+            seed = int(t[TAG_SEED]) if TAG_REPLICATE_OF in t else cfg.proxy.train.seed
+            runs.setdefault(t[TAG_THETA_ID], []).append((seed, float(r.data.metrics[metric])))
+    return {k: [loss for _, loss in sorted(v)] for k, v in runs.items()}
 
 
 def seed_spread(exp: Experiment, budget: int) -> dict[str, Any]:
@@ -234,7 +249,7 @@ def fit(cfg) -> dict[str, Any]:
         f = featurizer_for(kind, table.domains, table.criteria, tokens)
         if f.kind == kind:
             cv = fit_search(pd.DataFrame(f(table.X.to_numpy()), columns=f.names), table.y, sc.lightgbm, sc.cv_folds,
-                            sc.val_fraction, sc.early_stopping_rounds, sc.seed)
+                            sc.val_fraction, sc.early_stopping_rounds, sc.seed, groups=table.theta_ids)
             by_features[kind] = cv.cv_spearman
     out = {"run_id": outcome.run_id, "features": outcome.features, "cv_spearman": outcome.metrics["cv_spearman"],
            "cv_mae": outcome.metrics["cv_mae"], "cv_spearman_by_features": by_features, "n_runs": len(outcome.runs),
@@ -271,11 +286,13 @@ def refine_screen(exp: "Experiment", cfg, rounds: int, n: int, first_fit: dict[s
     return {"initial": state["initial"], "rounds": done[:rounds]}
 
 
-def screen_lm(exp: "Experiment", budget: int, n: int, k: int) -> tuple[Any, dict[str, Any]]:
+def screen_lm(exp: "Experiment", budget: int, n: int, k: int, race: int = 0, race_seeds: int = 0) -> tuple[Any, dict[str, Any]]:
     """The second fidelity: the screening fit's ``n`` best candidates in a search of their own (``quadmix propose
     --refine n --from <screening search>``), trained with the transformer proxy; θ* the mean of the ``k`` of them
-    the transformer finds best on the search part (``search.theta_star: trained``). Returns the search's config and
-    its figures, with the Spearman between the screening fit's rank of each θ and the transformer's loss."""
+    the transformer finds best on the search part (``search.theta_star: trained``). With ``race``, the ``race``
+    best of them are trained again with ``race_seeds`` more seeds (``quadmix propose --replicate``) and θ* is the
+    mean of the ``k`` of those with the lowest mean loss over their seeds. Returns the search's config and its
+    figures, with the Spearman between the screening fit's rank of each θ and the transformer's (first) loss."""
     import mlflow
 
     from quadmix_spark.core.runs import (TAG_REFINE_RANK, TAG_THETA_ID, child_runs, experiment_id, find_search,
@@ -295,12 +312,22 @@ def screen_lm(exp: "Experiment", budget: int, n: int, k: int) -> tuple[Any, dict
         log(f"search {cfg.search.name!r} exists: its θ are kept (resumed run)")
     losses = train_proposed(cfg)
     rank = {r.data.tags[TAG_THETA_ID]: float(r.data.tags[TAG_REFINE_RANK])
-            for r in child_runs(client, exp_id, require_search(client, exp_id, cfg.search.name).info.run_id)}
+            for r in child_runs(client, exp_id, require_search(client, exp_id, cfg.search.name).info.run_id)
+            if TAG_REFINE_RANK in r.data.tags}
     rho, _ = spearman(rank, losses)
     values = np.array(list(losses.values()))
     out = {"search": cfg.search.name, "thetas": n, "top_k": k, "trained": len(losses), "loss_min": float(values.min()),
-           "loss_mean": float(values.mean()), "loss_max": float(values.max()), "spearman_screen_rank_lm_loss": rho,
-           "fit": fit(cfg), "losses": losses}
+           "loss_mean": float(values.mean()), "loss_max": float(values.max()), "spearman_screen_rank_lm_loss": rho}
+    if race:
+        log(propose_job(cfg, replicate=race, seeds=race_seeds).summary())
+        train_proposed(cfg)
+        runs = finished_losses(cfg, replicates=True)
+        means = {t: float(np.mean(v)) for t, v in runs.items()}
+        # the pooled seed-to-seed sd of the raced θ: what one run's loss is worth at this fidelity
+        seed_sd = float(np.sqrt(np.mean([np.var(v, ddof=1) for v in runs.values() if len(v) > 1]))) if runs else None
+        out["race"] = {"thetas": race, "seeds": race_seeds, "runs": runs, "means": means, "seed_sd": seed_sd,
+                       "best": min(means, key=means.get) if means else None}
+    out["fit"], out["losses"] = fit(cfg), losses
     return cfg, out
 
 
@@ -469,7 +496,8 @@ def run(args) -> dict[str, Any]:
     if stop("screen_evaluate"):
         return result
     if args.lm_top:
-        lm_top_cfg, result["screen_lm"] = step("screen_lm", screen_lm, exp, budget, args.lm_top, args.lm_top_k)
+        lm_top_cfg, result["screen_lm"] = step("screen_lm", screen_lm, exp, budget, args.lm_top, args.lm_top_k,
+                                               args.lm_race, args.lm_race_seeds)
         result["paired"]["screen_lm"] = step("screen_lm_evaluate", evaluate, lm_top_cfg)
         if stop("screen_lm_evaluate"):
             return result
@@ -520,6 +548,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train the screening fit's N best candidates with the transformer proxy (a search of their "
                              "own) and judge the mean of the best --lm-top-k of them as a θ* too (paired.screen_lm)")
     parser.add_argument("--lm-top-k", type=int, default=6, help="how many of the --lm-top θ that θ* averages")
+    parser.add_argument("--lm-race", type=int, default=0, metavar="N",
+                        help="train the N best of the --lm-top θ again with --lm-race-seeds more seeds; θ* then averages "
+                             "the --lm-top-k of them with the lowest mean loss")
+    parser.add_argument("--lm-race-seeds", type=int, default=2, help="more seeds per θ in the --lm-race")
     parser.add_argument("--skip", action="append", choices=SKIPPABLE, metavar="STEP",
                         help=f"leave out a judgement of the screening search's own θ* (one of {', '.join(SKIPPABLE)}; "
                              "repeatable), e.g. when only the second fidelity (--lm-top) is wanted; the result lists it")

@@ -188,16 +188,22 @@ def propose(
     from_: Annotated[str | None, typer.Option(
         "--from", help="with --refine: the best candidates of this other search's newest fit, into --search (made if "
                        "missing): e.g. a screening search's favourites, to train with the transformer proxy")] = None,
+    replicate: Annotated[int | None, typer.Option(
+        "--replicate", help="instead: train the N θ whose first run measured best again with --seeds more seeds (a race "
+                            "among the best; fit with search.theta_star=trained, which ranks θ by their mean)")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="with --replicate: how many more training seeds")] = 2,
     dry_run: DryRun = False,
 ) -> None:
     """Draw K θ with Algorithm 1 into a search: an MLflow parent run and one child run per θ. With --refine N, add
     the N candidates the newest fit predicts best (then `quadmix proxy` and `quadmix search` again); with --from S
-    as well, those of search S's newest fit (fit the new search with search.theta_star=trained)."""
-    if refine is not None and n is not None:
-        raise typer.BadParameter("-n and --refine are two ways to add θ: give one")
+    as well, those of search S's newest fit (fit the new search with search.theta_star=trained). With --replicate N,
+    the N best trained θ again with --seeds other training seeds."""
+    if sum(x is not None for x in (n, refine, replicate)) > 1:
+        raise typer.BadParameter("-n, --refine and --replicate are three ways to add runs: give one")
     if from_ is not None and refine is None:
         raise typer.BadParameter("--from names the search whose fit --refine N takes its θ from: give --refine N too")
-    _run_stage(_load(config, _with_search(set_, search)), dry_run, "propose_job", n, refine=refine, source=from_)
+    _run_stage(_load(config, _with_search(set_, search)), dry_run, "propose_job", n, refine=refine, source=from_,
+               replicate=replicate, seeds=seeds)
 
 
 @app.command()

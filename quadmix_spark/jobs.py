@@ -222,10 +222,12 @@ def sample_many_job(cfg: QuadmixConfig, params_set: str):
     return result
 
 
-def propose_job(cfg: QuadmixConfig, n: int | None = None, refine: int | None = None, source: str | None = None):
+def propose_job(cfg: QuadmixConfig, n: int | None = None, refine: int | None = None, source: str | None = None,
+                replicate: int | None = None, seeds: int = 2):
     """K θ of search ``search.name`` from Algorithm 1, as MLflow child runs (names from the annotations); with
-    ``refine``, that many of the best candidates of the newest fit of the search (or of search ``source``) instead
-    (no Spark)."""
+    ``refine``, that many of the best candidates of the newest fit of the search (or of search ``source``) instead;
+    with ``replicate``, that many of its best trained θ again with ``seeds`` more training seeds (neither needs
+    Spark)."""
     from quadmix_spark.search import propose as proposals
     from quadmix_spark.search.propose import propose
     from quadmix_spark.search.proxy_pool import pool_predicate
@@ -237,6 +239,8 @@ def propose_job(cfg: QuadmixConfig, n: int | None = None, refine: int | None = N
     with lease(cfg, search_scope(cfg.search.name), "propose"):  # propose and proxy of one search exclude each other
         if refine is not None:
             return proposals.refine(cfg, refine, source)
+        if replicate is not None:
+            return proposals.replicate(cfg, replicate, seeds)
         spark = get_spark(cfg)
         inp = load_inputs(spark, cfg, pool_predicate(cfg))
         tokens = {r["domain"]: int(r["tokens"]) for r in inp.annotations.groupBy("domain").agg(

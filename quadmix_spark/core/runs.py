@@ -34,6 +34,8 @@ TAG_REFINE_FIT = "quadmix.refine.fit"        # a refined θ: the fit whose best 
 TAG_REFINE_ROUND = "quadmix.refine.round"    # 1 for the first fit refined from, 2 for the next, ...
 TAG_REFINE_RANK = "quadmix.refine.rank"      # its place among that fit's refined θ (0 = predicted best)
 TAG_REFINE_FIT_INPUTS = "quadmix.refine.fit_inputs"  # that fit's TAG_FIT_INPUTS: a refit of the same inputs is the same fit
+TAG_REPLICATE_OF = "quadmix.replicate.of"    # a θ trained again with another seed: the run of its first training
+TAG_REPLICATE_RANK = "quadmix.replicate.rank"  # that θ's place by its first run's metric (0 = best)
 TAG_FIT_INPUTS = "quadmix.fit.inputs"        # on a fit: a digest of everything it was fitted from (fit_inputs_key)
 TAG_DOMAINS = "quadmix.domains"     # a JSON list
 TAG_CRITERIA = "quadmix.criteria"   # a JSON list

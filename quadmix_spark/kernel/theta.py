@@ -494,12 +494,13 @@ def average_top_k(
 ) -> Theta:
     """θ* = element-wise mean of the ``k`` candidates with the LOWEST ``scores`` (predicted loss),
     in the rescaled space.  α rows are a convex combination (renormalized only to remove rounding
-    drift), so they stay on the simplex."""
+    drift), so they stay on the simplex; with k = 1, θ* is that candidate exactly."""
     alpha = np.asarray(alpha, dtype=np.float64)
     idx = top_k_indices(scores, k)
     if np.asarray(scores).ravel().shape[0] != alpha.shape[0]:
         raise ValueError("scores must have one value per candidate")
     a = alpha[idx].mean(axis=0)
-    a /= a.sum(axis=1, keepdims=True)
+    if len(idx) > 1:  # one candidate is itself, bit for bit (its θ id too)
+        a /= a.sum(axis=1, keepdims=True)
     means = [np.asarray(v, dtype=np.float64)[idx].mean(axis=0) for v in (lam, omega, eta, eps)]
     return Theta(tuple(domains), tuple(criteria), a, *means)

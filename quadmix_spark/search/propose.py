@@ -25,6 +25,13 @@ refit of the same runs with the same settings is the same fit, so proposing afte
 ``quadmix.refine.round`` and ``quadmix.refine.rank`` instead of a proposal index; ``thetas.json`` lists them after Algorithm 1's θ (and their ids under ``refined``).
 ``quadmix propose --refine N --from <search>`` puts the best candidates of another search's fit into a search of
 their own (param ``search.seeded_from``), to be trained with another proxy (a second, costlier fidelity).
+
+**Replicates** (:func:`replicate`, ``quadmix propose --replicate N --seeds S``): the N θ of a search whose first
+training measured best, trained again with S more seeds (a race among the best, where one run's seed noise is as
+large as the differences between them). Their children carry the θ's params, ``quadmix.theta_id``,
+``quadmix.seed`` (the training seed ``quadmix proxy`` uses for that run instead of ``proxy.train.seed``),
+``quadmix.replicate.of`` (the θ's first run) and ``quadmix.replicate.rank``; a fit with
+``search.theta_star: trained`` ranks the θ by the mean of their runs.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from quadmix_spark.core.config import QuadmixConfig
 from quadmix_spark.kernel.theta import Theta, feature_names, sample_theta_matrix
 from quadmix_spark.core.runs import (DOMAIN_TOKENS_ARTIFACT, PENDING, ROLE_PROXY, ROLE_SEARCH, TAG_CRITERIA, TAG_DOMAINS, TAG_FIT_INPUTS,
                                 TAG_N_PROPOSALS, TAG_PARENT, TAG_PROPOSAL_INDEX, TAG_PROXY_STATUS, TAG_REFINE_FIT,
-                                TAG_REFINE_FIT_INPUTS, TAG_REFINE_RANK, TAG_REFINE_ROUND, TAG_ROLE, TAG_SEARCH, TAG_STAGE, TAG_THETA_ID,
+                                TAG_REFINE_FIT_INPUTS, TAG_REFINE_RANK, TAG_REFINE_ROUND, TAG_REPLICATE_OF, TAG_REPLICATE_RANK,
+                                TAG_ROLE, TAG_SEARCH, TAG_SEED, TAG_STAGE, TAG_THETA_ID,
                                 THETA_ARTIFACT, THETAS_ARTIFACT, child_runs, experiment_id, find_search, latest_fit,
                                 require_search)
 from quadmix_spark.core.theta_sources import theta_params
@@ -69,8 +77,13 @@ class ProposeResult:
     thetas: list[Theta]
     created: int
     refined_from: str | None = None  # refine: the fit whose best candidates these θ are
+    seeds: tuple[int, ...] = ()  # replicate: the training seeds these θ get again
 
     def summary(self) -> str:
+        if self.seeds:
+            return (f"search {self.search!r} (MLflow run {self.parent_run_id}): the {len(self.thetas)} best θ again with "
+                    f"seeds {list(self.seeds)}, {self.created} new run(s); next: quadmix proxy --search {self.search}, "
+                    "quadmix search (search.theta_star: trained ranks θ by their mean)")
         what = f"{len(self.thetas)} θ" if self.refined_from is None else \
             f"{len(self.thetas)} refined θ (the best candidates of fit {self.refined_from})"
         return (f"search {self.search!r} (MLflow run {self.parent_run_id}): {what}, {self.created} new; "
@@ -258,6 +271,51 @@ def refine(cfg: QuadmixConfig, n: int, source: str | None = None) -> ProposeResu
         client.set_terminated(parent_id, "FINISHED")
     ids = {r.data.tags[TAG_THETA_ID] for r in children if made_from(r) == fit_key}
     return ProposeResult(sc.name, parent_id, [t for t in refined if t.theta_id in ids], created, refined_from=fit_id)
+
+
+def replicate(cfg: QuadmixConfig, n: int, seeds: int) -> ProposeResult:
+    """Make sure the ``n`` θ of search ``cfg.search.name`` whose first run measured the lowest metric are trained
+    again with ``seeds`` more training seeds, ``proxy.train.seed + 1 .. + seeds`` (one child run per θ and seed,
+    creating what is missing): a race among the best θ at a fidelity whose seed-to-seed noise is as large as
+    the differences between them. Ranked by the first runs only (ties by θ id), so proposing again, after the
+    replicates have trained, names the same θ; every first run must have finished (a θ still training could
+    belong among the best)."""
+    import mlflow
+
+    from quadmix_spark.core.run_guard import settle_children
+    from quadmix_spark.core.tracking import configure_mlflow
+    from quadmix_spark.search.proxy import is_finished, theta_of_run
+    from quadmix_spark.search.run_table import SearchInputError
+
+    if n < 1 or seeds < 1:
+        raise ValueError(f"--replicate needs a number of θ >= 1 and --seeds >= 1, got {n} and {seeds}")
+    sc = cfg.search
+    configure_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    parent_id = require_search(client, exp_id, sc.name).info.run_id
+    children = settle_children(client, child_runs(client, exp_id, parent_id), sc.metric, repair=True)
+    firsts = [r for r in children if TAG_REPLICATE_OF not in r.data.tags]
+    unfinished = [r.info.run_id for r in firsts if not is_finished(r, sc.metric)]
+    if unfinished:
+        raise SearchInputError(f"search {sc.name!r} has {len(unfinished)} θ not trained yet (runs {unfinished[:3]}...): "
+                               f"run `quadmix proxy --search {sc.name}` first; the race is among trained θ")
+    best = sorted(firsts, key=lambda r: (r.data.metrics[sc.metric], r.data.tags[TAG_THETA_ID]))[:n]
+    have = {(r.data.tags[TAG_REPLICATE_OF], int(r.data.tags[TAG_SEED])) for r in children if TAG_REPLICATE_OF in r.data.tags}
+    wanted = [cfg.proxy.train.seed + j for j in range(1, seeds + 1)]
+    created = 0
+    for rank, first in enumerate(best):
+        theta = theta_of_run(first)
+        for seed in wanted:
+            if (first.info.run_id, seed) in have:
+                continue
+            t = first.data.tags
+            _create_child(client, exp_id, f"replicate-{rank:04d}-s{seed}",
+                          {TAG_PARENT: parent_id, TAG_SEARCH: sc.name, TAG_ROLE: ROLE_PROXY, TAG_DOMAINS: t[TAG_DOMAINS],
+                           TAG_CRITERIA: t[TAG_CRITERIA], TAG_REPLICATE_OF: first.info.run_id,
+                           TAG_REPLICATE_RANK: str(rank), TAG_SEED: str(seed)}, theta)
+            created += 1
+    return ProposeResult(sc.name, parent_id, [theta_of_run(r) for r in best], created, seeds=tuple(wanted))
 
 
 def _seeded_parent(client, exp_id: str, cfg: QuadmixConfig, source: str, fit):

@@ -32,7 +32,7 @@ from quadmix_spark.core import faults
 from quadmix_spark.core.config import QuadmixConfig, local_path
 from quadmix_spark.search.proxy_pool import Pool
 from quadmix_spark.core.runs import (FAILED, FINISHED, PENDING, RUNNING, TAG_CRITERIA, TAG_DOMAINS, TAG_PROXY_DEVICE,
-                                TAG_PROXY_ERROR, TAG_PROXY_FINGERPRINT, TAG_PROXY_STATUS, TAG_THETA_ID, child_runs,
+                                TAG_PROXY_ERROR, TAG_PROXY_FINGERPRINT, TAG_PROXY_STATUS, TAG_SEED, TAG_THETA_ID, child_runs,
                                 experiment_id, require_search)
 from quadmix_spark.core.storage import read_table
 from quadmix_spark.core.tables import PROXY_INDEX
@@ -410,6 +410,13 @@ def theta_of_run(run) -> "Theta":
     return theta
 
 
+def train_seed(run, cfg: QuadmixConfig) -> int:
+    """The training seed of a proposal run: its ``quadmix.seed`` tag (a replicate, ``quadmix propose
+    --replicate``), else ``proxy.train.seed``."""
+    tag = run.data.tags.get(TAG_SEED)
+    return cfg.proxy.train.seed if tag is None else int(tag)
+
+
 def is_finished(run, metric: str) -> bool:
     return run.info.status == "FINISHED" and metric in run.data.metrics
 
@@ -448,11 +455,12 @@ def run_search_proxies(spark: SparkSession, cfg: QuadmixConfig, run_id: str | No
     thetas = [theta_of_run(c) for c in todo]
     for c in todo:
         client.set_tag(c.info.run_id, TAG_PROXY_STATUS, PENDING)
-    run_sample_many(spark, cfg, thetas, run_id=run_id, inp=inp)
+    unique = list({t.theta_id: t for t in thetas}.values())  # a θ trained with several seeds is sampled once
+    run_sample_many(spark, cfg, unique, run_id=run_id, inp=inp)
     faults.point("proxy.index.committed")
-    plans_dir = write_plans(spark, cfg, pool, {t.theta_id: tail_defaults(t) for t in thetas})
+    plans_dir = write_plans(spark, cfg, pool, {t.theta_id: tail_defaults(t) for t in unique})
     env = task_env(cfg, pool, plans_dir, ensure_eval_set(cfg, pool))
-    tasks = [ProxyTask(t.theta_id, t.theta_key, c.info.run_id, cfg.proxy.train.seed, c.info.run_name) for t, c in zip(thetas, todo)]
+    tasks = [ProxyTask(t.theta_id, t.theta_key, c.info.run_id, train_seed(c, cfg), c.info.run_name) for t, c in zip(thetas, todo)]
     outcomes = execute(spark, cfg, tasks, env)
     done = sum(o.status == FINISHED for o in outcomes)
     client.log_metric(parent.info.run_id, "proxies_finished", float(done + skipped))

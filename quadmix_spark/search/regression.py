@@ -230,17 +230,30 @@ class SearchFit:
         return importance(self.model, self.feature_names, kind)
 
 
-def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
+def fold_assignment(n: int, folds: int, seed: int, groups: Sequence[str] | None = None) -> np.ndarray:
     """Fold of each of ``n`` runs: a seeded permutation dealt round-robin, so fold sizes differ by at most one.
 
     At most ``n`` folds, so every fold's training side keeps at least 3 runs for :func:`split_indices`
-    when ``n >= 4``."""
+    when ``n >= 4``. With ``groups`` (a θ id per run) the runs of one group share a fold, so a θ trained with
+    several seeds is never predicted from its own other runs; the groups are dealt as the runs would be (in
+    order of first appearance), which with one run per group is the assignment without ``groups``."""
     if n < 4:
         raise SearchInputError(f"need at least 4 runs to cross-validate (3 to fit each fold on), got {n}")
-    folds = min(folds, n)
-    out = np.empty(n, dtype=np.int64)
-    out[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
-    return out
+    if groups is None:
+        group_of, n_groups = np.arange(n), n
+    else:
+        if len(groups) != n:
+            raise ValueError(f"fold_assignment: {len(groups)} groups for {n} runs")
+        first: dict[str, int] = {}
+        # a run without a θ id is a group of its own
+        group_of = np.array([first.setdefault(g or f"\0run {i}", len(first)) for i, g in enumerate(groups)], dtype=np.int64)
+        n_groups = len(first)
+        if n_groups < 2:
+            raise SearchInputError(f"need at least 2 distinct θ to cross-validate over θ, got {n_groups}")
+    folds = min(folds, n_groups)
+    out = np.empty(n_groups, dtype=np.int64)
+    out[np.random.default_rng(seed).permutation(n_groups)] = np.arange(n_groups) % folds
+    return out[group_of]
 
 
 def fit_search(
@@ -251,14 +264,16 @@ def fit_search(
     val_fraction: float,
     early_stopping_rounds: int,
     seed: int,
+    groups: Sequence[str] | None = None,
 ) -> SearchFit:
-    """K-fold cross-validated fit and the final model on all runs (see :class:`SearchFit`)."""
+    """K-fold cross-validated fit and the final model on all runs (see :class:`SearchFit`); ``groups`` (the θ id
+    of each run) keeps the runs of one θ in one fold (:func:`fold_assignment`)."""
     import lightgbm as lgb
 
     names = list(X.columns)
     x = X.to_numpy(dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).ravel()
-    fold_of = fold_assignment(len(y), folds, seed)
+    fold_of = fold_assignment(len(y), folds, seed, groups)
     oof = np.empty(len(y))
     trees = []
     for k in range(int(fold_of.max()) + 1):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -125,7 +126,8 @@ def fit_theta_star(cfg, search_names: Sequence[str] | None = None) -> SearchOutc
     tokens = search_domain_tokens(client, exp.experiment_id, names, table.domains)
     features = featurizer_for(sc.features, table.domains, table.criteria, tokens)
     X = pd.DataFrame(features(table.X.to_numpy()), columns=features.names)
-    fit = fit_search(X, table.y, sc.lightgbm, sc.cv_folds, sc.val_fraction, sc.early_stopping_rounds, sc.seed)
+    fit = fit_search(X, table.y, sc.lightgbm, sc.cv_folds, sc.val_fraction, sc.early_stopping_rounds, sc.seed,
+                     groups=table.theta_ids)
     threads = next((sc.lightgbm[k] for k in THREAD_KEYS if k in sc.lightgbm), None)
     cands = search_candidates(
         fit.model, table.domains, table.criteria, sc.n_candidates, sc.top_k, sc.candidate_seed, sc.lambda_mode, active,
@@ -193,13 +195,33 @@ def fit_inputs_key(params: dict[str, Any], table: RunTable, domain_tokens: Seque
 
 
 def best_trained(table: RunTable, k: int) -> Theta:
-    """θ* from the trained θ themselves (``search.theta_star: trained``): the element-wise mean of the ``k`` runs
+    """θ* from the trained θ themselves (``search.theta_star: trained``): the element-wise mean of the ``k`` θ
     of lowest measured metric (all of them when fewer), averaged as the paper averages its best candidates. For a
     search whose θ are already a fit's best candidates judged by a costlier proxy, where a fit of that narrow
-    region would be asked about the whole prior; averaging k runs damps the luck of any one run's seed."""
-    b = unflatten(table.X.to_numpy(), len(table.domains), len(table.criteria))
-    return average_top_k(b.alpha, b.lam, b.omega, b.eta, b.eps, np.asarray(table.y, dtype=np.float64), min(k, len(table)),
+    region would be asked about the whole prior; averaging k runs damps the luck of any one run's seed.
+
+    A θ trained with several seeds (``quadmix propose --replicate``) counts once, by the mean of its runs, and
+    only the θ with the most runs compete: the race's finalists, whose means are the ones comparable with
+    each other (see :func:`trained_means`)."""
+    ids, means, rows = trained_means(table)
+    b = unflatten(table.X.to_numpy()[rows], len(table.domains), len(table.criteria))
+    return average_top_k(b.alpha, b.lam, b.omega, b.eta, b.eps, means, min(k, len(ids)),
                          domains=table.domains, criteria=table.criteria)
+
+
+def trained_means(table: RunTable) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(θ ids, mean metric, index of each θ's first run in ``table``) of the θ with the most finished runs, in
+    order of first appearance. With one run per θ: every θ, its own metric and row, in the table's order."""
+    y = np.asarray(table.y, dtype=np.float64)
+    index: dict[str, int] = {}  # θ id -> its number, in order of first appearance (a run without an id stands alone)
+    of_run = np.array([index.setdefault(t or f"\0run {i}", len(index)) for i, t in enumerate(table.theta_ids)], dtype=np.int64)
+    keys = list(index)
+    _, first = np.unique(of_run, return_index=True)
+    counts = np.bincount(of_run, minlength=len(keys))
+    keep = np.flatnonzero(counts == counts.max())
+    # fsum: the exact sum, whatever order the runs of a θ come in (their run ids differ from one store to another)
+    means = np.array([math.fsum(y[of_run == j]) / counts[j] for j in keep], dtype=np.float64)
+    return [keys[j] for j in keep], means, first[keep]
 
 
 def log_search(outcome: SearchOutcome, run_id: str, out_path: str | Path | None = None) -> SearchOutcome:

@@ -332,6 +332,53 @@ def test_cross_validation_is_out_of_sample(main_table):
     np.testing.assert_array_equal(regression.predict(alone.model, x[test]), signal.oof_pred[test])
 
 
+def test_folds_keep_the_runs_of_one_theta_together():
+    """A θ trained with several seeds is one group: all its runs in one fold (so no run is predicted from its own
+    θ's other runs); with one run per θ the assignment is the one without groups."""
+    plain = regression.fold_assignment(40, 5, seed=3)
+    np.testing.assert_array_equal(regression.fold_assignment(40, 5, 3, [f"t{i}" for i in range(40)]), plain)
+    groups = [f"t{i}" for i in range(30)] + [f"t{i}" for i in range(10)] + ["", ""]  # 10 θ raced; 2 runs without id
+    fold_of = regression.fold_assignment(len(groups), 5, 3, groups)
+    for i in range(10):
+        assert fold_of[i] == fold_of[30 + i]
+    per_group = np.bincount(np.concatenate([fold_of[:30], fold_of[40:]]), minlength=5)  # 32 groups: 30 θ, 2 lone runs
+    assert sorted(per_group.tolist()) == [6, 6, 6, 7, 7]  # dealt round-robin
+    with pytest.raises(run_table.SearchInputError, match="2 distinct θ"):
+        regression.fold_assignment(5, 5, 0, ["a"] * 5)
+
+
+def test_trained_theta_star_ranks_raced_theta_by_their_mean(main_table):
+    """search.theta_star=trained with replicates: each θ counts once, by the mean of its runs, and only the θ with
+    the most runs (the race's finalists) compete; without replicates, the k best runs as before."""
+    from dataclasses import replace
+
+    from quadmix_spark.search.theta_star import best_trained, trained_means
+
+    t = replace(main_table, X=main_table.X.iloc[:6].reset_index(drop=True), y=np.array([4.0, 3.0, 3.1, 3.2, 5.0, 2.0]),
+                run_ids=[f"r{i}" for i in range(6)], theta_ids=[f"t{i}" for i in range(6)], search_of_run=["s"] * 6)
+    ids, means, rows = trained_means(t)
+    assert ids == [f"t{i}" for i in range(6)] and means.tolist() == t.y.tolist() and rows.tolist() == list(range(6))
+    np.testing.assert_allclose(best_trained(t, 1).to_vector(), t.X.iloc[5].to_numpy())
+    # t1, t2, t3 raced with two more seeds each: t3 (3.2, 3.0, 3.0) now beats t1 (3.0, 3.6, 3.3) and t2; t5 (2.0,
+    # one lucky run, not raced) no longer competes
+    extra_y = [3.6, 3.3, 3.3, 3.2, 3.0, 3.0]
+    order = [0, 1, 6, 7, 2, 8, 9, 3, 10, 11, 4, 5]  # the table's order: by θ id, then run id
+    X = pd.concat([t.X, t.X.iloc[[1, 1, 2, 2, 3, 3]]], ignore_index=True).iloc[order].reset_index(drop=True)
+    y = np.concatenate([t.y, extra_y])[order]
+    ids_all = (t.theta_ids + ["t1", "t1", "t2", "t2", "t3", "t3"])
+    raced = replace(t, X=X, y=y, run_ids=[f"r{i}" for i in order], theta_ids=[ids_all[i] for i in order],
+                    search_of_run=["s"] * 12)
+    ids, means, rows = trained_means(raced)
+    assert ids == ["t1", "t2", "t3"]
+    np.testing.assert_allclose(means, [(3.0 + 3.6 + 3.3) / 3, (3.1 + 3.3 + 3.2) / 3, (3.2 + 3.0 + 3.0) / 3])
+    assert [raced.theta_ids[i] for i in rows] == ids
+    winner = Theta.from_vector(t.X.iloc[3].to_numpy(), t.domains, t.criteria)
+    assert best_trained(raced, 1).theta_id == winner.theta_id  # k = 1: the θ itself, bit for bit
+    shuffled = replace(raced, y=raced.y[::-1].copy(), X=raced.X.iloc[::-1].reset_index(drop=True),
+                       theta_ids=raced.theta_ids[::-1], run_ids=raced.run_ids[::-1])
+    assert trained_means(shuffled)[1].tolist() == [means[2], means[1], means[0]]  # exact whatever the run order
+
+
 def test_a_fit_with_other_candidate_settings_than_the_proposals_is_refused(store):
     from mlflow.entities import Param
 

@@ -229,6 +229,24 @@ def test_a_search_seeded_from_another_fit(search_env):
     assert np.allclose(star.to_vector(), (best[0].to_vector() + best[1].to_vector()) / 2)
     assert star.theta_id not in {t.theta_id for t in best}
 
+    # a race among the best: the 2 θ whose first run measured best, trained again with 2 more seeds
+    assert "three ways to add runs" in invoke("propose", *top, "--replicate", "2", "-n", "3", code=2)
+    out = invoke("propose", *top, "--replicate", "2", "--seeds", "2")
+    assert "the 2 best θ again with seeds [1, 2], 4 new run(s)" in out
+    assert "0 new" in invoke("propose", *top, "--replicate", "2", "--seeds", "2")
+    assert "4 trained, 0 failed" in invoke("proxy", *top)
+    assert "0 new" in invoke("propose", *top, "--replicate", "2", "--seeds", "2")  # ranked by first runs: the same θ
+    children = child_runs(client, exp_id, parent.info.run_id)
+    reps = [r for r in children if "quadmix.replicate.of" in r.data.tags]
+    raced = [r.data.tags["quadmix.theta_id"] for r in runs[:2]]
+    assert sorted((r.data.tags["quadmix.theta_id"], r.data.tags["quadmix.seed"]) for r in reps) == \
+        sorted((t, s) for t in raced for s in ("1", "2"))
+    by_theta = {t: [r.data.metrics["target_loss"] for r in children if r.data.tags["quadmix.theta_id"] == t] for t in raced}
+    assert all(len(v) == 3 and len(set(v)) == 3 for v in by_theta.values())  # another seed, another loss
+    out = invoke("search", *top, "--set", "search.theta_star=trained", "--set", "search.top_k=1")
+    _, star = latest_theta_star(client, exp_id, "top")
+    assert Theta.from_dict(star).theta_id == min(raced, key=lambda t: np.mean(by_theta[t]))
+
 
 def test_search_refuses_too_few_runs_and_unknown_search(search_env):
     cfg, base = search_env
