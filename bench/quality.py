@@ -31,7 +31,8 @@ N losses and the Spearman of the screening fit's rank with them). It adds a sear
 ``--lm-race R`` then races the R of them with the lowest loss: each is trained again with ``--lm-race-seeds`` (2)
 more seeds (``quadmix propose --replicate``) and θ* averages the ``--lm-top-k`` with the lowest mean loss
 (``screen_lm.race``: every raced θ's losses by seed, their means and the pooled seed sd). The replicates join the
-same search.
+same search. θ* is then a θ the race trained with seeds 0 .. S, and its seed-s model is the one that won: the
+evaluation must use other seeds (``--eval-seed-base`` > S; refused otherwise), or that luck would count twice.
 
 Steps 3-6 run in the order screening (search, fit, θ* judged by both proxies), then transformer (search, fit,
 agreement, θ* judged); ``--stop-after`` ends the run after the seed spread or one of the screening steps, and
@@ -75,10 +76,17 @@ GOALS = {"cv_spearman.screen": 0.8, "cv_spearman.lm": 0.6, "agreement_spearman":
 
 def plan(args) -> dict[str, Any]:
     """The experiment's sizes (full or smoke)."""
+    base = args.eval_seed_base
+    if args.lm_race and base <= args.lm_race_seeds:
+        # θ* is then one of the raced θ, whose seed-s model is the one the race kept: judged again with seed s, its
+        # luck on the search part would carry over to the evaluation part
+        raise SystemExit(f"--lm-race trains its θ with seeds 0..{args.lm_race_seeds}, which chose θ*: evaluate with other "
+                         f"seeds (--eval-seed-base {args.lm_race_seeds + 1} or more)")
     if args.smoke:
-        return {"docs": 400, "screen_thetas": 16, "lm_thetas": 8, "seeds": [0, 1], "budgets": [6_000], "spread_thetas": 3,
-                "spread_seeds": [0, 1], "min_runs": 6, "cv_folds": 3, "n_candidates": 2000}
-    return {"docs": None, "screen_thetas": args.screen_thetas, "lm_thetas": args.lm_thetas, "seeds": list(range(args.seeds)),
+        return {"docs": 400, "screen_thetas": 16, "lm_thetas": 8, "seeds": [base, base + 1], "budgets": [6_000],
+                "spread_thetas": 3, "spread_seeds": [0, 1], "min_runs": 6, "cv_folds": 3, "n_candidates": 2000}
+    return {"docs": None, "screen_thetas": args.screen_thetas, "lm_thetas": args.lm_thetas,
+            "seeds": list(range(base, base + args.seeds)),
             "budgets": args.budgets, "spread_thetas": 6, "spread_seeds": [0, 1, 2], "min_runs": 16, "cv_folds": 5,
             "n_candidates": 100_000}
 
@@ -552,6 +560,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train the N best of the --lm-top θ again with --lm-race-seeds more seeds; θ* then averages "
                              "the --lm-top-k of them with the lowest mean loss")
     parser.add_argument("--lm-race-seeds", type=int, default=2, help="more seeds per θ in the --lm-race")
+    parser.add_argument("--eval-seed-base", type=int, default=0, metavar="B",
+                        help="the paired evaluation's seeds are B .. B+--seeds-1 (with --lm-race, B must exceed the "
+                             "race's seeds: the race chose θ* with them)")
     parser.add_argument("--skip", action="append", choices=SKIPPABLE, metavar="STEP",
                         help=f"leave out a judgement of the screening search's own θ* (one of {', '.join(SKIPPABLE)}; "
                              "repeatable), e.g. when only the second fidelity (--lm-top) is wanted; the result lists it")

@@ -45,8 +45,11 @@ def test_the_smoke_run_goes_end_to_end_and_writes_every_figure(tmp_path, spark):
     assert again["paired"]["screen_lm"] == r["paired"]["screen_lm"]
 
     # a race among the second fidelity's best: 3 θ trained again with one more seed; θ* the best mean of 2 seeds
-    assert main(["--smoke", "--root", str(root), "--results-dir", str(results), "--lm-top", "6", "--lm-top-k", "1",
-                 "--lm-race", "3", "--lm-race-seeds", "1", "--stop-after", "screen_lm_evaluate"]) == 0
+    racing = ["--smoke", "--root", str(root), "--results-dir", str(results), "--lm-top", "6", "--lm-top-k", "1",
+            "--lm-race", "3", "--lm-race-seeds", "1", "--stop-after", "screen_lm_evaluate"]
+    with pytest.raises(SystemExit, match="--eval-seed-base 2"):  # the race's seeds chose θ*: not for judging it
+        main(racing)
+    assert main([*racing, "--eval-seed-base", "2"]) == 0
     raced = json.loads((results / "selection_quality.json").read_text())["screen_lm"]
     assert raced["losses"] == lm_top["losses"] and raced["fit"]["n_runs"] == 9
     race = raced["race"]
@@ -54,6 +57,8 @@ def test_the_smoke_run_goes_end_to_end_and_writes_every_figure(tmp_path, spark):
     assert sorted(race["runs"]) == sorted(first3) and all(len(v) == 2 for v in race["runs"].values())
     assert all(race["runs"][t][0] == lm_top["losses"][t] for t in first3)  # seed 0's run is the first one
     assert race["best"] == min(race["means"], key=race["means"].get) == raced["fit"]["theta_star"]
+    judged = json.loads((results / "selection_quality.json").read_text())
+    assert judged["sizes"]["seeds"] == [2, 3] and judged["paired"]["screen_lm"]["random"]["n"] == 2
 
 
 def test_a_variant_reuses_the_curation_and_keeps_its_searches_apart(tmp_path, spark):
