@@ -203,8 +203,30 @@ def evaluate_target(cfg: QuadmixConfig) -> EvaluateTarget:
     search = cfg.search.name
     require_search(client, exp_id, search)
     fit_run, star = latest_theta_star(client, exp_id, search)
+    theta_id = Theta.from_dict(star).theta_id
+    check_fresh_seeds(client, exp_id, cfg, search, theta_id)
     # results of other proxy settings are not reused
-    return EvaluateTarget(search, fit_run, star, Theta.from_dict(star).theta_id, proxy_fingerprint(cfg))
+    return EvaluateTarget(search, fit_run, star, theta_id, proxy_fingerprint(cfg))
+
+
+def check_fresh_seeds(client, exp_id: str, cfg: QuadmixConfig, search: str, theta_id: str) -> None:
+    """Refuse to judge θ* with a seed it was chosen with. When θ* is itself a trained θ of the search
+    (``search.theta_star: trained`` with ``top_k`` 1, or a race: ``quadmix propose --replicate``), its proxy with
+    seed s is the very model whose loss on the search part picked it; trained again with seed s it is the same
+    model (same θ, same data, same initialisation), and its luck would carry over to the evaluation part."""
+    from quadmix_spark.core.runs import ROLE_PROXY, search_all
+    from quadmix_spark.search.proxy import is_finished, train_seed
+
+    runs = search_all(client, exp_id, f"tags.`{TAG_THETA_ID}` = {quote(theta_id)} and tags.`{TAG_SEARCH}` = {quote(search)} "
+                                      f"and tags.`{TAG_ROLE}` = '{ROLE_PROXY}'")
+    used = sorted({train_seed(r, cfg) for r in runs if is_finished(r, cfg.search.metric)})
+    clash = sorted(set(used) & set(cfg.evaluate.seeds))
+    if clash:
+        start = max([*used, *cfg.evaluate.seeds]) + 1
+        free = list(range(start, start + len(cfg.evaluate.seeds)))
+        raise ValueError(f"θ* {theta_id} is a θ search {search!r} trained with seeds {used}, which chose it; "
+                         f"evaluate.seeds {list(cfg.evaluate.seeds)} shares {clash} with them, and a proxy trained "
+                         f"again with such a seed is the same model: set other seeds (e.g. --set 'evaluate.seeds={free}')")
 
 
 def run_evaluate(spark: SparkSession, cfg: QuadmixConfig, target: EvaluateTarget, parent_id: str) -> EvaluateResult:

@@ -178,6 +178,7 @@ def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
         client.set_tag(task.run_id, TAG_PROXY_STATUS, RUNNING)
         if env.fingerprint:
             client.set_tag(task.run_id, TAG_PROXY_FINGERPRINT, env.fingerprint)
+        client.set_tag(task.run_id, TAG_SEED, str(task.seed))  # the seed it is trained with (what evaluate checks)
         import torch
 
         from quadmix_spark.search.proxy_model import ModelShape
@@ -411,8 +412,8 @@ def theta_of_run(run) -> "Theta":
 
 
 def train_seed(run, cfg: QuadmixConfig) -> int:
-    """The training seed of a proposal run: its ``quadmix.seed`` tag (a replicate, ``quadmix propose
-    --replicate``), else ``proxy.train.seed``."""
+    """The training seed of a proposal run: its ``quadmix.seed`` tag (set on a replicate when it is proposed,
+    ``quadmix propose --replicate``, and on every run once trained), else ``proxy.train.seed``."""
     tag = run.data.tags.get(TAG_SEED)
     return cfg.proxy.train.seed if tag is None else int(tag)
 

@@ -246,6 +246,10 @@ def test_a_search_seeded_from_another_fit(search_env):
     out = invoke("search", *top, "--set", "search.theta_star=trained", "--set", "search.top_k=1")
     _, star = latest_theta_star(client, exp_id, "top")
     assert Theta.from_dict(star).theta_id == min(raced, key=lambda t: np.mean(by_theta[t]))
+    assert {r.data.tags["quadmix.seed"] for r in children} == {"0", "1", "2"}  # every run says its training seed
+    # θ* is a raced θ: its proxies with seeds 0-2 chose it, so evaluating with those seeds is refused
+    err = invoke("evaluate", *top, "--set", "evaluate.seeds=[2, 3]", code=1)
+    assert "shares [2]" in err and "evaluate.seeds=[4, 5]" in err
 
 
 def test_search_refuses_too_few_runs_and_unknown_search(search_env):
