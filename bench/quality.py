@@ -197,7 +197,8 @@ def finished_losses(cfg, replicates: bool = False) -> dict[str, Any]:
     each finished run, by training seed]} of the θ trained with several seeds (``quadmix propose --replicate``)."""
     import mlflow
 
-    from quadmix_spark.core.runs import TAG_REPLICATE_OF, TAG_SEED, TAG_THETA_ID, child_runs, experiment_id, require_search
+    from quadmix_spark.core.runs import TAG_REPLICATE_OF, TAG_THETA_ID, child_runs, experiment_id, require_search
+    from quadmix_spark.search.proxy import train_seed
 
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
     exp_id = experiment_id(client, cfg.tracking.experiment)
@@ -211,8 +212,7 @@ def finished_losses(cfg, replicates: bool = False) -> dict[str, Any]:
     for r in done:
         t = r.data.tags
         if t[TAG_THETA_ID] in raced:
-            seed = int(t[TAG_SEED]) if TAG_REPLICATE_OF in t else cfg.proxy.train.seed
-            runs.setdefault(t[TAG_THETA_ID], []).append((seed, float(r.data.metrics[metric])))
+            runs.setdefault(t[TAG_THETA_ID], []).append((train_seed(r, cfg), float(r.data.metrics[metric])))
     return {k: [loss for _, loss in sorted(v)] for k, v in runs.items()}
 
 

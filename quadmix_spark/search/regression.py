@@ -230,6 +230,12 @@ class SearchFit:
         return importance(self.model, self.feature_names, kind)
 
 
+def group_numbers(ids: Sequence[str]) -> np.ndarray:
+    """The number of each run's θ (its id), in order of first appearance; a run without an id is a θ of its own."""
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(t or f"\0run {i}", len(index)) for i, t in enumerate(ids)], dtype=np.int64)
+
+
 def fold_assignment(n: int, folds: int, seed: int, groups: Sequence[str] | None = None) -> np.ndarray:
     """Fold of each of ``n`` runs: a seeded permutation dealt round-robin, so fold sizes differ by at most one.
 
@@ -244,10 +250,8 @@ def fold_assignment(n: int, folds: int, seed: int, groups: Sequence[str] | None 
     else:
         if len(groups) != n:
             raise ValueError(f"fold_assignment: {len(groups)} groups for {n} runs")
-        first: dict[str, int] = {}
-        # a run without a θ id is a group of its own
-        group_of = np.array([first.setdefault(g or f"\0run {i}", len(first)) for i, g in enumerate(groups)], dtype=np.int64)
-        n_groups = len(first)
+        group_of = group_numbers(groups)
+        n_groups = int(group_of.max()) + 1
         if n_groups < 2:
             raise SearchInputError(f"need at least 2 distinct θ to cross-validate over θ, got {n_groups}")
     folds = min(folds, n_groups)

@@ -48,7 +48,8 @@ from quadmix_spark.core.runs import (ROLE_FIT, ROLE_SEARCH, TAG_CRITERIA, TAG_DO
 from quadmix_spark.kernel.theta import Theta, average_top_k, save_theta, unflatten
 from quadmix_spark.search.candidates import CandidateResult, active_mask, search_candidates
 from quadmix_spark.search.fit_plots import make_plots
-from quadmix_spark.search.regression import THREAD_KEYS, SearchFit, featurizer_for, fit_search, fit_warnings
+from quadmix_spark.search.regression import (THREAD_KEYS, SearchFit, featurizer_for, fit_search, fit_warnings,
+                                             group_numbers)
 from quadmix_spark.search.run_table import (RunTable, SearchInputError, check_draw_settings, check_enough, collect_runs,
                                             search_domain_tokens)
 
@@ -213,15 +214,13 @@ def trained_means(table: RunTable) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(θ ids, mean metric, index of each θ's first run in ``table``) of the θ with the most finished runs, in
     order of first appearance. With one run per θ: every θ, its own metric and row, in the table's order."""
     y = np.asarray(table.y, dtype=np.float64)
-    index: dict[str, int] = {}  # θ id -> its number, in order of first appearance (a run without an id stands alone)
-    of_run = np.array([index.setdefault(t or f"\0run {i}", len(index)) for i, t in enumerate(table.theta_ids)], dtype=np.int64)
-    keys = list(index)
+    of_run = group_numbers(table.theta_ids)
     _, first = np.unique(of_run, return_index=True)
-    counts = np.bincount(of_run, minlength=len(keys))
+    counts = np.bincount(of_run)
     keep = np.flatnonzero(counts == counts.max())
     # fsum: the exact sum, whatever order the runs of a θ come in (their run ids differ from one store to another)
     means = np.array([math.fsum(y[of_run == j]) / counts[j] for j in keep], dtype=np.float64)
-    return [keys[j] for j in keep], means, first[keep]
+    return [table.theta_ids[first[j]] for j in keep], means, first[keep]
 
 
 def log_search(outcome: SearchOutcome, run_id: str, out_path: str | Path | None = None) -> SearchOutcome:
