@@ -35,7 +35,8 @@ same search. θ* is then a θ the race trained with seeds 0 .. S, and its seed-s
 evaluation must use other seeds (``--eval-seed-base`` > S; refused otherwise), or that luck would count twice.
 
 Steps 3-6 run in the order screening (search, fit, θ* judged by both proxies), then transformer (search, fit,
-agreement, θ* judged); ``--stop-after`` ends the run after the seed spread or one of the screening steps, and
+agreement, θ* judged); ``--stop-after`` ends the run after the seed spread, one of the screening steps or the
+transformer search's fit and agreement (``agreement``: its θ* not judged), and
 ``--skip`` leaves out the judgements of the screening θ* itself (``screen_evaluate_ngram``, ``screen_evaluate``:
 80 transformer runs at 10 seeds) when only the second fidelity's θ* is wanted. ``--budget`` fixes the
 proxy budget and skips step 2. ``--set KEY=VALUE`` (repeatable) changes a setting for the whole experiment (a
@@ -66,7 +67,7 @@ from bench.common import REPO, RESULTS_DIR, git_commit, log, machine_info, scrat
 NAME = "selection_quality"
 REFERENCE_DIR = REPO / "bench" / "reference"
 CONFS = [REPO / "conf" / "default.yaml", REPO / "conf" / "scorers.yaml", REPO / "conf" / "search-demo.yaml"]
-STOP_POINTS = ("spread", "screen_fit", "screen_evaluate_ngram", "screen_evaluate", "screen_lm_evaluate")
+STOP_POINTS = ("spread", "screen_fit", "screen_evaluate_ngram", "screen_evaluate", "screen_lm_evaluate", "agreement")
 SKIPPABLE = ("screen_evaluate_ngram", "screen_evaluate")  # judgements of the screening θ* another step supersedes
 GOALS = {"cv_spearman.screen": 0.8, "cv_spearman.lm": 0.6, "agreement_spearman": 0.7, "paired_z": 2.0}
 
@@ -517,6 +518,8 @@ def run(args) -> dict[str, Any]:
     rho, n = spearman(lm_losses, agree_losses)
     result["agreement_spearman"], result["agreement_thetas"] = rho, n
     result["proxy_losses"] = {"screen": screen_losses, "lm": lm_losses, "lm_as_ngram": agree_losses}
+    if stop("agreement"):
+        return result
     result["paired"]["lm"] = step("lm_evaluate", evaluate, exp.config(f"search.name={exp.name('quality-lm')}", *judge))
     result["verdicts"] = verdicts(result)
     result["wall_s"] = round(sum(timings.values()), 1)

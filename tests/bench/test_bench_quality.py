@@ -102,6 +102,12 @@ def test_a_variant_reuses_the_curation_and_keeps_its_searches_apart(tmp_path, sp
     r = json.loads((results / f"selection_quality{variant_suffix(keys)}.json").read_text())
     assert r["skipped"] == ["screen_evaluate", "screen_evaluate_ngram"] and r["last_step"] == "screen_evaluate"
     assert "screen_on_ngram" not in r and not r["paired"] and "screen_evaluate" not in r["timings_s"]
+    # --stop-after agreement: the transformer search's fit and its agreement with the n-gram proxy, θ* not judged
+    assert main([*common[:-1], "agreement", *refine, *skip]) == 0
+    r = json.loads((results / f"selection_quality{variant_suffix(keys)}.json").read_text())
+    assert r["last_step"] == "agreement" and r["partial"] and set(r["cv_spearman"]) == {"screen", "lm"}
+    assert r["agreement_thetas"] == r["sizes"]["lm_thetas"] == len(r["proxy_losses"]["lm"]) and "lm_evaluate" not in r["timings_s"]
+    assert not r["paired"] and "verdicts" not in r
 
     # the seed spread alone (--stop-after spread), as a variant: its own spread runs, its budget, nothing searched
     lr = ["proxy.train.min_lr=0.0001"]
