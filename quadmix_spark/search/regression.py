@@ -132,16 +132,31 @@ def _lgb_names(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(n: int, val_fraction: float, seed: int, groups: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) row indices: a permutation from ``seed``; at least one validation row and two
-    training rows (LightGBM refuses to fit one)."""
+    training rows (LightGBM refuses to fit one). With ``groups`` (a θ id per run) whole groups are held out, so
+    early stopping never watches a θ whose other runs it trains on; the groups are dealt as the runs would be
+    (in order of first appearance), which with one run per group is the split without ``groups``."""
     if n < 3:
         raise SearchInputError(f"need at least 3 runs to fit on 2 and hold 1 out, got {n}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    n_val = min(max(1, int(round(n * val_fraction))), n - 2)
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    if groups is None:
+        group_of, n_groups = np.arange(n), n
+    else:
+        if len(groups) != n:
+            raise ValueError(f"split_indices: {len(groups)} groups for {n} runs")
+        group_of = group_numbers(groups)
+        n_groups = int(group_of.max()) + 1
+    perm = np.random.default_rng(seed).permutation(n_groups)
+    sizes = np.bincount(group_of, minlength=n_groups)[perm]
+    n_val = max(1, int(round(n_groups * val_fraction)))
+    while n_val > 1 and n - int(sizes[:n_val].sum()) < 2:
+        n_val -= 1
+    if n - int(sizes[:n_val].sum()) < 2:
+        raise SearchInputError(f"need at least 2 runs outside the held-out θ to fit on, got {n_groups} θ over {n} runs")
+    held = np.isin(group_of, perm[:n_val])
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def fit_regressor(
@@ -152,10 +167,11 @@ def fit_regressor(
     early_stopping_rounds: int,
     seed: int,
     feature_names_: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None,
 ) -> FitResult:
     """RegMix's regression (spec §6.3): ``LGBMRegressor(**lgb_params)`` on a seeded train/validation split,
-    early stopping (``stopping_rounds=early_stopping_rounds``, L2) on the validation runs; reports MAE and
-    Spearman ρ of the predictions on those runs.  Unless ``lgb_params`` name a thread setting, the fit runs
+    early stopping (``stopping_rounds=early_stopping_rounds``, L2) on the validation runs (whole θ with
+    ``groups``, :func:`split_indices`); reports MAE and Spearman ρ of the predictions on those runs.  Unless ``lgb_params`` name a thread setting, the fit runs
     on one thread (see :data:`THREAD_KEYS`)."""
     import lightgbm as lgb
 
@@ -168,7 +184,7 @@ def fit_regressor(
     y = np.asarray(y, dtype=np.float64).ravel()
     if x.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"X must be (n, F) with one y per row; got X {x.shape}, y {y.shape}")
-    tr, va = split_indices(len(y), val_fraction, seed)
+    tr, va = split_indices(len(y), val_fraction, seed, groups)
     params = dict(lgb_params)
     if not THREAD_KEYS & set(params):
         params["n_jobs"] = 1  # see THREAD_KEYS: threads do not pay on a few thousand rows
@@ -271,7 +287,8 @@ def fit_search(
     groups: Sequence[str] | None = None,
 ) -> SearchFit:
     """K-fold cross-validated fit and the final model on all runs (see :class:`SearchFit`); ``groups`` (the θ id
-    of each run) keeps the runs of one θ in one fold (:func:`fold_assignment`)."""
+    of each run) keeps the runs of one θ in one fold (:func:`fold_assignment`) and, inside each fold's training
+    side, on one side of the early-stopping split (:func:`split_indices`)."""
     import lightgbm as lgb
 
     names = list(X.columns)
@@ -282,7 +299,8 @@ def fit_search(
     trees = []
     for k in range(int(fold_of.max()) + 1):
         test = fold_of == k
-        fit = fit_regressor(x[~test], y[~test], lgb_params, val_fraction, early_stopping_rounds, seed + 1 + k, names)
+        inner = None if groups is None else [g for g, t in zip(groups, test) if not t]
+        fit = fit_regressor(x[~test], y[~test], lgb_params, val_fraction, early_stopping_rounds, seed + 1 + k, names, inner)
         oof[test] = predict(fit.model, x[test])
         trees.append(fit.best_iteration)
     n_trees = max(1, int(np.median(trees)))

@@ -347,6 +347,24 @@ def test_folds_keep_the_runs_of_one_theta_together():
         regression.fold_assignment(5, 5, 0, ["a"] * 5)
 
 
+def test_early_stopping_holds_out_whole_theta():
+    """The early-stopping split inside a fit holds out whole θ: no run is watched while another run of its θ is
+    trained on; with one run per θ it is the split without groups."""
+    for n, vf, seed in [(40, 0.25, 0), (7, 0.34, 3), (3, 0.5, 1)]:
+        plain = regression.split_indices(n, vf, seed)
+        grouped = regression.split_indices(n, vf, seed, [f"t{i}" for i in range(n)])
+        for a, b in zip(plain, grouped):
+            np.testing.assert_array_equal(a, b)
+    groups = [f"t{i}" for i in range(30)] + [f"t{i}" for i in range(10)] * 2  # 10 θ raced with 2 more seeds
+    tr, va = regression.split_indices(len(groups), 0.25, 5, groups)
+    assert sorted([*tr, *va]) == list(range(len(groups)))
+    held = {groups[i] for i in va}
+    assert held and not held & {groups[i] for i in tr}
+    assert len(held) == round(30 * 0.25)  # a quarter of the θ, not of the runs
+    with pytest.raises(run_table.SearchInputError, match="2 runs outside the held-out θ"):
+        regression.split_indices(3, 0.5, 0, ["a", "a", "a"])
+
+
 def test_trained_theta_star_ranks_raced_theta_by_their_mean(main_table):
     """search.theta_star=trained with replicates: each θ counts once, by the mean of its runs, and only the θ with
     the most runs (the race's finalists) compete; without replicates, the k best runs as before."""
