@@ -141,13 +141,7 @@ def split_indices(n: int, val_fraction: float, seed: int, groups: Sequence[str] 
         raise SearchInputError(f"need at least 3 runs to fit on 2 and hold 1 out, got {n}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if groups is None:
-        group_of, n_groups = np.arange(n), n
-    else:
-        if len(groups) != n:
-            raise ValueError(f"split_indices: {len(groups)} groups for {n} runs")
-        group_of = group_numbers(groups)
-        n_groups = int(group_of.max()) + 1
+    group_of, n_groups = _group_of_runs(n, groups, "split_indices")
     perm = np.random.default_rng(seed).permutation(n_groups)
     sizes = np.bincount(group_of, minlength=n_groups)[perm]
     n_val = max(1, int(round(n_groups * val_fraction)))
@@ -252,6 +246,16 @@ def group_numbers(ids: Sequence[str]) -> np.ndarray:
     return np.array([index.setdefault(t or f"\0run {i}", len(index)) for i, t in enumerate(ids)], dtype=np.int64)
 
 
+def _group_of_runs(n: int, groups: Sequence[str] | None, caller: str) -> tuple[np.ndarray, int]:
+    """(group number of each run, number of groups): each run its own group without ``groups``."""
+    if groups is None:
+        return np.arange(n), n
+    if len(groups) != n:
+        raise ValueError(f"{caller}: {len(groups)} groups for {n} runs")
+    group_of = group_numbers(groups)
+    return group_of, int(group_of.max()) + 1
+
+
 def fold_assignment(n: int, folds: int, seed: int, groups: Sequence[str] | None = None) -> np.ndarray:
     """Fold of each of ``n`` runs: a seeded permutation dealt round-robin, so fold sizes differ by at most one.
 
@@ -261,15 +265,9 @@ def fold_assignment(n: int, folds: int, seed: int, groups: Sequence[str] | None 
     order of first appearance), which with one run per group is the assignment without ``groups``."""
     if n < 4:
         raise SearchInputError(f"need at least 4 runs to cross-validate (3 to fit each fold on), got {n}")
-    if groups is None:
-        group_of, n_groups = np.arange(n), n
-    else:
-        if len(groups) != n:
-            raise ValueError(f"fold_assignment: {len(groups)} groups for {n} runs")
-        group_of = group_numbers(groups)
-        n_groups = int(group_of.max()) + 1
-        if n_groups < 2:
-            raise SearchInputError(f"need at least 2 distinct θ to cross-validate over θ, got {n_groups}")
+    group_of, n_groups = _group_of_runs(n, groups, "fold_assignment")
+    if n_groups < 2:
+        raise SearchInputError(f"need at least 2 distinct θ to cross-validate over θ, got {n_groups}")
     folds = min(folds, n_groups)
     out = np.empty(n_groups, dtype=np.int64)
     out[np.random.default_rng(seed).permutation(n_groups)] = np.arange(n_groups) % folds
