@@ -13,7 +13,10 @@
  * written out as the first alternative that matches at each position (Oniguruma's order); each piece is
  * BPE-merged the way tokenizers' Word::merge_all does it: a min-heap of (rank, position), a popped merge
  * skipped when its left symbol is gone, has no right neighbour, or the pair there no longer merges to the
- * same id. Results never depend on the cache (it only saves work). The GIL is held throughout.
+ * same id. Results never depend on the cache (it only saves work): a piece's ids are kept in one table, and the
+ * last short pieces used also in a small direct-mapped copy read first (one cache line, not two scattered
+ * reads). count_text(text, raw, normalized, unstable) counts a whole text in one call where bpe_fast's steps
+ * before the pattern leave it unchanged (see there). The GIL is held throughout.
  *
  * Two scans serve the Python steps before it, for every file: CodePointSet (the first code point of a text
  * in a set: bpe_fast's test that a text is already normalized) and Trie (the leftmost-longest matches of
@@ -44,6 +47,17 @@ typedef struct {
     uint32_t key_off, key_len, ids_off, ids_len;
 } Entry;
 
+/* A slot of the hot cache: a direct-mapped copy of recently used short pieces (one cache line each), looked up
+ * before the main table, whose entry and key would cost two scattered reads. */
+#define HOT_KEY 12 /* code points kept inline; longer pieces go to the main table only */
+#define HOT_SLOTS 4096
+typedef struct {
+    uint64_t hash; /* 0: empty */
+    uint32_t ids_off;
+    uint16_t key_len, ids_len;
+    uint32_t key[HOT_KEY];
+} HotSlot;
+
 typedef struct { int32_t c, prev, next, len; } Symbol;
 typedef struct { int32_t rank, pos, new_id; } HeapItem;
 
@@ -59,6 +73,7 @@ typedef struct {
     size_t table_mask, used, limit;
     uint32_t *keys; size_t keys_len, keys_cap;
     int32_t *ids; size_t ids_len, ids_cap;
+    HotSlot *hot; /* HOT_SLOTS, emptied with the main table */
     /* scratch */
     uint32_t *cp; size_t cp_cap;
     uint8_t *bytes; size_t bytes_cap;
@@ -203,6 +218,7 @@ static int bpe(Counter *self, const uint32_t *cp, size_t n) {
 
 static void cache_clear(Counter *self) {
     memset(self->table, 0, (self->table_mask + 1) * sizeof(Entry));
+    memset(self->hot, 0, HOT_SLOTS * sizeof(HotSlot));
     self->used = 0;
     self->keys_len = 0;
     self->ids_len = 0;
@@ -225,8 +241,22 @@ static int cache_resize(Counter *self, size_t slots) {
     return 0;
 }
 
-/* Appends the ids of cp[0..n) to self->out; *count gets how many. */
-static int piece(Counter *self, const uint32_t *cp, size_t n, size_t *count) {
+static inline int same_key(const uint32_t *a, const uint32_t *b, size_t n) {
+    uint32_t diff = 0;
+    for (size_t i = 0; i < n; i++) diff |= a[i] ^ b[i];
+    return diff == 0;
+}
+
+static inline void hot_put(HotSlot *hot, const Entry *e, const uint32_t *cp) {
+    hot->hash = e->hash;
+    hot->ids_off = e->ids_off;
+    hot->key_len = (uint16_t)e->key_len;
+    hot->ids_len = (uint16_t)e->ids_len;
+    memcpy(hot->key, cp, e->key_len * sizeof(uint32_t));
+}
+
+/* Appends the ids of cp[0..n) to self->out (a cached piece's only with keep_ids); *count gets how many. */
+static int piece(Counter *self, const uint32_t *cp, size_t n, size_t *count, int keep_ids) {
     if (n > LONG_PIECE) {
         size_t before = self->out_len;
         if (bpe(self, cp, n) < 0) return -1;
@@ -234,17 +264,30 @@ static int piece(Counter *self, const uint32_t *cp, size_t n, size_t *count) {
         return 0;
     }
     uint64_t h = 0x9E3779B97F4A7C15ULL ^ n;
-    for (size_t i = 0; i < n; i++) h = (h ^ cp[i]) * 0x100000001B3ULL;
+    size_t i = 0;
+    for (; i + 1 < n; i += 2) h = (h ^ (cp[i] | (uint64_t)cp[i + 1] << 32)) * 0x100000001B3ULL;
+    if (i < n) h = (h ^ cp[i]) * 0x100000001B3ULL;
     h = mix64(h) | 1;
+    HotSlot *hot = n <= HOT_KEY ? &self->hot[(h >> 40) & (HOT_SLOTS - 1)] : NULL;
+    if (hot && hot->hash == h && hot->key_len == n && same_key(hot->key, cp, n)) {
+        *count = hot->ids_len;
+        if (!keep_ids) return 0;
+        if (grow((void **)&self->out, &self->out_cap, self->out_len + hot->ids_len, sizeof(int32_t)) < 0) return -1;
+        memcpy(self->out + self->out_len, self->ids + hot->ids_off, hot->ids_len * sizeof(int32_t));
+        self->out_len += hot->ids_len;
+        return 0;
+    }
     size_t j = h & self->table_mask;
     for (;;) {
         Entry *e = &self->table[j];
         if (!e->hash) break;
         if (e->hash == h && e->key_len == n && memcmp(self->keys + e->key_off, cp, n * sizeof(uint32_t)) == 0) {
+            *count = e->ids_len;
+            if (hot) hot_put(hot, e, cp);
+            if (!keep_ids) return 0;
             if (grow((void **)&self->out, &self->out_cap, self->out_len + e->ids_len, sizeof(int32_t)) < 0) return -1;
             memcpy(self->out + self->out_len, self->ids + e->ids_off, e->ids_len * sizeof(int32_t));
             self->out_len += e->ids_len;
-            *count = e->ids_len;
             return 0;
         }
         j = (j + 1) & self->table_mask;
@@ -273,6 +316,7 @@ static int piece(Counter *self, const uint32_t *cp, size_t n, size_t *count) {
     memcpy(self->ids + self->ids_len, self->out + before, k * sizeof(int32_t));
     self->ids_len += k;
     self->used++;
+    if (hot) hot_put(hot, e, cp);
     return 0;
 }
 
@@ -292,11 +336,8 @@ static Py_ssize_t code_points(PyObject *text, uint32_t **buf, size_t *cap) {
 }
 
 
-/* Runs every piece of the segment; returns the number of tokens, or -1 with an exception set. */
-static Py_ssize_t run(Counter *self, PyObject *text, int keep_ids) {
-    Py_ssize_t n = code_points(text, &self->cp, &self->cp_cap);
-    if (n < 0) return -1;
-    const uint32_t *cp = self->cp;
+/* Runs every piece of the segment cp[0..n); returns the number of tokens, or -1 with an exception set. */
+static Py_ssize_t run_code_points(Counter *self, const uint32_t *cp, Py_ssize_t n, int keep_ids) {
     const uint8_t *cls = self->classes;
 #define CLS(c) (cls[(c)])
 #define OTHER(c) (!(CLS(c) & (CL_L | CL_N | CL_S)))
@@ -337,7 +378,7 @@ static Py_ssize_t run(Counter *self, PyObject *text, int keep_ids) {
             if (end < n && end - i >= 2) end--;
         }
         size_t k;
-        if (piece(self, cp + i, (size_t)(end - i), &k) < 0) return -1;
+        if (piece(self, cp + i, (size_t)(end - i), &k, keep_ids) < 0) return -1;
         total += (Py_ssize_t)k;
         if (!keep_ids) self->out_len = 0;
         i = end;
@@ -345,6 +386,12 @@ static Py_ssize_t run(Counter *self, PyObject *text, int keep_ids) {
 #undef CLS
 #undef OTHER
     return total;
+}
+
+static Py_ssize_t run(Counter *self, PyObject *text, int keep_ids) {
+    Py_ssize_t n = code_points(text, &self->cp, &self->cp_cap);
+    if (n < 0) return -1;
+    return run_code_points(self, self->cp, n, keep_ids);
 }
 
 static PyObject *Counter_count(Counter *self, PyObject *text) {
@@ -412,7 +459,9 @@ static int Counter_init(Counter *self, PyObject *args, PyObject *kwds) {
     self->limit = (size_t)limit;
     PyMem_Free(self->table);
     self->table = PyMem_Calloc(1 << 12, sizeof(Entry));
-    if (!self->table) { PyErr_NoMemory(); goto done; }
+    PyMem_Free(self->hot);
+    self->hot = PyMem_Calloc(HOT_SLOTS, sizeof(HotSlot));
+    if (!self->table || !self->hot) { PyErr_NoMemory(); goto done; }
     self->table_mask = (1 << 12) - 1;
     self->used = self->keys_len = self->ids_len = 0;
     rc = 0;
@@ -426,6 +475,7 @@ static void Counter_dealloc(Counter *self) {
     Py_XDECREF(self->classes_obj);
     PyMem_Free(self->merges);
     PyMem_Free(self->table);
+    PyMem_Free(self->hot);
     PyMem_Free(self->keys);
     PyMem_Free(self->ids);
     PyMem_Free(self->cp);
@@ -439,8 +489,12 @@ static void Counter_dealloc(Counter *self) {
     Py_DECREF(type); /* a heap type: its instances hold a reference */
 }
 
+static PyObject *Counter_count_text(Counter *self, PyObject *args); /* below the Trie it uses */
+
 static PyMethodDef Counter_methods[] = {
     {"count", (PyCFunction)Counter_count, METH_O, "Token count of one plain segment."},
+    {"count_text", (PyCFunction)Counter_count_text, METH_VARARGS,
+     "count_text(text, raw, normalized, unstable): token count of a whole text, or -1 where the caller's general path must count it."},
     {"encode", (PyCFunction)Counter_encode, METH_O, "Token ids of one plain segment."},
     {"cached", (PyCFunction)Counter_cached, METH_NOARGS, "Pieces in the cache now."},
     {NULL, NULL, 0, NULL},
@@ -615,6 +669,27 @@ static inline int32_t trie_child(const Trie *self, int32_t node, uint32_t c) {
     return -1;
 }
 
+/* The leftmost-longest match starting at or after i in cp[0..n) (cp[n] readable: the pair filter reads one
+ * past the end): its start, with *stop and *term set; -1 when there is none. */
+static Py_ssize_t trie_next(const Trie *self, const uint32_t *cp, Py_ssize_t n, Py_ssize_t i, Py_ssize_t *stop, int32_t *term) {
+    const uint8_t *pairs = self->pairs;
+    while (i < n) {
+        /* one well-predicted branch per character where no string starts: most of a text */
+        uint32_t k = (cp[i] & 255) << 8 | (cp[i + 1] & 255);
+        if (!((pairs[k >> 3] >> (k & 7)) & 1)) { i++; continue; }
+        int32_t node = 0;
+        *stop = -1;
+        for (Py_ssize_t j = i; j < n; j++) {
+            node = trie_child(self, node, cp[j]);
+            if (node < 0) break;
+            if (self->terminals[node] >= 0) { *stop = j + 1; *term = self->terminals[node]; }
+        }
+        if (*stop >= 0) return i;
+        i++;
+    }
+    return -1;
+}
+
 static PyObject *Trie_find(Trie *self, PyObject *text) {
     if (!self->starts) {
         PyErr_SetString(PyExc_ValueError, "Trie not initialised");
@@ -622,24 +697,12 @@ static PyObject *Trie_find(Trie *self, PyObject *text) {
     }
     Py_ssize_t n = code_points(text, &self->cp, &self->cp_cap);
     if (n < 0) return NULL;
-    self->cp[n] = 0; /* the pair filter reads one past the end */
-    const uint32_t *cp = self->cp;
-    const uint8_t *pairs = self->pairs;
+    self->cp[n] = 0;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
-    Py_ssize_t i = 0;
-    while (i < n) {
-        /* one well-predicted branch per character where no string starts: most of a text */
-        uint32_t k = (cp[i] & 255) << 8 | (cp[i + 1] & 255);
-        if (!((pairs[k >> 3] >> (k & 7)) & 1)) { i++; continue; }
-        int32_t node = 0, term = -1;
-        Py_ssize_t stop = -1;
-        for (Py_ssize_t j = i; j < n; j++) {
-            node = trie_child(self, node, cp[j]);
-            if (node < 0) break;
-            if (self->terminals[node] >= 0) { stop = j + 1; term = self->terminals[node]; }
-        }
-        if (stop < 0) { i++; continue; }
+    Py_ssize_t i = 0, stop;
+    int32_t term;
+    while ((i = trie_next(self, self->cp, n, i, &stop, &term)) >= 0) {
         PyObject *m = Py_BuildValue("(nni)", i, stop, (int)term);
         if (!m || PyList_Append(out, m) < 0) { Py_XDECREF(m); Py_DECREF(out); return NULL; }
         Py_DECREF(m);
@@ -675,6 +738,72 @@ static PyType_Spec Trie_spec = {
     "quadmix_udfs._bpe_native.Trie", sizeof(Trie), 0, Py_TPFLAGS_DEFAULT, Trie_slots,
 };
 
+/* ---------------------------------------------------------------- a whole text in one call */
+
+static PyObject *TrieType, *CodePointSetType; /* set when the module is created */
+
+/* count_text(text, raw, normalized, unstable) -> bpe_fast's count of a whole text where these settle it,
+ * else -1 (the caller's general path then counts it, and raises what it raises):
+ *   raw         Trie of the added tokens matched on the raw text, or None: a text holding one is left to the caller;
+ *   normalized  Trie of the normalized added tokens (leftmost-longest, no single_word/lstrip/rstrip rule), or None;
+ *   unstable    CodePointSet of the characters that the normalizer may change (None: it changes none); a text
+ *               holding one is left to the caller, as is one holding a surrogate.
+ * Otherwise the text is its own normal form, so each normalized added token counts 1 and each stretch between
+ * them is a plain segment counted as count() does (no ByteLevel prefix space: the caller does not call this
+ * when the file adds one). */
+static PyObject *Counter_count_text(Counter *self, PyObject *args) {
+    PyObject *text, *raw, *norm, *unstable;
+    if (!PyArg_ParseTuple(args, "UOOO", &text, &raw, &norm, &unstable)) return NULL;
+    const Trie *raw_trie = NULL, *norm_trie = NULL;
+    const uint8_t *flags = NULL;
+    int ok;
+    if (raw != Py_None) {
+        if ((ok = PyObject_IsInstance(raw, TrieType)) <= 0) goto bad;
+        raw_trie = (const Trie *)raw;
+    }
+    if (norm != Py_None) {
+        if ((ok = PyObject_IsInstance(norm, TrieType)) <= 0) goto bad;
+        norm_trie = (const Trie *)norm;
+    }
+    if (unstable != Py_None) {
+        if ((ok = PyObject_IsInstance(unstable, CodePointSetType)) <= 0) goto bad;
+        flags = ((const CodePointSet *)unstable)->flags;
+    }
+    if ((raw_trie && !raw_trie->starts) || (norm_trie && !norm_trie->starts) || (unstable != Py_None && !flags)) {
+        PyErr_SetString(PyExc_ValueError, "count_text: a Trie or CodePointSet is not initialised");
+        return NULL;
+    }
+    Py_ssize_t n = code_points(text, &self->cp, &self->cp_cap);
+    if (n < 0) return NULL;
+    self->cp[n] = 0;
+    const uint32_t *cp = self->cp;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t c = cp[i];
+        if (c - 0xD800u < 0x800u || (flags && flags[c])) return PyLong_FromLong(-1);
+    }
+    Py_ssize_t stop, start;
+    int32_t term;
+    if (raw_trie && trie_next(raw_trie, cp, n, 0, &stop, &term) >= 0) return PyLong_FromLong(-1);
+    Py_ssize_t total = 0, offset = 0;
+    while (offset < n) {
+        start = norm_trie ? trie_next(norm_trie, cp, n, offset, &stop, &term) : -1;
+        Py_ssize_t end = start < 0 ? n : start;
+        if (end > offset) {
+            Py_ssize_t k = run_code_points(self, cp + offset, end - offset, 0);
+            if (k < 0) return NULL;
+            total += k;
+        }
+        if (start < 0) break;
+        total += 1;
+        offset = stop;
+    }
+    self->out_len = 0;
+    return PyLong_FromSsize_t(total);
+bad:
+    if (ok == 0) PyErr_SetString(PyExc_TypeError, "count_text(text, raw, normalized, unstable): Trie, Trie, CodePointSet or None");
+    return NULL;
+}
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_bpe_native", "Native inner loop of quadmix_udfs.bpe_fast.", -1, NULL, NULL, NULL, NULL, NULL,
 };
@@ -691,6 +820,8 @@ PyMODINIT_FUNC PyInit__bpe_native(void) {
             Py_DECREF(m);
             return NULL;
         }
+        if (i == 1) CodePointSetType = type; /* the module holds the reference */
+        if (i == 2) TrieType = type;
     }
     return m;
 }

@@ -25,7 +25,10 @@ For files whose only pattern is GPT-2's (GPT-2, GPT-NeoX, RoBERTa-style), steps 
 Where it is not built, or the file has ``ignore_merges``, the Python steps above do the same work. For every
 file the same module finds the added tokens of step 1 (a character trie, leftmost-longest) and tells which
 texts are already normalized for step 2 (a set of the code points that could make a text fail
-``unicodedata``'s test; :func:`unstable_in`), the two steps' costs on a typical web page.
+``unicodedata``'s test; :func:`unstable_in`), the two steps' costs on a typical web page. Where a file allows
+(the compiled loop, no prefix space, no rule on the normalized added tokens), a text's count is one compiled
+call that runs all of it (:meth:`ByteLevelBPE._whole_text_counter`); a text it cannot settle (a raw added token,
+a character the normalizer may change, a surrogate) takes the steps one by one.
 
 So the ids equal ``Tokenizer.encode(text, add_special_tokens=False).ids`` by construction for every step but
 the third, which ``tests/udfs/test_bpe_fast.py`` checks on generated strings and every shared page. A file with a
@@ -533,6 +536,7 @@ class ByteLevelBPE:
                 raw.append(_Added(content, int(t["id"]), bool(t.get("single_word")), bool(t.get("lstrip")), bool(t.get("rstrip"))))
         self.raw_added = _AddedMatcher(raw, native)
         self.normalized_added = _AddedMatcher(normalized, native)
+        self.whole_text = self._whole_text_counter()
         # caches: piece -> ids and count; chunk -> ids and count. Each is emptied when a fill would take it
         # past ``limit`` keys; what they hold never depends on what came before (only how fast it comes)
         self.limit = cache_limit
@@ -649,8 +653,29 @@ class ByteLevelBPE:
             out.extend(ids)
         return out
 
+    def _whole_text_counter(self):
+        """``text -> count or -1``: the compiled count of a whole text in one call (added tokens, the normal-form
+        test and every segment: ``Counter.count_text``), where this file's steps allow it (the compiled loop,
+        no prefix space, no normalizer or a Unicode form, added tokens matched by compiled tries without
+        single_word/lstrip/rstrip on the normalized ones); None elsewhere. It returns -1 for a text holding a
+        raw added token, a character the normalizer may change or a surrogate: the general path counts those."""
+        if self.native is None or self.add_prefix_space:
+            return None
+        if self.normalize is not None and self.stable is None:
+            return None
+        raw, norm = self.raw_added, self.normalized_added
+        if (raw.tokens and raw.trie is None) or (norm.tokens and norm.trie is None) or norm.rules:
+            return None
+        count_text = self.native.count_text
+        raw_trie, norm_trie, unstable = raw.trie, norm.trie, self.stable
+        return lambda text: count_text(text, raw_trie, norm_trie, unstable)
+
     def count(self, text: str) -> int:
         """``len(encode(text))`` without building the id list."""
+        if self.whole_text is not None:
+            n = self.whole_text(text)
+            if n >= 0:
+                return n
         n = 0
         for segment, tid in self._segments(text):
             if tid is not None:

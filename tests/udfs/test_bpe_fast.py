@@ -69,7 +69,7 @@ def _added_tokens():
 def _train(path, style: str) -> str:
     from tokenizers import Regex, Tokenizer, AddedToken, models, normalizers, pre_tokenizers, trainers
 
-    if style == "gpt2":
+    if style in ("gpt2", "gpt2_plain"):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     elif style == "roberta":
@@ -87,7 +87,10 @@ def _train(path, style: str) -> str:
                                   special_tokens=[AddedToken("<|endoftext|>", special=True, normalized=False)],
                                   show_progress=False)
     tok.train_from_iterator(_pages(1500), trainer)
-    tok.add_tokens(_added_tokens())
+    added = _added_tokens()
+    if style == "gpt2_plain":  # no single_word/lstrip/rstrip: the compiled whole-text count applies
+        added = [t for t in added if not (t.single_word or t.lstrip or t.rstrip)]
+    tok.add_tokens(added)
     out = str(path / f"{style}.json")
     tok.save(out)
     return out
@@ -96,7 +99,7 @@ def _train(path, style: str) -> str:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("tokenizers")
-    return {"gpt_neox": str(TOKENIZER), **{s: _train(folder, s) for s in ("gpt2", "roberta", "llama3")}}
+    return {"gpt_neox": str(TOKENIZER), **{s: _train(folder, s) for s in ("gpt2", "gpt2_plain", "roberta", "llama3")}}
 
 
 def generated(n: int, seed: int) -> list[str]:
@@ -155,12 +158,13 @@ def _assert_same(path: str, texts: list[str], engine: str = "python") -> None:
     np.testing.assert_array_equal(counts, [len(w) for w in want])
 
 
-STYLES = ["gpt_neox", "gpt2", "roberta", "llama3"]
+STYLES = ["gpt_neox", "gpt2", "roberta", "llama3", "gpt2_plain"]
 COMPILED = importlib.util.find_spec("quadmix_udfs._bpe_native") is not None
 # (file, engine): the compiled loop serves the files with GPT-2's pattern alone (llama3 has its own pattern, so
 # "compiled" there is the compiled added-token and normalization scans only)
 RUNS = [("gpt_neox", "compiled"), ("gpt_neox", "python"), ("gpt2", "compiled"), ("gpt2", "python"),
-        ("roberta", "compiled"), ("roberta", "python"), ("llama3", "compiled"), ("llama3", "python")]
+        ("roberta", "compiled"), ("roberta", "python"), ("llama3", "compiled"), ("llama3", "python"),
+        ("gpt2_plain", "compiled")]  # gpt2 without added-token rules: the compiled whole-text count (Python: as gpt2)
 RUNS = [r for r in RUNS if COMPILED or r[1] == "python"]
 SHARED_RUNS = [r for r in RUNS if r[0] in ("gpt_neox", "llama3")]
 
@@ -210,6 +214,28 @@ def test_results_do_not_depend_on_what_was_cached_before(files, style, engine):
     # the compiled loop keeps its own cache; llama3's pattern keeps the Python one even with the compiled scans
     held = tiny.fast.native.cached() if tiny.fast.native is not None else len(tiny.fast.pieces)
     assert 0 < held <= max(50, max(len(i) for i in ids))
+
+
+@pytest.mark.skipif(not COMPILED, reason="the compiled module is not built")
+def test_whole_texts_are_counted_in_one_compiled_call_where_the_file_allows(files):
+    # the generated-strings and shared-text runs above compare these counts with tokenizers; here: which files
+    # take the one-call count, and which texts it leaves to the general path
+    takes = {style: bpe_fast.ByteLevelBPE(path).whole_text is not None for style, path in files.items()}
+    assert takes == {"gpt_neox": True, "gpt2_plain": True, "gpt2": False, "roberta": False, "llama3": False}
+    assert bpe_fast.ByteLevelBPE(files["gpt_neox"], native=False).whole_text is None
+    neox = bpe_fast.ByteLevelBPE(files["gpt_neox"])
+    whole, general = neox.whole_text, bpe_fast.ByteLevelBPE(files["gpt_neox"])
+    general.whole_text = None
+    left = ["a<|endoftext|>b", "cafe\u0301", "A\u030a", "x\ud800y"]  # a raw added token, not NFC, a surrogate
+    assert [whole(t) for t in left] == [-1] * len(left)
+    kept = ["", "plain  text   with    runs", "naïve 東京 🙂\n\n\tend", "<|endoftext", "  " * 40]
+    counts = [whole(t) for t in kept]
+    assert min(counts) >= 0 and counts == [general.count(t) for t in kept]
+    assert [neox.count(t) for t in left[:3]] == [general.count(t) for t in left[:3]]
+    with pytest.raises(UnicodeEncodeError):
+        neox.count(left[3])
+    with pytest.raises(TypeError):
+        neox.native.count_text("text", neox.stable, None, None)  # a CodePointSet where a Trie belongs
 
 
 @pytest.mark.skipif(not COMPILED, reason="the compiled module is not built")
