@@ -459,11 +459,11 @@ static int Counter_init(Counter *self, PyObject *args, PyObject *kwds) {
     self->limit = (size_t)limit;
     PyMem_Free(self->table);
     self->table = PyMem_Calloc(1 << 12, sizeof(Entry));
+    self->table_mask = (1 << 12) - 1;
+    self->used = self->keys_len = self->ids_len = 0;
     PyMem_Free(self->hot);
     self->hot = PyMem_Calloc(HOT_SLOTS, sizeof(HotSlot));
     if (!self->table || !self->hot) { PyErr_NoMemory(); goto done; }
-    self->table_mask = (1 << 12) - 1;
-    self->used = self->keys_len = self->ids_len = 0;
     rc = 0;
 done:
     PyBuffer_Release(&byte_ids);
