@@ -236,8 +236,22 @@ def cut_text(text: Column, limit: int) -> Column:
     return F.when(F.octet_length(text) > limit, F.substring(text, 1, limit)).otherwise(text)
 
 
+def spread_work(work: DataFrame, partitions: int | None, source_files: int | None = None) -> DataFrame:
+    """``work`` in ``partitions`` tasks (hash of ``doc_id``), or, when unset, as read unless that leaves a core idle:
+    fewer partitions than the cluster has slots, or fewer ``source_files`` (the documents table's files) than
+    slots. The second is the common small-corpus case: Spark splits a 19 MB Parquet file in two for two cores,
+    but its one row group goes to the split holding the group's middle, so one task scores every row."""
+    if partitions:
+        return work.repartition(partitions, "doc_id")
+    slots = work.sparkSession.sparkContext.defaultParallelism
+    if work.rdd.getNumPartitions() < slots or (source_files is not None and source_files < slots):
+        return work.repartition(slots, "doc_id")
+    return work
+
+
 def score_documents(
-    work: DataFrame, scorers: ScorerSet, gpu_stage: bool = False, gpu_profile=None, partitions: int | None = None
+    work: DataFrame, scorers: ScorerSet, gpu_stage: bool = False, gpu_profile=None, partitions: int | None = None,
+    source_files: int | None = None,
 ) -> DataFrame:
     """The planned work with every scorer's columns filled where needed (null elsewhere).
 
@@ -248,12 +262,7 @@ def score_documents(
     limit = text_limit([r for _, _, r in scorers.runs()])
     if limit is not None:  # ship only what some scorer reads to Python: a several-MB page costs max_chars
         work = work.withColumn("text", cut_text(F.col("text"), limit))
-    if partitions:
-        work = work.repartition(partitions, "doc_id")
-    else:  # as read, but never fewer tasks than the cluster has slots
-        slots = work.sparkSession.sparkContext.defaultParallelism
-        if work.rdd.getNumPartitions() < slots:
-            work = work.repartition(slots, "doc_id")
+    work = spread_work(work, partitions, source_files)
     runs = scorers.runs()
     values = _value_fields(scorers)
     by_col = {f.name: f for f in values}
@@ -505,7 +514,8 @@ def run_annotate(
                                                            report.scored)
         if work is None:
             work = flagged.where(_any_need(scorers))
-        scored = score_documents(work, scorers, profile is not None, profile, cfg.annotate.partitions)
+        scored = score_documents(work, scorers, profile is not None, profile, cfg.annotate.partitions,
+                                 len(documents.inputFiles()))
         scored = faults.during(scored, "annotate.scores.write")
         updates = any(n > report.new_documents for n in report.scored.values())
         meta = json.dumps({"stage": "annotate", "run_id": run_id, "config": cfg.fingerprint()})

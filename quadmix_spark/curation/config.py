@@ -147,7 +147,7 @@ class AnnotateConfig(Section):
     rescore: list[str] = Field(
         default_factory=list, description="scorers whose changed version may replace existing annotations ('all' = every one)"
     )
-    partitions: int | None = Field(None, gt=0, description="repartition the documents to score into this many tasks; null = as read")
+    partitions: int | None = Field(None, gt=0, description="repartition the documents to score into this many tasks; null = as read, spread over every core when the read would leave one idle")
     histogram_bins: int = Field(20, gt=1, le=200, description="bins of the per-domain score histograms logged to MLflow")
     stage_level_scheduling: bool = Field(
         False,

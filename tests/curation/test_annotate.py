@@ -17,6 +17,7 @@ from quadmix_spark.curation.annotate import (
     plan_work,
     run_annotate,
     score_documents,
+    spread_work,
     uniform_work,
     flag_documents,
 )
@@ -236,6 +237,30 @@ def test_scores_are_the_same_bits_across_partitionings_and_the_gpu_stage_split(s
     split = score_documents(work, resolved, gpu_stage=True, gpu_profile=None, partitions=2)
     cols = ["doc_id", "n_tokens", "domain", "domain_conf", "q_wiki_mini", "q_en", "q_tfidf"]
     assert sorted(split.select(*cols).collect()) == one
+
+
+def test_a_documents_table_of_one_file_is_scored_on_every_core(spark, corpus, tmp_path):
+    """A Parquet file smaller than a row group is one row group: Spark splits it by bytes for the cores, but the
+    group's rows all go to the split holding its middle, so one task would score every row. Annotate spreads such
+    a table by doc_id; a table read in enough files and partitions is left as read."""
+    path = str(tmp_path / "one_file")
+    read_table(spark, str(corpus / "store" / "tables" / "documents")).coalesce(1).write.format("delta").save(path)
+    per_task = lambda df: df.rdd.mapPartitions(lambda rows: [sum(1 for _ in rows)]).collect()  # noqa: E731
+    slots = spark.sparkContext.defaultParallelism
+    assert slots >= 2
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "65536")
+    try:
+        documents = read_table(spark, path)
+        files = len(documents.inputFiles())
+        as_read = per_task(documents)
+        assert files == 1 and len(as_read) >= slots and sorted(as_read)[-2] == 0  # the skew: one busy task
+        spread = per_task(spread_work(documents, None, files))
+        assert len(spread) == slots and min(spread) > 0 and sum(spread) == sum(as_read)
+    finally:
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
+    balanced = documents.repartition(slots)
+    assert spread_work(balanced, None, slots) is balanced
+    assert spread_work(balanced, 3, slots).rdd.getNumPartitions() == 3
 
 
 def test_a_failed_job_commits_nothing_and_the_rerun_completes(spark, corpus, tmp_path):
