@@ -88,6 +88,7 @@ DEFAULT_PARTS = 16
 DEFAULT_MINILM_DOCS = 2_000
 CORES = 2  # local[2]
 MODELS_VERSION = 1  # bump when the training recipe changes (invalidates the cached models)
+CAUSAL_LM_VERSION = 2  # of the reference LM's export (2: it declares its class-factored vocabulary)
 
 MINILM_SETTINGS = {"max_length": 128, "max_chars": 1000, "batch_size": 32}
 TEXT_STATS_NAME = "annotate_text_stats"
@@ -545,7 +546,7 @@ def _train_reference_lm(folder: Path) -> dict[str, Any]:
     texts = _read_jsonl(shared_dir() / "data" / "reference" / "alpaca_eval_outputs.jsonl.gz", "output")
     model, _ = train_causal_lm(texts, str(_tokenizer_path()), LMSettings(seq_len=64, steps=60))
     export_onnx(model, str(folder / "ref_lm.onnx"))
-    return {"files": ["ref_lm.onnx"], "version": MODELS_VERSION}
+    return {"files": ["ref_lm.onnx"], "version": CAUSAL_LM_VERSION}
 
 
 def _tokenizer_path() -> Path:
@@ -566,7 +567,7 @@ def run_causal_lm(args: argparse.Namespace) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     docs = args.causal_lm_docs
-    model_dir, _ = cached_input(f"annotate-causal-lm-v{MODELS_VERSION}", _train_reference_lm)
+    model_dir, _ = cached_input(f"annotate-causal-lm-v{CAUSAL_LM_VERSION}", _train_reference_lm)
     spark, conf = _session(args, "causal_lm")
     folder, manifest = generate_tables(spark, docs, DEFAULT_PARTS)
     scorers = causal_lm_scorers(model_dir / "ref_lm.onnx")

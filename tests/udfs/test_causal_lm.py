@@ -336,7 +336,7 @@ def test_the_trained_reference_lm_is_deterministic_and_a_distribution_over_every
     assert stats["lm_vocab"] == 512 and stats["train_tokens"] > 10_000
     ids = torch.tensor([[5, 100, 2000, 40000, 50000]])
     with torch.no_grad():
-        full = torch.log_softmax(a(ids).double(), dim=-1)[0]
+        full = torch.log_softmax(a(ids)[0].double(), dim=-1)[0]
         compact = torch.log_softmax(a.lm(a.table[ids]).double(), dim=-1)[0]
     assert full.shape[-1] == 50280 and torch.allclose(full.exp().sum(-1), torch.ones(5, dtype=torch.float64))
     members = torch.bincount(a.table, minlength=512).double()
@@ -350,8 +350,67 @@ def test_the_trained_reference_lm_is_deterministic_and_a_distribution_over_every
     got = s.score(texts[:8])[0]
     seqs = s.sequences(texts[:8])
     with torch.no_grad():
-        ref = [float(torch.log_softmax(a(torch.tensor([q]))[0].double(), -1)[torch.arange(len(q) - 1), torch.tensor(q[1:])].mean())
+        ref = [float(torch.log_softmax(a(torch.tensor([q]))[0][0].double(), -1)[torch.arange(len(q) - 1), torch.tensor(q[1:])].mean())
                for q in seqs]
-    # the graph's LogSoftmax runs in float32 over 50,280 ids, the reference in float64: ~1e-4 apart on this
-    # machine and others (a head off by a position or a token is off by ~1)
-    assert np.max(np.abs(got - np.array(ref))) < 5e-4
+    # float32 log-softmax over the 512 classes in the graph, float64 over the 50,280 ids in the reference: ~1e-7
+    # apart (~1e-4 with the float32 softmax over the 50,280 ids); a head off by a position, a token or a class
+    # size is off by ~1e-3 or more
+    assert np.max(np.abs(got - np.array(ref))) < 1e-5
+
+
+def test_a_declared_class_vocabulary_is_scored_over_classes_and_checked_against_the_full_logits(tmp_path):
+    """The reference LM's export declares its token-to-class table: the scorer's graph then never forms the
+    50,280 logits (those nodes are dropped), gives the full-vocabulary head's scores to float32 rounding with
+    both heads, and a declaration its full logits contradict is refused with the gap."""
+    import onnx
+
+    from quadmix_spark.curation.causal_lm_train import LMSettings, export_onnx, train_causal_lm
+    from quadmix_udfs.onnx_causal_lm import CLASSES_KEY, scoring_graph
+    from quadmix_udfs.fasttext_scorer import ModelLoadError
+
+    with gzip.open(DATA / "reference" / "alpaca_eval_outputs.jsonl.gz", "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["output"] for _, line in zip(range(120), f)]
+    model, _ = train_causal_lm(texts, TOK, LMSettings(vocab=256, d_model=32, layers=1, seq_len=32, steps=8, batch_size=4))
+    path = str(tmp_path / "lm.onnx")
+    export_onnx(model, path)
+
+    for head in ("perplexity", "askllm"):
+        factored = scoring_graph(path, head)
+        full = scoring_graph(path, head, classes=False)
+        shapes = lambda g: {tuple(t.dims) for t in g.graph.initializer}  # noqa: E731
+        assert (50280,) in shapes(factored) and (256, 32) in shapes(factored)  # the table and the output layer
+        assert not any("logits" in n.output for n in factored.graph.node)  # the full logits are not computed
+        assert any("logits" in n.output for n in full.graph.node)
+        kw = {"prompt": "Q: {text}\nA:", "answer_tokens": (" yes", " no")} if head == "askllm" else {}
+        fast = CausalLMScorer(path, TOK, head, max_length=24, batch_size=4, device="cpu", **kw)
+        fast.validate()
+        # naming the output reads it as it is: the full vocabulary
+        slow = CausalLMScorer(path, TOK, head, max_length=24, batch_size=4, device="cpu", output_name="logits", **kw)
+        assert fast.classes() is not None and slow.classes() is None
+        assert fast.fingerprint_settings() != slow.fingerprint_settings()
+        a, b = fast.score(texts[:12])[0], slow.score(texts[:12])[0]
+        assert np.max(np.abs(a - b)) < 5e-4 and np.all(np.isfinite(a))  # float32 over 50,280 logits: ~1e-4 off
+        assert len(set(a.tolist())) == 12  # real, varied scores
+
+    def declaring(name: str, table=None, output: str = "class_logits") -> str:
+        m = onnx.load(path)
+        if table is not None:
+            m.graph.initializer.append(onnx.numpy_helper.from_array(table, "other_table"))
+        entry = next(p for p in m.metadata_props if p.key == CLASSES_KEY)
+        entry.value = json.dumps({"class_logits": output, "token_class": "other_table" if table is not None else name})
+        out = str(tmp_path / f"{name}-{output}.onnx")
+        onnx.save(m, out)
+        return out
+
+    ids = onnx.numpy_helper.to_array(next(t for t in onnx.load(path).graph.initializer if t.name == "table")).copy()
+    ids[[13, 15, 20, 286]] = ids[[50000, 50001, 50002, 50003]]  # frequent ids declared in the rare class
+    wrong = CausalLMScorer(declaring("moved", ids), TOK, "perplexity", max_length=31, batch_size=4, device="cpu")
+    with pytest.raises(ModelLoadError, match="declares a class-factored vocabulary.*differ by up to"):
+        wrong.validate()
+    with pytest.raises(ModelLoadError, match="names output 'hidden', which the graph lacks"):
+        scoring_graph(declaring("table", output="hidden"), "perplexity")
+    with pytest.raises(ModelLoadError, match="names 'nothing', which is not a 1-D"):
+        scoring_graph(declaring("nothing"), "perplexity")
+    short = CausalLMScorer(declaring("short", ids[:1000]), TOK, "perplexity", max_length=31, batch_size=4, device="cpu")
+    with pytest.raises(ModelLoadError, match="maps 1000 token ids to classes"):
+        short.validate()
