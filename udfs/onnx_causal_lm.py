@@ -97,8 +97,8 @@ def declared_classes(model, path: str) -> tuple[str, str, np.ndarray] | None:
 
 
 def prune(graph) -> None:
-    """Drop the nodes (and initializers) that no graph output depends on; nodes are in topological order (ONNX
-    requires it), and a node with subgraphs keeps every name its subgraphs read."""
+    """Drop the nodes that no graph output depends on (nodes are in topological order: ONNX requires it); a node
+    with subgraphs keeps every name its subgraphs read. Initializers left unused are onnxruntime's to drop."""
     def reads(node) -> set[str]:
         names = {i for i in node.input if i}
         for attr in node.attribute:
@@ -116,9 +116,6 @@ def prune(graph) -> None:
     keep.reverse()
     del graph.node[:]
     graph.node.extend(keep)
-    unused = [t for t in graph.initializer if t.name not in needed]
-    for t in unused:
-        graph.initializer.remove(t)
 
 
 # ---------------------------------------------------------------- the graph
