@@ -96,6 +96,11 @@ def declared_classes(model, path: str) -> tuple[str, str, np.ndarray] | None:
     return output, table_name, table.astype(np.int64)
 
 
+def logits_output(outputs: list[str], logits_name: str | None) -> str:
+    """The output the full-vocabulary head reads: ``logits_name``, else ``logits``, else the first."""
+    return logits_name or ("logits" if "logits" in outputs else outputs[0])
+
+
 def prune(graph) -> None:
     """Drop the nodes that no graph output depends on (nodes are in topological order: ONNX requires it); a node
     with subgraphs keeps every name its subgraphs read. Initializers left unused are onnxruntime's to drop."""
@@ -151,7 +156,7 @@ def scoring_graph(path: str, head: str, logits_name: str | None = None, classes:
             "(input_ids required)"
         )
     outputs = [o.name for o in graph.output]
-    name = logits_name or ("logits" if "logits" in outputs else outputs[0])
+    name = logits_output(outputs, logits_name)
     if name not in outputs:
         raise ModelLoadError(f"ONNX model {path!r} has no output {name!r} (outputs: {', '.join(outputs)})")
     factored = declared_classes(model, path) if classes and logits_name is None else None
@@ -442,19 +447,18 @@ class CausalLMScorer:
             logits = _logits_width(self.model, self.output_name)
             if logits is not None and logits < vocab:
                 raise ModelLoadError(f"ONNX model {self.model!r} has {logits} logits per token, {self.tokenizer!r} has {vocab} tokens")
-        elif classes[0] != _default_logits(self.model):
-            self._check_classes(session, vocab, width)
+        elif classes[0] != _logits_name(self.model):
+            self._check_classes(session, classes[2], vocab, width)
 
     def classes(self) -> tuple[str, str, np.ndarray] | None:
         """The class-factored vocabulary the model declares (module docstring), when the head uses it."""
         return None if self.output_name is not None else _model_classes(*stamp(self.model))
 
-    def _check_classes(self, session, vocab: int, width: int, rows: int = 8) -> None:
+    def _check_classes(self, session, table: np.ndarray, vocab: int, width: int, rows: int = 8) -> None:
         """The factored head against the same head over the model's full logits, on up to ``rows`` sequences of
         one id of each class in class order (the first classes, the most frequent tokens' in train-scorers'
         export), then ids spread over the vocabulary."""
-        table = self.classes()[2][:vocab]
-        _, first = np.unique(table, return_index=True)
+        _, first = np.unique(table[:vocab], return_index=True)
         ids = np.concatenate([first, np.linspace(0, vocab - 1, rows * width).astype(np.int64)])[: rows * width]
         probe = ids.reshape(rows, width).tolist()
         (factored,) = session.run(None, self.batch_feeds(session, probe, width, rows))
@@ -475,12 +479,11 @@ def _model_classes(local: str, _size: int, _mtime: int) -> tuple[str, str, np.nd
     return declared_classes(onnx.load(local, load_external_data=False), local)
 
 
-def _default_logits(path: str) -> str:
+def _logits_name(path: str) -> str:
     """The output the full-vocabulary head reads when no ``output_name`` is set."""
     import onnx
 
-    outputs = [o.name for o in onnx.load(path, load_external_data=False).graph.output]
-    return "logits" if "logits" in outputs else outputs[0]
+    return logits_output([o.name for o in onnx.load(path, load_external_data=False).graph.output], None)
 
 
 def _logits_width(path: str, logits_name: str | None) -> int | None:
@@ -489,7 +492,7 @@ def _logits_width(path: str, logits_name: str | None) -> int | None:
 
     graph = onnx.load(path, load_external_data=False).graph
     outputs = {o.name: o for o in graph.output}
-    name = logits_name or ("logits" if "logits" in outputs else graph.output[0].name)
+    name = logits_output(list(outputs), logits_name)
     dims = outputs[name].type.tensor_type.shape.dim
     return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else None
 
