@@ -40,7 +40,7 @@ CRITERIA = ("topic_confidence", "format_confidence")
 _BUILD_CHILD = """
 import json, resource, sys, time
 from quadmix_spark.search import ngram_lm
-from quadmix_spark.search.proxy_train import VocabMap
+from quadmix_spark.search.proxy_data import VocabMap
 from quadmix_spark.search.token_store import TokenStore
 import numpy as np
 folder, cache, vocab, order = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from quadmix_spark.search import ngram_lm
     from quadmix_spark.kernel.copies import doc_hashes
     from quadmix_spark.search.proxy_model import ModelShape
-    from quadmix_spark.search.proxy_train import TrainSettings, build_eval_set, train_proxy
+    from quadmix_spark.search.proxy_data import TrainSettings, build_eval_set
+    from quadmix_spark.search.proxy_train import train_proxy
     from quadmix_spark.search.token_store import TokenStore
 
     t_start = time.perf_counter()

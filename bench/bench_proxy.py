@@ -54,7 +54,7 @@ GENERATOR_VERSION = 1
 
 def shape_and_settings(steps: int):
     from quadmix_spark.search.proxy_model import ModelShape
-    from quadmix_spark.search.proxy_train import TrainSettings
+    from quadmix_spark.search.proxy_data import TrainSettings
 
     shape = ModelShape(vocab_size=8192, n_layer=2, n_head=4, d_model=64, ffn=128, seq_len=256)
     settings = TrainSettings(tokens=steps * 16 * shape.seq_len, batch_size=16, micro_batch_size=8, warmup_steps=4,
@@ -74,7 +74,7 @@ def build_pool(n_docs: int) -> tuple[Path, dict[str, Any]]:
         from tokenizers import Tokenizer
 
         from quadmix_spark.kernel.copies import doc_hashes
-        from quadmix_spark.search.proxy_train import build_eval_set
+        from quadmix_spark.search.proxy_data import build_eval_set
         from quadmix_spark.search.token_store import count_tokens, dtype_for_vocab, shard_name, write_meta, write_shard, write_token_counts
 
         rows = []
@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _stream_rate(plan, store, windows: int = 4000) -> float:
-    from quadmix_spark.search.proxy_train import VocabMap, iter_windows
+    from quadmix_spark.search.proxy_data import VocabMap, iter_windows
 
     vmap = VocabMap.build(store.token_counts(), 50432, store.eos_id)
     stream = iter_windows(plan, store, vmap, 2048, theta_key=1, sample_seed=0, train_seed=0)
@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from quadmix_spark.search.proxy_model import ProxyLM, count_params
-    from quadmix_spark.search.proxy_train import EvalSet, run_training, train_proxy
+    from quadmix_spark.search.proxy_data import EvalSet
+    from quadmix_spark.search.proxy_train import run_training, train_proxy
     from quadmix_spark.search.token_store import TokenStore
 
     t_start = time.perf_counter()

@@ -36,7 +36,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from quadmix_spark.search.proxy_model import ModelShape, ProxyLM, count_params  # noqa: E402
-from quadmix_spark.search.proxy_train import LossModule, TrainSettings, VocabMap, run_training  # noqa: E402
+from quadmix_spark.search.proxy_data import TrainSettings, VocabMap  # noqa: E402
+from quadmix_spark.search.proxy_train import LossModule, run_training  # noqa: E402
 
 GOAL_MINUTES = 15.0
 SMOKE_SHAPE = ModelShape(vocab_size=512, n_layer=1, n_head=2, d_model=32, ffn=64, seq_len=32)

@@ -94,12 +94,13 @@ def _imports(path: Path) -> set[str]:
 
 # The one crossing allowed each way (README "Layout"): core's config composes the workflows' config sections; the
 # search turns θ into data with the curation's sampler; the reference-LM scorer is the proxy model, trained by the
-# proxy's loop.
+# proxy's loop on the proxy's data types (settings, vocabulary map).
 ALLOWED_CROSSINGS = {
     ("core/config.py", "quadmix_spark.curation.config"), ("core/config.py", "quadmix_spark.search.config"),
     ("search/evaluate.py", "quadmix_spark.curation.sample"), ("search/proxy.py", "quadmix_spark.curation.sample"),
     ("curation/causal_lm_train.py", "quadmix_spark.search.proxy_model"),
     ("curation/causal_lm_train.py", "quadmix_spark.search.proxy_train"),
+    ("curation/causal_lm_train.py", "quadmix_spark.search.proxy_data"),
 }
 FORBIDDEN = {"kernel": ("core", "curation", "search"), "core": ("curation", "search"), "curation": ("search",),
              "search": ("curation",)}

@@ -7,7 +7,7 @@ with the proxy trainer's loop (:func:`~quadmix_spark.search.proxy_train.run_trai
 the training split, each followed by the end-of-text token, in consecutive windows (order fixed by ``seed``).
 
 Vocabulary: the model predicts the ``lm_vocab - 1`` most frequent token ids of its training text plus one
-shared "rare" class (:class:`~quadmix_spark.search.proxy_train.VocabMap`). The exported graph takes the tokenizer's
+shared "rare" class (:class:`~quadmix_spark.search.proxy_data.VocabMap`). The exported graph takes the tokenizer's
 ids and gives logits over the tokenizer's whole vocabulary: a rare token's logit is its class's minus the
 log of the class's size, so the softmax spreads the rare class's probability evenly over its members and the
 exported model is a proper distribution over every token id (what the scorer's log-softmax assumes). It also
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from quadmix_spark.search.proxy_model import ModelShape, ProxyLM
-from quadmix_spark.search.proxy_train import TrainSettings, VocabMap, run_training
+from quadmix_spark.search.proxy_data import TrainSettings, VocabMap
+from quadmix_spark.search.proxy_train import run_training
 from quadmix_udfs.tokens import eos_id
 
 

@@ -236,7 +236,7 @@ def run_evaluate(spark: SparkSession, cfg: QuadmixConfig, target: EvaluateTarget
 
     from quadmix_spark.search.proxy import (ProxyTask, ensure_eval_set, execute, is_finished, outcomes_frame,
                                      prepare_pool, task_env, tail_defaults, write_plans)
-    from quadmix_spark.search.proxy_train import EVALUATE_PART, SEARCH_PART
+    from quadmix_spark.search.proxy_data import EVALUATE_PART, SEARCH_PART
     from quadmix_spark.curation.sample import run_baseline_index, run_sample_many
 
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)

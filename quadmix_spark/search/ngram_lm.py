@@ -6,7 +6,7 @@ plan and the same epochs, and reports the same ``target_loss``.
 
 **The pool's n-gram index** (:func:`ngram_index`, built once, cached beside the pool).  Documents are the
 pool's, in canonical (shard, offset, length) order.  Each is read as ``[eos] + doc + [eos]`` in the compact
-vocabulary of :class:`~quadmix_spark.search.proxy_train.VocabMap` (the transformer's ids): the trailing eos is the
+vocabulary of :class:`~quadmix_spark.search.proxy_data.VocabMap` (the transformer's ids): the trailing eos is the
 one the window stream appends after every document, the leading one is the previous instance's, which is
 what the stream puts before every document but the very first.  For each order k = 1..n the index holds
 the sorted k-gram keys (base-V numbers, first token most significant), each type's prefix and suffix
@@ -24,7 +24,7 @@ The index is a folder of ``.npy``/``.bin`` files read through memory maps (tasks
 page cache), written under a temporary name and renamed into place.
 
 **Per θ, no text.**  :func:`instance_weights` replays the epochs of
-:class:`~quadmix_spark.search.proxy_train.WindowStream` (its ``epoch_copies``/``epoch_order``: the same realized
+:class:`~quadmix_spark.search.proxy_data.WindowStream` (its ``epoch_copies``/``epoch_order``: the same realized
 copies and shuffles as the transformer reads) up to the token budget: whole epochs count all their
 instances, the last one the instances that start before the budget runs out, in its shuffled order (an
 instance is length + 1 tokens, its eos included).  The θ's k-gram counts are ``weights @ M_k``.
@@ -448,9 +448,9 @@ def theta_doc_weights(index: NgramIndex, plan, store, budget_tokens: int, theta_
                       train_seed: int) -> tuple[np.ndarray, Instances]:
     """(instances of every index document, the plan rows' :class:`Instances`) for a θ plan (columns
     ``doc_hash, S, shard, offset, length``) read like the transformer's stream: the epochs of
-    :class:`~quadmix_spark.search.proxy_train.WindowStream` up to ``budget_tokens``.  Raises the stream's
+    :class:`~quadmix_spark.search.proxy_data.WindowStream` up to ``budget_tokens``.  Raises the stream's
     ``ValueError`` when the plan selects nothing."""
-    from quadmix_spark.search.proxy_train import WindowStream
+    from quadmix_spark.search.proxy_data import WindowStream
 
     stream = WindowStream(plan, store, index.vocab_map, 1, theta_key, sample_seed, train_seed)
     cols = stream.cols
@@ -623,7 +623,7 @@ def evaluate_ngram(model: KneserNey, eval_set, seq_len: int | None = None,
     """``(target_loss, {task: loss})`` like :func:`~quadmix_spark.search.proxy_train.evaluate`: per task the mean
     negative log-likelihood (nats) over every predicted token of its examples, then the equal-weight or
     ``task_weights`` mean over the tasks that have tokens."""
-    from quadmix_spark.search.proxy_train import _task_weights
+    from quadmix_spark.search.proxy_data import _task_weights
 
     q = eval_queries(model.index, eval_set, seq_len)
     nll = -np.log(model.probabilities(q.type_ids, q.context_ids, q.valid))
@@ -658,12 +658,12 @@ def train_ngram_proxy(plan, store, eval_set, settings, theta_key: int, sample_se
     over 4.18–4.35 (0.56; 0.80 with the search's domain-mix features).  The vocabulary map is the transformer's for ``vocab_size``.  The pool's index
     comes from :func:`ngram_index` (``pool_docs`` builds it when it is not cached yet).
 
-    Returns a :class:`~quadmix_spark.search.proxy_train.ProxyResult`: ``tokens`` the tokens read (the last instance may
+    Returns a :class:`~quadmix_spark.search.proxy_data.ProxyResult`: ``tokens`` the tokens read (the last instance may
     run past the budget), ``steps`` 0, ``epochs`` the epochs read, ``seconds`` the whole call,
     ``tokens_per_s`` tokens over the fitting time (weights, counts, model), ``final_train_loss`` NaN, and both
     parameter counts the number of n-gram types of the fitted model.  Deterministic: the same inputs give
     the same bits."""
-    from quadmix_spark.search.proxy_train import ProxyResult, VocabMap
+    from quadmix_spark.search.proxy_data import ProxyResult, VocabMap
 
     t0 = time.perf_counter()
     vocab_map = VocabMap.build(store.token_counts(), vocab_size, store.eos_id)

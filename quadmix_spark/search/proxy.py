@@ -15,6 +15,8 @@ end, so nothing is counted twice). A failure is recorded on its run (status FAIL
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import os
 import time
@@ -132,6 +134,26 @@ def _doc_keys(cols: dict[str, np.ndarray]) -> np.ndarray:
     return stacked.view(np.dtype((np.void, 24))).ravel()
 
 
+@functools.lru_cache(maxsize=2)
+def _pool_documents_at(pool_dir: str, _stamp: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    from quadmix_spark.search.proxy_pool import load_doc_index
+
+    docs = load_doc_index(pool_dir)
+    domains, domain_code = np.unique(docs["domain"].astype(str), return_inverse=True)
+    keys = _doc_keys(docs)
+    for v in (*docs.values(), keys, domains, domain_code):
+        v.setflags(write=False)  # shared by every θ this process trains
+    return docs, keys, domains, domain_code
+
+
+def _pool_documents(pool_dir: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """The pool's document index, its keys, its domain names and each document's domain code, read once per
+    process (and again when the pool is rebuilt)."""
+    from quadmix_spark.search.proxy_pool import DOCS_DONE
+
+    return _pool_documents_at(pool_dir, Path(pool_dir, DOCS_DONE).stat().st_mtime_ns)
+
+
 def read_plan(plans_dir: str, theta_id: str, pool_dir: str | None = None) -> dict[str, np.ndarray]:
     """Every pool document the θ can draw, with its S, in a canonical order (the trainer's shuffles then do
     not depend on file order): columns ``doc_hash, S, shard, offset, length``.
@@ -155,39 +177,51 @@ def read_plan(plans_dir: str, theta_id: str, pool_dir: str | None = None) -> dic
     else:
         raise FileNotFoundError(f"no plan for θ {theta_id} under {plans_dir}")
     if pool_dir is not None and any(v > 0 for v in defaults.values()):
-        from quadmix_spark.search.proxy_pool import load_doc_index
-
-        docs = load_doc_index(pool_dir)
-        listed = np.isin(_doc_keys(docs), _doc_keys(cols))
-        default_s = np.array([float(defaults.get(d, 0.0)) for d in docs["domain"]], dtype=np.float64)
+        docs, doc_keys, domains, domain_code = _pool_documents(pool_dir)
+        listed = np.isin(doc_keys, _doc_keys(cols))
+        default_s = np.array([float(defaults.get(d, 0.0)) for d in domains], dtype=np.float64)[domain_code]
         rest = ~listed & (default_s > 0)
         cols = {c: np.concatenate([cols[c], default_s[rest] if c == "S" else docs[c][rest]]) for c in cols}
     order = np.lexsort((cols["offset"], cols["shard"], cols["doc_hash"]))
     return {c: v[order] for c, v in cols.items()}
 
 
-def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
-    """Train and evaluate one proxy, reporting to its MLflow run; never raises (failures are recorded)."""
+@functools.lru_cache(maxsize=4)
+def _tracking_client(uri: str):
+    """One MLflow client per tracking URI and worker process: a Python worker trains many proxies, and each new
+    client opens its own store (for SQLite, an engine and a schema check)."""
     import mlflow
-    from mlflow.entities import Metric
 
-    client = mlflow.MlflowClient(tracking_uri=env.tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
+    """Train and evaluate one proxy, reporting to its MLflow run; never raises (failures are recorded).
+
+    Four tracking calls per proxy (the run reopened, its start tags, the metrics with the FINISHED tag, the
+    run ended): screening thousands of n-gram proxies that train in a fraction of a second each is otherwise
+    mostly tracking round trips."""
+    from mlflow.entities import Metric, RunTag
+
+    client = _tracking_client(env.tracking_uri)
     out = ProxyOutcome(task.theta_id, task.run_id, FAILED, label=task.label, seed=task.seed)
     try:
         client.update_run(task.run_id, status="RUNNING")
-        client.set_tag(task.run_id, TAG_PROXY_STATUS, RUNNING)
-        if env.fingerprint:
-            client.set_tag(task.run_id, TAG_PROXY_FINGERPRINT, env.fingerprint)
-        client.set_tag(task.run_id, TAG_SEED, str(task.seed))  # the seed it is trained with (what evaluate checks)
-        import torch
+        ngram = env.shape.get("kind") == "ngram"
+        if ngram:
+            device = "cpu"  # counts and lookups in numpy: no torch to load
+        else:
+            import torch
 
+            torch.set_num_threads(max(1, env.cpus))
+            device = _device(env.device)
+        start_tags = {TAG_PROXY_STATUS: RUNNING, TAG_SEED: str(task.seed),  # the seed it is trained with (what evaluate checks)
+                      TAG_PROXY_DEVICE: device, **({TAG_PROXY_FINGERPRINT: env.fingerprint} if env.fingerprint else {})}
+        client.log_batch(task.run_id, tags=[RunTag(k, v) for k, v in start_tags.items()])
         from quadmix_spark.search.proxy_model import ModelShape
-        from quadmix_spark.search.proxy_train import EvalSet, TrainSettings, train_proxy
+        from quadmix_spark.search.proxy_data import EvalSet, TrainSettings
         from quadmix_spark.search.token_store import TokenStore
 
-        torch.set_num_threads(max(1, env.cpus))
-        device = _device(env.device)
-        client.set_tag(task.run_id, TAG_PROXY_DEVICE, device)
         settings = TrainSettings(**{**env.train, "seed": task.seed})
 
         def log_metrics(values: dict, step: int) -> None:
@@ -201,7 +235,7 @@ def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
         plan, store = read_plan(env.plans_dir, task.theta_id, env.pool_dir), TokenStore.open(env.pool_dir)
         extra = {name: EvalSet.load(path) for name, path in env.extra_evals}
         shape = {k: v for k, v in env.shape.items() if k not in ("kind", "order", "ngram_counts")}
-        if env.shape.get("kind") == "ngram":
+        if ngram:
             from quadmix_spark.search.ngram_lm import train_ngram_proxy
 
             on_step(env.fail_at_step)  # fault injection has no steps to wait for
@@ -209,6 +243,8 @@ def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
                                        order=env.shape["order"], vocab_size=shape["vocab_size"], task_weights=env.task_weights,
                                        seq_len=shape["seq_len"], extra_eval_sets=extra, counts=env.shape["ngram_counts"])
         else:
+            from quadmix_spark.search.proxy_train import train_proxy
+
             result = train_proxy(plan, store, EvalSet.load(env.eval_path), ModelShape(**shape), settings, task.theta_key,
                                  env.sample_seed, device=device, on_metrics=log_metrics, on_step=on_step,
                                  task_weights=env.task_weights, extra_eval_sets=extra)
@@ -220,9 +256,11 @@ def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
         for name, (loss, tasks) in result.extra_losses.items():
             metrics[f"{name}.{env.metric}"] = loss
             metrics.update({f"{name}.{env.metric}.{k}": v for k, v in tasks.items()})
-        client.log_batch(task.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        # the metric and the FINISHED tag in one batch: a run left RUNNING with its metric is settled as
+        # finished by the next `quadmix proxy` (run_guard.settle_children)
+        client.log_batch(task.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                         tags=[RunTag(TAG_PROXY_STATUS, FINISHED)])
         faults.point("proxy.trained")
-        client.set_tag(task.run_id, TAG_PROXY_STATUS, FINISHED)
         client.set_terminated(task.run_id, "FINISHED")
         out.status, out.target_loss, out.tokens = FINISHED, result.target_loss, result.tokens
         out.seconds, out.tokens_per_s, out.task_losses = result.seconds, result.tokens_per_s, dict(result.task_losses)
@@ -230,8 +268,8 @@ def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
     except Exception as e:  # recorded on the run; the rerun retries it
         out.error = f"{type(e).__name__}: {e}"
         try:
-            client.set_tag(task.run_id, TAG_PROXY_ERROR, (out.error + "\n" + traceback.format_exc())[-4000:])
-            client.set_tag(task.run_id, TAG_PROXY_STATUS, FAILED)
+            client.log_batch(task.run_id, tags=[RunTag(TAG_PROXY_ERROR, (out.error + "\n" + traceback.format_exc())[-4000:]),
+                                                RunTag(TAG_PROXY_STATUS, FAILED)])
             client.set_terminated(task.run_id, "FAILED")
         except Exception:  # the tracking server itself is gone: the driver still sees the outcome
             pass
@@ -239,6 +277,11 @@ def train_one(task: ProxyTask, env: TaskEnv) -> ProxyOutcome:
 
 
 def _train_partition(env: TaskEnv, rows):
+    # PySpark's daemon runs a full gc.collect() in a reused worker after every task; with mlflow, pandas and the
+    # pool's indexes loaded that took ~0.35 s a task on a 2-core VM, several times what an n-gram proxy trains.
+    # What is alive when a task starts (modules, the caches above; the daemon has just collected) is moved out
+    # of the collector's sight, so each later collect only walks what one proxy left behind.
+    gc.freeze()
     for task in rows:
         yield asdict(train_one(task, env))
 
@@ -307,7 +350,7 @@ def task_profile(spark: SparkSession, cfg: QuadmixConfig):
 def build_ngram_index(pool_dir: str, vocab_size: int, order: int) -> None:
     """The pool's n-gram index, built once on the driver (a no-op when cached) so the tasks only read it."""
     from quadmix_spark.search.ngram_lm import ngram_index
-    from quadmix_spark.search.proxy_train import VocabMap
+    from quadmix_spark.search.proxy_data import VocabMap
     from quadmix_spark.search.token_store import TokenStore
 
     store = TokenStore.open(pool_dir)
@@ -342,7 +385,7 @@ def ensure_eval_set(cfg: QuadmixConfig, pool: Pool, part: str = "search") -> str
     held-out part ``quadmix evaluate`` scores θ* on), built once on the driver, beside the pool."""
     import hashlib
 
-    from quadmix_spark.search.proxy_train import build_eval_set
+    from quadmix_spark.search.proxy_data import build_eval_set
 
     t = cfg.proxy.target
     max_len = t.max_len or cfg.proxy.model.seq_len

@@ -13,7 +13,7 @@ from pyspark.sql import functions as F
 
 from quadmix_spark.curation.ingest import run_ingest
 from quadmix_spark.search.proxy_pool import build_pool
-from quadmix_spark.search.proxy_train import build_eval_set
+from quadmix_spark.search.proxy_data import build_eval_set
 from quadmix_spark.core.storage import read_table
 from tests.conftest import DATA, TOKENIZER
 from tests.udfs.test_bpe_fast import COMPILED, generated

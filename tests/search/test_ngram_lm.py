@@ -16,7 +16,7 @@ import pytest
 
 from quadmix_spark.search import ngram_lm as ng
 from quadmix_spark.kernel.copies import doc_hashes
-from quadmix_spark.search.proxy_train import NO_SELECTION, TrainSettings, VocabMap, WindowStream, build_eval_set
+from quadmix_spark.search.proxy_data import NO_SELECTION, TrainSettings, VocabMap, WindowStream, build_eval_set
 from quadmix_spark.search.token_store import TokenStore, count_tokens, shard_name, write_meta, write_shard, write_token_counts
 
 REPO = Path(__file__).resolve().parents[2]

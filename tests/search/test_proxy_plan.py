@@ -8,7 +8,7 @@ from pyspark.sql import functions as F
 
 from quadmix_spark.search.proxy import prepare_pool, read_plan, tail_defaults, write_plans
 from quadmix_spark.search.proxy_pool import load_doc_index
-from quadmix_spark.search.proxy_train import VocabMap, WindowStream
+from quadmix_spark.search.proxy_data import VocabMap, WindowStream
 from quadmix_spark.curation.sample import load_inputs, run_sample, run_sample_many
 from quadmix_spark.core.storage import read_table
 from quadmix_spark.search.token_store import TokenStore

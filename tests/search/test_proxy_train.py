@@ -14,16 +14,8 @@ import torch
 
 from quadmix_spark.kernel.copies import doc_hashes, hash_uniform_from_doc_hashes, realized_copies
 from quadmix_spark.search.proxy_model import ModelShape, ProxyLM, count_params
-from quadmix_spark.search.proxy_train import (
-    EvalSet,
-    TrainSettings,
-    VocabMap,
-    build_eval_set,
-    evaluate,
-    iter_windows,
-    lr_at,
-    train_proxy,
-)
+from quadmix_spark.search.proxy_data import EvalSet, TrainSettings, VocabMap, build_eval_set, iter_windows
+from quadmix_spark.search.proxy_train import evaluate, lr_at, train_proxy
 from quadmix_spark.search.token_store import TokenStore, count_tokens, write_meta, write_shard, write_token_counts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -222,7 +214,7 @@ def test_zero_selection_raises(tmp_path):
 
 
 def test_stream_reads_documents_lazily(tmp_path):
-    from quadmix_spark.search.proxy_train import WindowStream
+    from quadmix_spark.search.proxy_data import WindowStream
 
     store, plan = make_store(tmp_path, marker_docs(200, 10), vocab=2000)
     vm = VocabMap.build(store.token_counts(), 4000, EOS)
@@ -426,7 +418,7 @@ def test_search_and_evaluation_parts_of_the_target_set_never_share_an_example(tm
     text, so even a text that occurs twice lands in one part only."""
     import gzip
 
-    from quadmix_spark.search.proxy_train import EVALUATE_PART, SEARCH_PART, target_part
+    from quadmix_spark.search.proxy_data import EVALUATE_PART, SEARCH_PART, target_part
 
     tasks = ["arc_easy", "copa", "boolq"]
     with gzip.open(TARGET, "rt") as f:

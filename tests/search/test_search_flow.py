@@ -74,8 +74,14 @@ def test_search_pipeline_end_to_end(search_env, tmp_path):
     by_theta = {r.data.tags["quadmix.theta_id"]: r for r in runs_of(cfg, "proxy")}
     assert by_theta[crash].info.status == "FAILED" and by_theta[crash].data.tags["quadmix.proxy.status"] == "failed"
     assert "target_loss" not in by_theta[crash].data.metrics
+    assert "injected failure at step 2" in by_theta[crash].data.tags["quadmix.proxy.error"]
     finished = [r for t, r in by_theta.items() if t != crash]
     assert all(r.info.status == "FINISHED" and r.data.metrics["target_loss"] > 0 for r in finished)
+    for r in finished:  # what each proxy records about itself: its status, seed, device and settings
+        tags = r.data.tags
+        assert tags["quadmix.proxy.status"] == "finished" and tags["quadmix.seed"] == str(cfg.proxy.train.seed)
+        assert tags["quadmix.proxy.device"] == "cpu" and len(tags["quadmix.proxy.fingerprint"]) == 12
+        assert "quadmix.proxy.error" not in tags
 
     # the rerun trains only the failed one; every θ ends with exactly one target_loss
     out = invoke("proxy", *base, "--search", "t1")
